@@ -1,0 +1,1 @@
+"""Benchmarks of the fused ops against eager PyTorch and torch.compile (python -m benchmarks)."""

@@ -1,0 +1,47 @@
+"""Soft cross-entropy over N = B*L = 4096 rows at C = 2 (classification) and C = 30522 (the MLM
+vocabulary), temperature 1.
+
+Student logits require grad; teacher logits do not.  Traffic model: forward reads both logit
+sets; backward reads both and writes dZ_s; a full pass at best reads both once and writes dZ_s.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tinybert_fast as tbf
+
+from .common import PROVIDERS, Case, benchmark_full_pass
+from ._providers import providers
+
+DTYPE = torch.bfloat16
+
+
+def case(N: int, C: int, dtype=DTYPE) -> Case:
+    es = torch.tensor([], dtype=dtype).element_size()
+    nbytes = N * C * es
+
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(0)
+        zs = torch.randn((N, C), generator=g, device=device, dtype=dtype) * 2
+        zt = torch.randn((N, C), generator=g, device=device, dtype=dtype) * 2
+        inputs = {"student": zs.requires_grad_(), "teacher": zt}
+        call = lambda impl, inp: impl(inp["student"], inp["teacher"])
+        return inputs, providers(tbf.reference.soft_cross_entropy, tbf.soft_cross_entropy, call)
+
+    return Case("soft_ce", f"N={N} C={C}", dict(N=N, C=C), make,
+                {"fwd": 2 * nbytes, "bwd": 3 * nbytes, "full": 3 * nbytes})
+
+
+def cases(quick: bool = False) -> list[Case]:
+    if quick:
+        return [case(8, 2), case(4, 1000)]
+    return [case(32 * 128, 2), case(32 * 128, 30522)]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("which", [0, 1], ids=["C=2", "C=large"])
+def test_soft_ce_full(benchmark, bench_device, provider, which):
+    benchmark_full_pass(benchmark, cases(quick=bench_device != "cuda")[which], provider,
+                        bench_device)

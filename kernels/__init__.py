@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (no autograd): one module per loss family."""

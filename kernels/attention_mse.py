@@ -1,0 +1,193 @@
+"""Triton kernels for TinyBERT's attention-score MSE, forward and backward.
+
+Shapes: each "group" is a pair of score tensors S (student) and T (teacher) of shape
+[n, B, H, L, L] (n mapped layers stacked; any strides).  With s' = 0 if s <= -100 else s (same for
+t), and key-padding mask m[b, j] (1 = token; all ones when absent):
+
+    loss = scale * sum over (layer, b, h, i, j) of m[b, j] * (s' - t')^2
+    dS   = 2 * scale * g * m * (s' - t') * [s > -100]
+    dT   = -2 * scale * g * m * (s' - t') * [t > -100]
+
+with scale = 1 / (B*H*L*L) for TinyBERT's per-layer mean (layers summed) or 1 for a sum, and g the
+incoming gradient, read on the device (no host synchronisation).
+
+Launches: forward = one kernel per group + one sum over the per-program partials; backward = one
+kernel per group.  A stacked tensor is a single group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import as_loadable_mask, stream_num_warps, stream_tile
+
+# TinyBERT's rule: scores at or below this are the additive mask bias (or have absorbed it).
+MASK_THRESHOLD = tl.constexpr(-100.0)
+
+
+@triton.jit
+def _row_offsets(rows, L, H, B, stride_n, stride_b, stride_h, stride_i):
+    """int64 element offsets of rows (flattened layer, batch, head, query) and their batch index."""
+    i = rows % L
+    q = rows // L
+    h = q % H
+    q = q // H
+    b = q % B
+    n = q // B
+    off = (n.to(tl.int64) * stride_n + b.to(tl.int64) * stride_b
+           + h.to(tl.int64) * stride_h + i.to(tl.int64) * stride_i)
+    return off, b
+
+
+@triton.jit
+def _attention_mse_fwd_kernel(
+    # pointers
+    s_ptr, t_ptr, mask_ptr, partial_ptr,
+    # sizes
+    n_rows, B, H, L,
+    # strides
+    s_stride_n, s_stride_b, s_stride_h, s_stride_i, s_stride_j,
+    t_stride_n, t_stride_b, t_stride_h, t_stride_i, t_stride_j,
+    mask_stride_b, mask_stride_j,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < n_rows
+    s_row, b = _row_offsets(rows, L, H, B, s_stride_n, s_stride_b, s_stride_h, s_stride_i)
+    t_row, _ = _row_offsets(rows, L, H, B, t_stride_n, t_stride_b, t_stride_h, t_stride_i)
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_L), dtype=tl.float32)
+    for c0 in range(0, L, BLOCK_L):
+        cols = c0 + tl.arange(0, BLOCK_L)
+        ok = row_ok[:, None] & (cols < L)[None, :]
+        s = tl.load(s_ptr + s_row[:, None] + cols[None, :].to(tl.int64) * s_stride_j,
+                    mask=ok, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + t_row[:, None] + cols[None, :].to(tl.int64) * t_stride_j,
+                    mask=ok, other=0.0).to(tl.float32)
+        s = tl.where(s <= MASK_THRESHOLD, 0.0, s)
+        t = tl.where(t <= MASK_THRESHOLD, 0.0, t)
+        d = s - t
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b[:, None].to(tl.int64) * mask_stride_b
+                           + cols[None, :] * mask_stride_j, mask=ok, other=0)
+            d = tl.where(keep != 0, d, 0.0)
+        acc += d * d
+    tl.store(partial_ptr + pid, tl.sum(acc) * scale)
+
+
+@triton.jit
+def _attention_mse_bwd_kernel(
+    # pointers
+    s_ptr, t_ptr, mask_ptr, grad_out_ptr, ds_ptr, dt_ptr,
+    # sizes
+    n_rows, B, H, L,
+    # strides (dS and dT are allocated contiguous: [n, B, H, L, L])
+    s_stride_n, s_stride_b, s_stride_h, s_stride_i, s_stride_j,
+    t_stride_n, t_stride_b, t_stride_h, t_stride_i, t_stride_j,
+    mask_stride_b, mask_stride_j,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, NEED_DS: tl.constexpr, NEED_DT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < n_rows
+    s_row, b = _row_offsets(rows, L, H, B, s_stride_n, s_stride_b, s_stride_h, s_stride_i)
+    t_row, _ = _row_offsets(rows, L, H, B, t_stride_n, t_stride_b, t_stride_h, t_stride_i)
+    g_row = rows.to(tl.int64) * L
+    coef = 2.0 * scale * tl.load(grad_out_ptr).to(tl.float32)
+    for c0 in range(0, L, BLOCK_L):
+        cols = c0 + tl.arange(0, BLOCK_L)
+        ok = row_ok[:, None] & (cols < L)[None, :]
+        s = tl.load(s_ptr + s_row[:, None] + cols[None, :].to(tl.int64) * s_stride_j,
+                    mask=ok, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + t_row[:, None] + cols[None, :].to(tl.int64) * t_stride_j,
+                    mask=ok, other=0.0).to(tl.float32)
+        s_live = s > MASK_THRESHOLD
+        t_live = t > MASK_THRESHOLD
+        d = tl.where(s_live, s, 0.0) - tl.where(t_live, t, 0.0)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b[:, None].to(tl.int64) * mask_stride_b
+                           + cols[None, :] * mask_stride_j, mask=ok, other=0)
+            d = tl.where(keep != 0, d, 0.0)
+        d = d * coef
+        g_off = g_row[:, None] + cols[None, :]
+        if NEED_DS:
+            tl.store(ds_ptr + g_off, tl.where(s_live, d, 0.0).to(ds_ptr.dtype.element_ty), mask=ok)
+        if NEED_DT:
+            tl.store(dt_ptr + g_off, tl.where(t_live, -d, 0.0).to(dt_ptr.dtype.element_ty), mask=ok)
+
+
+def _fwd_tile(L: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_L, num_warps) of the forward's tile."""
+    block_rows, block_l = stream_tile(L)
+    return block_rows, block_l, stream_num_warps(block_rows * block_l)
+
+
+def _bwd_tile(L: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_L, num_warps) of the backward's tile."""
+    block_rows, block_l = stream_tile(L)
+    return block_rows, block_l, stream_num_warps(block_rows * block_l)
+
+
+def _mask_args(mask: torch.Tensor | None, ref: torch.Tensor):
+    if mask is None:
+        return ref, 0, 0, False  # never read: HAS_MASK=False
+    mask = as_loadable_mask(mask)
+    return mask, mask.stride(0), mask.stride(1), True
+
+
+def attention_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
+                          mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Loss (fp32 scalar) over groups of [n, B, H, L, L] scores; see the module docstring."""
+    _, B, H, L, _ = student[0].shape
+    block_rows, block_l, num_warps = _fwd_tile(L)
+    grids = [triton.cdiv(s.shape[0] * B * H * L, block_rows) for s in student]
+    partials = torch.empty(sum(grids), dtype=torch.float32, device=student[0].device)
+    mask_t, msb, msj, has_mask = _mask_args(mask, partials)
+    start = 0
+    for s, t, grid in zip(student, teacher, grids):
+        _attention_mse_fwd_kernel[(grid,)](
+            s, t, mask_t, partials[start:],
+            s.shape[0] * B * H * L, B, H, L,
+            *s.stride(), *t.stride(), msb, msj,
+            scale,
+            HAS_MASK=has_mask, BLOCK_ROWS=block_rows, BLOCK_L=block_l, num_warps=num_warps,
+        )
+        start += grid
+    return partials.sum()
+
+
+def attention_mse_backward(grad_out: torch.Tensor, student: list[torch.Tensor],
+                           teacher: list[torch.Tensor], mask: torch.Tensor | None, scale: float,
+                           need_student: bool, need_teacher: bool
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients (contiguous, input dtypes) for each group; an empty list where not needed."""
+    _, B, H, L, _ = student[0].shape
+    block_rows, block_l, num_warps = _bwd_tile(L)
+    mask_t, msb, msj, has_mask = _mask_args(mask, grad_out)
+    grads_s, grads_t = [], []
+    for s, t in zip(student, teacher):
+        ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_student else grad_out
+        dt = torch.empty(t.shape, dtype=t.dtype, device=t.device) if need_teacher else grad_out
+        n_rows = s.shape[0] * B * H * L
+        _attention_mse_bwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+            s, t, mask_t, grad_out, ds, dt,
+            n_rows, B, H, L,
+            *s.stride(), *t.stride(), msb, msj,
+            scale,
+            HAS_MASK=has_mask, NEED_DS=need_student, NEED_DT=need_teacher,
+            BLOCK_ROWS=block_rows, BLOCK_L=block_l, num_warps=num_warps,
+        )
+        if need_student:
+            grads_s.append(ds)
+        if need_teacher:
+            grads_t.append(dt)
+    return grads_s, grads_t

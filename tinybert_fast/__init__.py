@@ -1,0 +1,23 @@
+"""tinybert-fast: fused Triton kernels for TinyBERT knowledge distillation.
+
+    import tinybert_fast as tbf
+    loss = tbf.attention_mse(student_scores, teacher_scores, attention_mask)
+
+Public losses: attention_mse, hidden_mse, soft_cross_entropy, distillation_loss (and the modules
+AttentionMSELoss, HiddenMSELoss, SoftCrossEntropyLoss, TinyBertLoss).  tbf.reference holds the
+eager implementations; tbf.set_backend picks "auto" | "triton" | "torch".
+"""
+
+from . import reference
+from ._backend import get_backend, set_backend
+from .losses import (AttentionMSELoss, DistillLoss, HiddenMSELoss, SoftCrossEntropyLoss,
+                     TinyBertLoss, distillation_loss)
+from .ops import attention_mse, hidden_mse, soft_cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention_mse", "hidden_mse", "soft_cross_entropy", "distillation_loss", "DistillLoss",
+    "AttentionMSELoss", "HiddenMSELoss", "SoftCrossEntropyLoss", "TinyBertLoss",
+    "reference", "set_backend", "get_backend",
+]

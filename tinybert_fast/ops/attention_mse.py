@@ -1,0 +1,141 @@
+"""Attention-score MSE: public function -> registered op `tinybert_fast::attention_mse` -> kernel
+`tinybert_fast.kernels.attention_mse`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _checks, reference
+from ..kernels import attention_mse as kernels
+
+
+def attention_mse(student, teacher, attention_mask: Tensor | None = None,
+                  reduction: str = "mean") -> Tensor:
+    """TinyBERT's attention loss, summed over mapped layers (fp32 scalar).
+
+    Args:
+        student, teacher: pre-softmax attention scores S = QK^T/sqrt(d_head) + mask_bias, as one
+            layer [B, H, L, L], stacked layers [n_layers, B, H, L, L], or a list/tuple of
+            [B, H, L, L] (one per mapped layer).  float16 / bfloat16 / float32, any strides;
+            student and teacher dtypes may differ.
+        attention_mask: optional [B, L], 1 (or True) = token, 0 = padding.  Padded key columns
+            then contribute 0 (they still count in the denominator).
+        reduction: "mean" (TinyBERT) or "sum".
+
+    With x' = 0 where x <= -100 else x (removes the -10000 / dtype-min mask bias):
+        "mean": sum_layers (1 / (B*H*L*L)) * sum_{b,h,i,j} m[b,j] * (s'_bhij - t'_bhij)^2
+        "sum":  sum_layers sum_{b,h,i,j} m[b,j] * (s' - t')^2
+    Padded query rows are not masked (TinyBERT semantics).
+
+    Gradients flow to whichever of student/teacher require them.  Fused path: one kernel launch
+    per stacked tensor (per layer for lists) + one partial-sum reduction; backward one launch per
+    stacked tensor; nothing but the inputs is saved for backward.
+    """
+    _checks.check_reduction(reduction, "attention")
+    s_layers, s_stacked = _checks.attention_layers("student", student)
+    t_layers, t_stacked = _checks.attention_layers("teacher", teacher)
+    if not _backend.use_fused(s_layers[0]):
+        return reference.attention_mse(student, teacher, attention_mask, reduction)
+    _checks.check_attention(s_layers, t_layers, attention_mask, fused=True)
+    if s_stacked is not None and t_stacked is not None:
+        s_groups, t_groups = [s_stacked], [t_stacked]
+    else:
+        s_groups = [x.unsqueeze(0) for x in s_layers]
+        t_groups = [x.unsqueeze(0) for x in t_layers]
+    B, H, L, _ = s_layers[0].shape
+    scale = 1.0 / (B * H * L * L) if reduction == "mean" else 1.0
+    return torch.ops.tinybert_fast.attention_mse(s_groups, t_groups, attention_mask, scale)
+
+
+# --- registered ops ------------------------------------------------------------------------------
+# Groups are [n, B, H, L, L] tensors (one stacked tensor, or one per layer); `scale` folds in the
+# reduction.  The default kernel launches Triton; the CPU kernel computes the same in PyTorch unless
+# backend "triton" runs the kernels in Triton's interpreter.
+
+@torch.library.custom_op("tinybert_fast::attention_mse", mutates_args=())
+def _attention_mse_op(student: list[Tensor], teacher: list[Tensor],
+                      attention_mask: Optional[Tensor], scale: float) -> Tensor:
+    return kernels.attention_mse_forward(student, teacher, attention_mask, scale)
+
+
+@_attention_mse_op.register_fake
+def _(student, teacher, attention_mask, scale):
+    return student[0].new_empty((), dtype=torch.float32)
+
+
+def _torch_diff(s: Tensor, t: Tensor, attention_mask: Tensor | None):
+    """(m * (s' - t'), s live, t live) in fp32 for one [n, B, H, L, L] group."""
+    s, t = s.float(), t.float()
+    s_live, t_live = s > kernels.MASK_THRESHOLD, t > kernels.MASK_THRESHOLD
+    d = torch.where(s_live, s, 0.0) - torch.where(t_live, t, 0.0)
+    if attention_mask is not None:
+        d = d * (attention_mask != 0)[None, :, None, None, :]
+    return d, s_live, t_live
+
+
+@_attention_mse_op.register_kernel("cpu")
+def _(student, teacher, attention_mask, scale):
+    if _backend.cpu_kernel_runs_triton():
+        return kernels.attention_mse_forward(student, teacher, attention_mask, scale)
+    total = torch.zeros((), dtype=torch.float32)
+    for s, t in zip(student, teacher):
+        total = total + _torch_diff(s, t, attention_mask)[0].square().sum()
+    return total * scale
+
+
+@torch.library.custom_op("tinybert_fast::attention_mse_backward", mutates_args=())
+def _attention_mse_backward_op(grad: Tensor, student: list[Tensor], teacher: list[Tensor],
+                               attention_mask: Optional[Tensor], scale: float, need_student: bool,
+                               need_teacher: bool) -> tuple[list[Tensor], list[Tensor]]:
+    return kernels.attention_mse_backward(grad, student, teacher, attention_mask, scale,
+                                          need_student, need_teacher)
+
+
+@_attention_mse_backward_op.register_fake
+def _(grad, student, teacher, attention_mask, scale, need_student, need_teacher):
+    gs = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student] if need_student else []
+    gt = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teacher] if need_teacher else []
+    return gs, gt
+
+
+@_attention_mse_backward_op.register_kernel("cpu")
+def _(grad, student, teacher, attention_mask, scale, need_student, need_teacher):
+    if _backend.cpu_kernel_runs_triton():
+        return kernels.attention_mse_backward(grad, student, teacher, attention_mask, scale,
+                                              need_student, need_teacher)
+    coef = 2.0 * scale * grad.float()
+    gs, gt = [], []
+    for s, t in zip(student, teacher):
+        d, s_live, t_live = _torch_diff(s, t, attention_mask)
+        d = d * coef
+        if need_student:
+            gs.append(torch.where(s_live, d, 0.0).to(s.dtype).contiguous())
+        if need_teacher:
+            gt.append(torch.where(t_live, -d, 0.0).to(t.dtype).contiguous())
+    return gs, gt
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, attention_mask, scale = inputs
+    ctx.n_groups = len(student)
+    ctx.scale = scale
+    ctx.has_mask = attention_mask is not None
+    ctx.save_for_backward(*student, *teacher, *([attention_mask] if ctx.has_mask else []))
+
+
+def _backward(ctx, grad):
+    saved, n = ctx.saved_tensors, ctx.n_groups
+    student, teacher = list(saved[:n]), list(saved[n:2 * n])
+    attention_mask = saved[2 * n] if ctx.has_mask else None
+    need_s, need_t = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
+    gs, gt = torch.ops.tinybert_fast.attention_mse_backward(
+        grad, student, teacher, attention_mask, ctx.scale, need_s, need_t)
+    # list inputs take a list of gradients (None entries where none is needed)
+    return (gs if need_s else [None] * n), (gt if need_t else [None] * n), None, None
+
+
+_attention_mse_op.register_autograd(_backward, setup_context=_setup_context)

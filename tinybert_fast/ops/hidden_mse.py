@@ -1,0 +1,133 @@
+"""Projected hidden-state MSE: public function -> registered op `tinybert_fast::hidden_mse` ->
+kernel `tinybert_fast.kernels.hidden_mse` (backward: cuBLAS products over the saved residual).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _checks, reference
+from ..kernels import hidden_mse as kernels
+
+
+def hidden_mse(student, teacher, weight: Tensor, bias: Tensor | None = None,
+               reduction: str = "mean") -> Tensor:
+    """TinyBERT's hidden-state loss with one shared projection, summed over states (fp32 scalar).
+
+    Args:
+        student: [M, d_s] or [B, L, d_s] (one state), [n_states, B, L, d_s] (stacked), or a
+            list/tuple of [..., d_s] tensors (one per mapped state; state 0 = embeddings).
+        teacher: the same structure with d_t features.
+        weight: [d_t, d_s] (nn.Linear layout), cast to the student's dtype as autocast would.
+        bias: [d_t] or None.
+        reduction: "mean" (TinyBERT) or "sum".
+
+        "mean": sum_states (1 / (M*d_t)) * sum_{m,n} (X W^T + b - Y)_{mn}^2,  M tokens per state
+        "sum":  sum_states sum_{m,n} (X W^T + b - Y)^2
+    Padded tokens are included (TinyBERT semantics).
+
+    Fused path: one GEMM kernel per stacked tensor (per state for lists) with the squared error
+    in its epilogue; X W^T is never written to memory.  When a gradient is needed the kernel also
+    writes the residual R = X W^T + b - Y (student dtype, d_t per token per state) and its
+    column sums: that is all the backward keeps (plus X and W); the teacher states are not kept.
+    Backward: dX = s R W, dW = s R^T X, db = s colsum(R), dY = -s R (s = 2 * scale * grad).
+    """
+    _checks.check_reduction(reduction, "hidden")
+    s_states, s_stacked = _checks.hidden_states("student", student)
+    t_states, t_stacked = _checks.hidden_states("teacher", teacher)
+    if not _backend.use_fused(s_states[0]):
+        return reference.hidden_mse(student, teacher, weight, bias, reduction)
+    _checks.check_hidden(s_states, t_states, weight, bias, fused=True)
+    if s_stacked is not None and t_stacked is not None and s_stacked.shape[0] == t_stacked.shape[0]:
+        s_groups, t_groups = [s_stacked], [t_stacked]
+    else:
+        s_groups = [x.unsqueeze(0) for x in s_states]
+        t_groups = [x.unsqueeze(0) for x in t_states]
+    weight = weight.to(s_states[0].dtype)
+    M, d_t = t_states[0].shape
+    scale = 1.0 / (M * d_t) if reduction == "mean" else 1.0
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (*s_groups, *t_groups, weight, bias) if t is not None)
+    loss, _, _ = torch.ops.tinybert_fast.hidden_mse(s_groups, t_groups, weight, bias, scale,
+                                                    needs_grad)
+    return loss
+
+
+# --- registered op -------------------------------------------------------------------------------
+# Groups are [n, M, d] tensors.  Outputs: (loss, residual [sum n*M, d_t] in the student's dtype,
+# colsum fp32 [d_t]); the last two are empty ([0, d_t] and [0]) unless save_residual.
+
+@torch.library.custom_op("tinybert_fast::hidden_mse", mutates_args=())
+def _hidden_mse_op(student: list[Tensor], teacher: list[Tensor], weight: Tensor,
+                   bias: Optional[Tensor], scale: float, save_residual: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    loss, residual, colsum = kernels.hidden_mse_forward(student, teacher, weight, bias, scale,
+                                                        save_residual)
+    return loss, residual, colsum.sum(0)
+
+
+@_hidden_mse_op.register_fake
+def _(student, teacher, weight, bias, scale, save_residual):
+    x = student[0]
+    d_t = weight.shape[0]
+    rows = sum(s.shape[0] * s.shape[1] for s in student) if save_residual else 0
+    return (x.new_empty((), dtype=torch.float32), x.new_empty((rows, d_t)),
+            x.new_empty((d_t if save_residual else 0,), dtype=torch.float32))
+
+
+@_hidden_mse_op.register_kernel("cpu")
+def _(student, teacher, weight, bias, scale, save_residual):
+    if _backend.cpu_kernel_runs_triton():
+        loss, residual, colsum = kernels.hidden_mse_forward(student, teacher, weight, bias,
+                                                            scale, save_residual)
+        return loss, residual, colsum.sum(0)
+    d_t = weight.shape[0]
+    r = torch.cat([(x.float() @ weight.float().T - y.float()).reshape(-1, d_t)
+                   for x, y in zip(student, teacher)])
+    if bias is not None:
+        r = r + bias.float()
+    loss = r.square().sum() * scale
+    if not save_residual:
+        return loss, student[0].new_empty((0, d_t)), r.new_empty((0,))
+    return loss, r.to(student[0].dtype), r.sum(0)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, weight, bias, scale, save_residual = inputs
+    _, residual, colsum = output
+    ctx.n_groups = len(student)
+    ctx.group_sizes = [(t.shape[0], t.shape[1]) for t in teacher]
+    ctx.scale = scale
+    ctx.saved_residual = save_residual
+    ctx.teacher_dtype = teacher[0].dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(residual, colsum, weight, *student)
+
+
+def _backward(ctx, grad, _grad_residual, _grad_colsum):
+    if not ctx.saved_residual:
+        raise RuntimeError("tinybert_fast::hidden_mse was called with save_residual=False, so it "
+                           "kept nothing for backward; call it with save_residual=True (the public "
+                           "tinybert_fast.hidden_mse decides this from requires_grad)")
+    residual, colsum, weight, *student = ctx.saved_tensors
+    need_x, need_y, need_w, need_b = (any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1]),
+                                      ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+    s = grad.float() * (2.0 * ctx.scale)  # 0-dim on the device: no host synchronisation
+    r_groups = [r.view(n, m, -1) for r, (n, m) in
+                zip(residual.split([n * m for n, m in ctx.group_sizes]), ctx.group_sizes)]
+    none = [None] * ctx.n_groups  # list inputs take a list of gradients
+    dx = [torch.matmul(r, weight) * s for r in r_groups] if need_x else none
+    dy = [(r * -s).to(ctx.teacher_dtype) for r in r_groups] if need_y else none
+    dw = None
+    if need_w:
+        x_all = torch.cat([x.reshape(-1, x.shape[-1]) for x in student]) if len(student) > 1 \
+            else student[0].reshape(-1, student[0].shape[-1])
+        dw = (residual.T @ x_all) * s
+    db = (colsum * s).to(ctx.bias_dtype) if need_b else None
+    return dx, dy, dw, db, None, None
+
+
+_hidden_mse_op.register_autograd(_backward, setup_context=_setup_context)

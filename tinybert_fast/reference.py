@@ -1,0 +1,83 @@
+"""Eager PyTorch implementations with TinyBERT's exact loss semantics.
+
+These are the baseline that tests and benchmarks compare the fused ops with, and what the public
+functions run under backend "torch" (or "auto" on CPU tensors).  They are written the way a
+TinyBERT trainer writes them (one layer at a time, autograd for the gradients) and compute in the
+inputs' dtype, as that trainer does; upcast the inputs for a high-precision reference.
+
+Inputs take the same forms as the public functions (tinybert_fast.ops); the semantics are
+TinyBERT's (README, "Loss semantics").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+
+MASK_THRESHOLD = -100.0
+
+
+def attention_mse(student, teacher, attention_mask: torch.Tensor | None = None,
+                  reduction: str = "mean") -> torch.Tensor:
+    """sum over layers of mean_{b,h,i,j} (s' - t')^2 with x' = 0 where x <= -100.
+
+    student, teacher: [B, H, L, L], [n_layers, B, H, L, L] or a list of [B, H, L, L].
+    attention_mask: optional [B, L] (1 = token); padded key columns then contribute 0 but still
+    count in the B*H*L*L denominator.  reduction: "mean" (per layer, summed) or "sum".
+    """
+    _checks.check_reduction(reduction, "attention")
+    s_layers, _ = _checks.attention_layers("student", student)
+    t_layers, _ = _checks.attention_layers("teacher", teacher)
+    _checks.check_attention(s_layers, t_layers, attention_mask, fused=False)
+    keep = None
+    if attention_mask is not None:
+        keep = (attention_mask != 0)[:, None, None, :]
+    total = None
+    for s, t in zip(s_layers, t_layers):
+        s = torch.where(s <= MASK_THRESHOLD, torch.zeros_like(s), s)
+        t = torch.where(t <= MASK_THRESHOLD, torch.zeros_like(t), t)
+        if keep is not None:
+            s = torch.where(keep, s, torch.zeros_like(s))
+            t = torch.where(keep, t, torch.zeros_like(t))
+        layer = F.mse_loss(s, t.to(s.dtype), reduction=reduction).float()
+        total = layer if total is None else total + layer
+    return total
+
+
+def hidden_mse(student, teacher, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               reduction: str = "mean") -> torch.Tensor:
+    """sum over states of mean((student @ weight.T + bias - teacher)^2).
+
+    student [..., d_s] / teacher [..., d_t] per state (rank 4 = stacked states, or a list);
+    weight [d_t, d_s]; bias [d_t] or None.  reduction: "mean" (per state, summed) or "sum".
+    """
+    _checks.check_reduction(reduction, "hidden")
+    s_states, _ = _checks.hidden_states("student", student)
+    t_states, _ = _checks.hidden_states("teacher", teacher)
+    _checks.check_hidden(s_states, t_states, weight, bias, fused=False)
+    total = None
+    for s, t in zip(s_states, t_states):
+        p = F.linear(s, weight.to(s.dtype), None if bias is None else bias.to(s.dtype))
+        state = F.mse_loss(p, t.to(p.dtype), reduction=reduction).float()
+        total = state if total is None else total + state
+    return total
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """-softmax(z_t/T) * log_softmax(z_s/T), reduced over [..., C] logits.
+
+    "mean": over all N*C entries (TinyBERT's soft_cross_entropy); "batchmean": summed over C,
+    averaged over the N rows; "sum": over everything.  No T^2 factor.
+    """
+    _checks.check_reduction(reduction, "soft_ce")
+    temperature = _checks.check_temperature(temperature)
+    z_s, z_t = _checks.logits_2d(student_logits, teacher_logits, fused=False)
+    terms = -F.softmax(z_t / temperature, dim=-1) * F.log_softmax(z_s / temperature, dim=-1)
+    if reduction == "mean":
+        return terms.mean().float()
+    if reduction == "batchmean":
+        return terms.sum().float() / z_s.shape[0]
+    return terms.sum().float()
