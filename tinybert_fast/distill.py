@@ -1,0 +1,650 @@
+"""The thin TinyBERT distillation loop (and the `tinybert-fast distill` subcommand).
+
+Stages (TinyBERT, Jiao et al. 2019):
+    general   intermediate losses (attention + hidden, embeddings included) on unlabeled text
+    task1     the same losses on (augmented) task data
+    task2     prediction loss: soft cross-entropy with temperature on the teacher's logits
+              (MSE on the teacher's outputs for regression), optionally mixed with hard labels
+    all       task1, then task2 starting from task1's student
+    finetune  plain supervised training on labels (a task teacher, or a hard-label baseline)
+
+Where this loop differs from TinyBERT's reference scripts, on purpose:
+- the teacher runs in eval mode under no_grad (the scripts left it in training mode, so dropout
+  perturbed the targets);
+- MNLI labels follow the `datasets` order (see tinybert_fast.data);
+- regression (STS-B) step 2 regresses on the teacher's outputs, not on gold labels;
+- batches are padded to their longest example unless --pad-to-max-length (the scripts always
+  padded to max_seq_length); the losses keep TinyBERT's semantics on whatever padding there is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import capture, data, mapping, reference, train
+from . import ops as fused_ops
+
+log = logging.getLogger(__name__)
+
+STAGES = ("general", "task1", "task2", "finetune")
+STAGE_DEFAULTS = {
+    "general": dict(epochs=3, batch_size=256, lr=5e-5, warmup_ratio=0.1, schedule="linear"),
+    "task1": dict(epochs=20, batch_size=32, lr=5e-5, warmup_ratio=0.0, schedule="constant"),
+    "task2": dict(epochs=3, batch_size=32, lr=3e-5, warmup_ratio=0.1, schedule="linear"),
+    "finetune": dict(epochs=3, batch_size=32, lr=2e-5, warmup_ratio=0.1, schedule="linear"),
+}
+TASK1_EPOCHS = {"mnli": 10, "qqp": 10, "qnli": 10, "cola": 50}
+
+# Student architectures by name (vocabulary and position sizes come from the teacher).
+PRESETS = {
+    "tinybert4": dict(num_hidden_layers=4, hidden_size=312, num_attention_heads=12,
+                      intermediate_size=1200),
+    "tinybert6": dict(num_hidden_layers=6, hidden_size=768, num_attention_heads=12,
+                      intermediate_size=3072),
+}
+PROJECTION_FILE = "projection.pt"
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Everything a run needs; None means "the stage's default" (STAGE_DEFAULTS)."""
+    stage: str
+    output_dir: str
+    student: str                       # preset name, checkpoint dir, or config.json
+    teacher: str | None = None         # checkpoint dir or hub name (all stages but finetune)
+    task: str | None = None            # GLUE task (all stages but general)
+    data_dir: str | None = None        # local GLUE TSV folder; None -> `datasets`
+    train_file: str | None = None      # e.g. an augmented train.tsv
+    corpus: str | None = None          # general distillation text, one passage per line
+    tokenizer: str | None = None       # default: the teacher's, else the student's
+    init: str = "auto"                 # auto | random | teacher-layers
+    mapping: str = "uniform"
+    mapping_layers: list[int] | None = None
+    mapping_seed: int = 0
+    attention_weight: float = 1.0
+    hidden_weight: float = 1.0
+    embedding_weight: float = 1.0
+    prediction_weight: float = 1.0
+    hard_label_weight: float = 0.0
+    temperature: float = 1.0
+    losses: str = "fused"              # fused | eager
+    epochs: float | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup_ratio: float | None = None
+    schedule: str | None = None
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    max_length: int | None = None
+    pad_to_max_length: bool = False
+    seed: int = 42
+    device: str = "auto"
+    bf16: str = "auto"                 # auto (on CUDA) | on | off
+    save_steps: int = 500
+    log_steps: int = 50
+    eval_batch_size: int = 128
+    eval: bool = True
+    resume: bool = False
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    progress: bool = True
+
+    def resolved(self) -> "DistillConfig":
+        """A copy with the stage defaults filled in; validates choices."""
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES + ('all',)}; got {self.stage!r}")
+        if self.losses not in ("fused", "eager"):
+            raise ValueError(f"losses must be 'fused' or 'eager'; got {self.losses!r}")
+        if self.init not in ("auto", "random", "teacher-layers"):
+            raise ValueError(f"init must be auto, random or teacher-layers; got {self.init!r}")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"bf16 must be auto, on or off; got {self.bf16!r}")
+        out = dataclasses.replace(self)
+        for key, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        if self.stage == "task1" and self.epochs is None and self.task in TASK1_EPOCHS:
+            out.epochs = TASK1_EPOCHS[self.task]
+        if out.max_length is None:
+            single = self.task is not None and len(data.get_task(self.task).text_columns) == 1
+            out.max_length = 64 if single else 128
+        for name in ("epochs", "batch_size", "lr", "max_length", "save_steps", "log_steps"):
+            if not getattr(out, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(out, name)}")
+        return out
+
+
+# --- models ----------------------------------------------------------------------------------
+
+def _is_checkpoint(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def load_teacher(name: str, stage: str, task: data.Task | None, device):
+    """The teacher in eval mode, with the capturing attention.  Task stages need a fine-tuned
+    sequence-classification head; general distillation takes a bare encoder."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    attn = capture.register()
+    if stage == "general":
+        model = AutoModel.from_pretrained(name, attn_implementation=attn)
+    else:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, attn_implementation=attn, output_loading_info=True,
+            num_labels=task.num_labels)
+        if stage == "task2" and any("classifier" in k for k in info["missing_keys"]):
+            raise ValueError(f"teacher {name!r} has no trained classification head, which task "
+                             f"step 2 distils from: fine-tune it first (tinybert-fast "
+                             f"finetune-teacher)")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def build_student(spec: str, stage: str, task: data.Task | None, base_config, init: str,
+                  layer_map_for_init=None, teacher=None):
+    """The student: a preset name (tinybert4, tinybert6; vocabulary, positions and token types
+    from `base_config`, the teacher's), a config.json (random weights) or a checkpoint
+    directory (its weights: a general-distilled or previous-stage student)."""
+    from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
+                              BertConfig)
+    attn = capture.register()
+    head = stage != "general"
+    kwargs = dict(num_labels=task.num_labels) if head else {}
+    if _is_checkpoint(spec):
+        if init == "teacher-layers":
+            raise ValueError("init 'teacher-layers' builds a new student from the teacher; "
+                             "--student is already a checkpoint")
+        cls = AutoModelForSequenceClassification if head else AutoModel
+        return cls.from_pretrained(spec, attn_implementation=attn, **kwargs)
+    if spec in PRESETS:
+        config = BertConfig(vocab_size=base_config.vocab_size,
+                            max_position_embeddings=base_config.max_position_embeddings,
+                            type_vocab_size=base_config.type_vocab_size, **PRESETS[spec],
+                            **kwargs)
+    elif spec.endswith(".json") and os.path.isfile(spec):
+        config = AutoConfig.from_pretrained(spec, **kwargs)
+    else:
+        raise ValueError(f"student must be a preset {sorted(PRESETS)}, a config.json or a "
+                         f"checkpoint directory; got {spec!r}")
+    config._attn_implementation = attn
+    cls = AutoModelForSequenceClassification if head else AutoModel
+    model = cls.from_config(config, attn_implementation=attn)
+    if init == "teacher-layers":
+        copy_teacher_layers(model, teacher, layer_map_for_init)
+    return model
+
+
+def _encoder(model):
+    return model.bert if hasattr(model, "bert") else model
+
+
+def copy_teacher_layers(student, teacher, layer_map: mapping.LayerMap) -> None:
+    """Initialise a student of the teacher's width from the teacher's embeddings and the
+    teacher layers it is mapped to (the last of each attention group)."""
+    s, t = _encoder(student), _encoder(teacher)
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
+        if getattr(s.config, key) != getattr(t.config, key):
+            raise ValueError(f"init 'teacher-layers' needs student and teacher of equal {key}; "
+                             f"got {getattr(s.config, key)} and {getattr(t.config, key)}")
+    s.embeddings.load_state_dict(t.embeddings.state_dict())
+    for i, group in enumerate(layer_map.attention):
+        s.encoder.layer[i].load_state_dict(t.encoder.layer[group[-1]].state_dict())
+
+
+def check_pair(student_config, teacher_config, cfg: DistillConfig) -> None:
+    """Errors a student/teacher pair must raise before any training starts."""
+    if cfg.stage in ("general", "task1") and cfg.attention_weight != 0:
+        hs, ht = student_config.num_attention_heads, teacher_config.num_attention_heads
+        if hs != ht:
+            raise ValueError(f"the attention loss pairs heads one to one, but the student has "
+                             f"{hs} heads and the teacher {ht}; use models with equal head "
+                             f"counts or --attention-weight 0")
+
+
+# --- the objective ---------------------------------------------------------------------------
+
+class StudentWithProjection(nn.Module):
+    """What the optimizer (and DDP) trains: the student and, for the hidden loss, the shared
+    projection d_s -> d_t (nn.Linear layout: weight [d_t, d_s])."""
+
+    def __init__(self, student, projection: nn.Linear | None):
+        super().__init__()
+        self.student = student
+        self.projection = projection
+
+    def forward(self, **inputs):
+        """(student outputs, projection weight, bias).  The projection goes through forward (as
+        views) so that DDP sees it used in the graph, although the loss applies it."""
+        out = self.student(**inputs)
+        if self.projection is None:
+            return out, None, None
+        w, b = self.projection.weight, self.projection.bias
+        return out, w.view_as(w), None if b is None else b.view_as(b)
+
+
+def _mean(tensors):
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(0)
+
+
+class Objective:
+    """The stage's loss.  `losses` picks the implementation: the fused ops (tinybert_fast, which
+    follow tbf.set_backend) or the eager reference (tinybert_fast.reference)."""
+
+    def __init__(self, cfg: DistillConfig, task: data.Task | None, layer_map, teacher):
+        self.cfg, self.task, self.layer_map, self.teacher = cfg, task, layer_map, teacher
+        self.impl = fused_ops if cfg.losses == "fused" else reference
+        self.intermediate = cfg.stage in ("general", "task1")
+        self.need_att = self.intermediate and cfg.attention_weight != 0
+        self.need_hid = self.intermediate and (cfg.hidden_weight != 0 or
+                                               cfg.embedding_weight != 0)
+
+    def __call__(self, model: nn.Module, inputs: dict, labels) -> dict:
+        """model: StudentWithProjection (or DDP of it); returns the loss terms and "total"."""
+        if self.intermediate:
+            return self._intermediate(model, inputs)
+        return self._prediction(model, inputs, labels)
+
+    def _intermediate(self, model, inputs):
+        cfg, lm = self.cfg, self.layer_map
+        with torch.no_grad(), capture.record_scores(
+                lm.teacher_attention_layers if self.need_att else []) as t_rec:
+            t_out = self.teacher(**inputs, output_hidden_states=self.need_hid)
+        n_student = len(lm.attention)
+        with capture.record_scores(range(n_student) if self.need_att else []) as s_rec:
+            s_out, w, b = model(**inputs, output_hidden_states=self.need_hid)
+        terms = {}
+        total = 0.0
+        if self.need_att:
+            t_scores = dict(zip(lm.teacher_attention_layers, t_rec.layers))
+            target = [_mean([t_scores[i] for i in group]) for group in lm.attention]
+            terms["attention"] = self.impl.attention_mse(s_rec.layers, target)
+            total = total + cfg.attention_weight * terms["attention"]
+        if self.need_hid:
+            t_states = [_mean([t_out.hidden_states[i] for i in group]) for group in lm.hidden]
+            s_states = list(s_out.hidden_states)
+            if cfg.embedding_weight == cfg.hidden_weight:
+                both = self.impl.hidden_mse(s_states, t_states, w, b)
+                total = total + cfg.hidden_weight * both
+                terms["hidden"] = both
+            else:
+                terms["embedding"] = self.impl.hidden_mse(s_states[0], t_states[0], w, b)
+                terms["hidden"] = self.impl.hidden_mse(s_states[1:], t_states[1:], w, b)
+                total = (total + cfg.embedding_weight * terms["embedding"]
+                         + cfg.hidden_weight * terms["hidden"])
+        terms["total"] = total
+        return terms
+
+    def _prediction(self, model, inputs, labels):
+        cfg, task = self.cfg, self.task
+        s_logits = model(**inputs)[0].logits
+        terms = {}
+        total = 0.0
+        if cfg.stage == "task2" and cfg.prediction_weight != 0:
+            with torch.no_grad():
+                t_logits = self.teacher(**inputs).logits
+            if task.is_regression:
+                terms["prediction"] = F.mse_loss(s_logits.float(), t_logits.float())
+            else:
+                terms["prediction"] = self.impl.soft_cross_entropy(s_logits, t_logits,
+                                                                   cfg.temperature)
+            total = total + cfg.prediction_weight * terms["prediction"]
+        hard_weight = 1.0 if cfg.stage == "finetune" else cfg.hard_label_weight
+        if hard_weight != 0:
+            if labels is None:
+                raise ValueError("the training data has no labels, which the hard-label loss "
+                                 "needs")
+            if task.is_regression:
+                terms["hard"] = F.mse_loss(s_logits.float()[:, 0], labels.float())
+            else:
+                terms["hard"] = F.cross_entropy(s_logits.float(), labels)
+            total = total + hard_weight * terms["hard"]
+        if not terms:
+            raise ValueError("the objective is empty: every loss weight is 0")
+        terms["total"] = total
+        return terms
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def _load_training_examples(cfg: DistillConfig, task):
+    if cfg.stage == "general":
+        if cfg.corpus:
+            examples = data.read_corpus(cfg.corpus)
+        elif task is not None:  # task text without labels
+            examples = [dataclasses.replace(e, label=None) for e in
+                        data.load_examples(task, "train", cfg.data_dir, cfg.train_file)]
+        else:
+            raise ValueError("general distillation needs --corpus (or --task for its text)")
+    else:
+        examples = data.load_examples(task, "train", cfg.data_dir, cfg.train_file)
+    return examples[:cfg.limit_train] if cfg.limit_train else examples
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Run one stage (or "all": task1 then task2); returns the summary written to
+    <output_dir>/summary.json."""
+    if cfg.stage == "all":
+        step1 = dataclasses.replace(cfg, stage="task1",
+                                    output_dir=os.path.join(cfg.output_dir, "task1"))
+        s1 = distill(step1)
+        step2 = dataclasses.replace(cfg, stage="task2", student=s1["model_dir"], init="auto",
+                                    output_dir=os.path.join(cfg.output_dir, "task2"))
+        s2 = distill(step2)
+        return {"stage": "all", "task1": s1, "task2": s2, "model_dir": s2["model_dir"]}
+    cfg = cfg.resolved()
+    summary_path = os.path.join(cfg.output_dir, "summary.json")
+    if cfg.resume and os.path.isfile(summary_path):
+        log.info("%s already finished (%s); nothing to resume", cfg.output_dir, summary_path)
+        with open(summary_path, encoding="utf-8") as f:
+            return json.load(f)
+    return _Run(cfg).train()
+
+
+class _Run:
+    def __init__(self, cfg: DistillConfig):
+        from transformers import AutoConfig, AutoTokenizer, BertConfig
+        self.cfg = cfg
+        self.device = train.resolve_device(cfg.device)
+        self.dist = train.Distributed(self.device)
+        self.bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and self.device.type == "cuda")
+        train.seed_everything(cfg.seed)
+        if cfg.stage != "general" and cfg.task is None:
+            raise ValueError(f"stage {cfg.stage!r} needs --task")
+        self.task = data.get_task(cfg.task) if cfg.task else None
+        if cfg.stage != "finetune" and not cfg.teacher:
+            raise ValueError(f"stage {cfg.stage!r} needs --teacher")
+
+        # Everything a bad argument can break is checked before the data and models load fully.
+        teacher_config = AutoConfig.from_pretrained(cfg.teacher) if cfg.teacher else None
+        tok_source = cfg.tokenizer or cfg.teacher or (cfg.student if _is_checkpoint(cfg.student)
+                                                      else None)
+        if tok_source is None:
+            raise ValueError("no tokenizer: pass --tokenizer (or a --teacher / checkpoint "
+                             "--student that has one)")
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_source)
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer {tok_source!r} has no pad token")
+        # presets take vocabulary and position sizes from the teacher (or the tokenizer)
+        self.base_config = teacher_config or BertConfig(vocab_size=len(self.tokenizer))
+        student_config = self._student_config()
+        self.layer_map = None
+        if cfg.stage in ("general", "task1"):
+            n_t = teacher_config.num_hidden_layers
+            self.layer_map = mapping.layer_map(cfg.mapping, student_config.num_hidden_layers,
+                                               n_t, seed=cfg.mapping_seed,
+                                               layers=cfg.mapping_layers)
+            check_pair(student_config, teacher_config, cfg)
+
+        examples = _load_training_examples(cfg, self.task)
+        self.train_set = data.TokenizedDataset(examples, self.tokenizer, cfg.max_length)
+        self.dev_sets = {}
+        if cfg.eval and self.task is not None and cfg.stage in ("task2", "finetune", "all"):
+            for split in self.task.dev_splits:
+                dev = data.load_examples(self.task, split, cfg.data_dir)
+                dev = dev[:cfg.limit_eval] if cfg.limit_eval else dev
+                self.dev_sets[split] = data.TokenizedDataset(dev, self.tokenizer, cfg.max_length)
+
+        self.teacher = (load_teacher(cfg.teacher, cfg.stage, self.task, self.device)
+                        if cfg.stage != "finetune" else None)
+        init = "random" if cfg.init == "auto" else cfg.init
+        self.student = build_student(cfg.student, cfg.stage, self.task, self.base_config, init,
+                                     self.layer_map, self.teacher).to(self.device).train()
+        projection = None
+        if self.layer_map is not None and (cfg.hidden_weight or cfg.embedding_weight):
+            d_s, d_t = self.student.config.hidden_size, teacher_config.hidden_size
+            projection = nn.Linear(d_s, d_t)
+            saved = os.path.join(cfg.student, PROJECTION_FILE)
+            if _is_checkpoint(cfg.student) and os.path.isfile(saved):
+                projection.load_state_dict(torch.load(saved, map_location="cpu"))
+            projection = projection.to(self.device)
+        self.model = StudentWithProjection(self.student, projection)
+        self.objective = Objective(cfg, self.task, self.layer_map, self.teacher)
+        self.ddp = self.model
+        if self.dist.enabled:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None, find_unused_parameters=True)
+
+        self.steps_per_epoch = len(data.batch_indices(
+            len(self.train_set), cfg.batch_size, 0, cfg.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size))
+        total = math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.optimizer = train.make_optimizer(self.model.named_parameters(), cfg.lr,
+                                              cfg.weight_decay)
+        self.scheduler = train.make_schedule(self.optimizer, cfg.schedule, self.total_steps,
+                                             cfg.warmup_ratio)
+        self.step = 0
+        self.examples_seen = 0
+        self.train_seconds = 0.0
+        self.checkpoint_dir = os.path.join(cfg.output_dir, "checkpoint")
+        self.log = train.JsonlLog(os.path.join(cfg.output_dir, "log.jsonl")
+                                  if self.dist.is_main else None)
+
+    def _student_config(self):
+        from transformers import AutoConfig, BertConfig
+        spec = self.cfg.student
+        if _is_checkpoint(spec) or (spec.endswith(".json") and os.path.isfile(spec)):
+            return AutoConfig.from_pretrained(spec)
+        if spec in PRESETS:
+            return BertConfig(vocab_size=self.base_config.vocab_size, **PRESETS[spec])
+        raise ValueError(f"student must be a preset {sorted(PRESETS)}, a config.json or a "
+                         f"checkpoint directory; got {spec!r}")
+
+    # checkpoints
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "step": self.step,
+                     "examples_seen": self.examples_seen, "train_seconds": self.train_seconds,
+                     "rng": train.rng_state(), "config": dataclasses.asdict(self.cfg)}
+            train.atomic_save_dir(self.checkpoint_dir,
+                                  lambda d: torch.save(state, os.path.join(d, "trainer_state.pt")))
+        self.dist.barrier()
+
+    def maybe_resume(self) -> None:
+        path = train.latest_dir(self.checkpoint_dir) if self.cfg.resume else None
+        if path is None:
+            if self.cfg.resume:
+                log.info("no checkpoint under %s: starting from scratch", self.checkpoint_dir)
+            return
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu",
+                           weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.examples_seen = state["step"], state["examples_seen"]
+        self.train_seconds = state["train_seconds"]
+        train.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def export(self) -> str:
+        """The trained student (save_pretrained + tokenizer + projection) in <output>/model."""
+        model_dir = os.path.join(self.cfg.output_dir, "model")
+        if self.dist.is_main:
+            def write(d):
+                self.student.save_pretrained(d)
+                self.tokenizer.save_pretrained(d)
+                if self.model.projection is not None:
+                    torch.save(self.model.projection.state_dict(), os.path.join(d, PROJECTION_FILE))
+            train.atomic_save_dir(model_dir, write)
+        self.dist.barrier()
+        return model_dir
+
+    def evaluate(self) -> dict:
+        if not self.dist.is_main or not self.dev_sets:
+            return {}
+        return {split: train.evaluate(self.student, ds, self.task, self.cfg.eval_batch_size,
+                                      self.device, self.tokenizer.pad_token_id, self.bf16)
+                for split, ds in self.dev_sets.items()}
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.maybe_resume()
+        pad_to = cfg.max_length if cfg.pad_to_max_length else None
+        regression = self.task is not None and self.task.is_regression
+        bar = None
+        if self.dist.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.stage}",
+                       dynamic_ncols=True)
+        evals = []
+        window = {"loss": 0.0, "n": 0, "examples": 0, "tokens": 0, "t0": time.perf_counter()}
+        while self.step < self.total_steps:
+            epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
+            batches = data.batch_indices(len(self.train_set), cfg.batch_size, epoch, cfg.seed,
+                                         rank=self.dist.rank, world_size=self.dist.world_size)
+            for batch in data.iterate_batches(self.train_set, batches[done_in_epoch:],
+                                              self.tokenizer.pad_token_id, pad_to, regression):
+                t_step = time.perf_counter()
+                terms = self._train_step(batch)
+                self.step += 1
+                n_ex = int(batch["input_ids"].shape[0]) * self.dist.world_size
+                self.examples_seen += n_ex
+                self.train_seconds += time.perf_counter() - t_step
+                window["loss"] = window["loss"] + terms["total"]  # on device: no sync per step
+                window["n"] += 1
+                window["examples"] += n_ex
+                window["tokens"] += int(batch["attention_mask"].sum()) * self.dist.world_size
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
+                    self._log_window(window, terms, epoch, bar)
+                if self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+            if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
+                metrics = self.evaluate()
+                if metrics:
+                    evals.append({"epoch": self.step / self.steps_per_epoch, **metrics})
+                    self.log.write(event="eval", stage=cfg.stage, step=self.step, metrics=metrics)
+                    log.info("%s step %d dev %s", cfg.stage, self.step, metrics)
+                if self.step < self.total_steps:
+                    self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        model_dir = self.export()
+        summary = {"stage": cfg.stage, "task": cfg.task, "steps": self.step,
+                   "examples_seen": self.examples_seen,
+                   "train_seconds": self.train_seconds,
+                   "examples_per_second": self.examples_seen / max(self.train_seconds, 1e-9),
+                   "dev": evals[-1] if evals else None, "evals": evals, "model_dir": model_dir,
+                   "losses": cfg.losses, "device": str(self.device),
+                   "world_size": self.dist.world_size}
+        if self.dist.is_main:
+            train.write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), summary)
+            self.log.write(event="summary", **summary)
+        return summary
+
+    def _train_step(self, batch) -> dict:
+        inputs = {k: batch[k].to(self.device, non_blocking=True)
+                  for k in ("input_ids", "attention_mask", "token_type_ids")}
+        labels = batch["labels"].to(self.device) if "labels" in batch else None
+        with train.autocast(self.device, self.bf16):
+            terms = self.objective(self.ddp, inputs, labels)
+        terms["total"].backward()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _log_window(self, window, terms, epoch, bar) -> None:
+        elapsed = time.perf_counter() - window["t0"]
+        means = self.dist.mean(torch.stack([t.float() for t in terms.values()])).cpu()
+        record = {"event": "train", "stage": self.cfg.stage, "step": self.step, "epoch": epoch,
+                  **{k: float(v) for k, v in zip(terms, means)},
+                  "mean_loss": float(window["loss"]) / max(window["n"], 1),
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "examples_per_second": window["examples"] / max(elapsed, 1e-9),
+                  "tokens_per_second": window["tokens"] / max(elapsed, 1e-9)}
+        self.log.write(**record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['mean_loss']:.4f}",
+                            ex_s=f"{record['examples_per_second']:.0f}")
+        window.update(loss=0.0, n=0, examples=0, tokens=0, t0=time.perf_counter())
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+HELP = "distil a student from a teacher (TinyBERT general / task step 1 / step 2)"
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Data, optimisation and run flags shared by distill and finetune-teacher."""
+    g = p.add_argument_group("data")
+    g.add_argument("--task", choices=sorted(data.TASKS))
+    g.add_argument("--data-dir", help="local GLUE TSV folder (default: `datasets` by task name)")
+    g.add_argument("--train-file", help="training TSV in the task's GLUE layout (e.g. augmented)")
+    g.add_argument("--max-length", type=int, help="default 64 single-sentence, 128 pairs")
+    g.add_argument("--pad-to-max-length", action="store_true")
+    g.add_argument("--limit-train", type=int, help="use the first N training examples")
+    g.add_argument("--limit-eval", type=int, help="use the first N dev examples")
+    g = p.add_argument_group("optimisation (defaults per stage: see STAGE_DEFAULTS)")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--warmup-ratio", type=float)
+    g.add_argument("--schedule", choices=["linear", "constant"])
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--max-steps", type=int)
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", required=True)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
+    g.add_argument("--save-steps", type=int, default=500)
+    g.add_argument("--log-steps", type=int, default=50)
+    g.add_argument("--eval-batch-size", type=int, default=128)
+    g.add_argument("--no-eval", dest="eval", action="store_false")
+    g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stage", required=True, choices=["general", "task1", "task2", "all"])
+    p.add_argument("--teacher", required=True, help="teacher checkpoint dir or hub name")
+    p.add_argument("--student", required=True,
+                   help=f"preset {sorted(PRESETS)}, a config.json, or a checkpoint dir")
+    p.add_argument("--tokenizer", help="default: the teacher's")
+    p.add_argument("--init", choices=["auto", "random", "teacher-layers"], default="auto")
+    p.add_argument("--corpus", help="general distillation text (one passage per line)")
+    g = p.add_argument_group("mapping and losses")
+    g.add_argument("--mapping", choices=mapping.STRATEGIES, default="uniform")
+    g.add_argument("--mapping-layers", type=lambda s: [int(x) for x in s.split(",")],
+                   help="for --mapping list: teacher layers g(1..M), counted from 1, e.g. 3,6,9,12")
+    g.add_argument("--mapping-seed", type=int, default=0)
+    g.add_argument("--attention-weight", type=float, default=1.0)
+    g.add_argument("--hidden-weight", type=float, default=1.0)
+    g.add_argument("--embedding-weight", type=float, default=1.0)
+    g.add_argument("--prediction-weight", type=float, default=1.0)
+    g.add_argument("--hard-label-weight", type=float, default=0.0,
+                   help="mix hard-label cross-entropy into step 2 (classic soft+hard KD)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--losses", choices=["fused", "eager"], default="fused")
+    add_common_arguments(p)
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> DistillConfig:
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = distill(config_from_args(args))
+    log.info("summary: %s", json.dumps(summary))
+    return 0

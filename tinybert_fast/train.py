@@ -1,0 +1,211 @@
+"""Training-loop plumbing shared by distillation and fine-tuning: devices, DDP, optimizer and
+schedule, atomic checkpoints with exact resume, logging and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import data
+
+log = logging.getLogger(__name__)
+
+
+# --- devices and processes ---------------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> this rank's CUDA device when there is one, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
+    return device
+
+
+class Distributed:
+    """torchrun/DDP state: rank and world size from the environment (1 process without it)."""
+
+    def __init__(self, device: torch.device):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.enabled = self.world_size > 1
+        if self.enabled and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Average a tensor over ranks (for logging)."""
+        if self.enabled:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world_size
+        return values
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- optimizer and schedule --------------------------------------------------------------------
+
+def make_optimizer(params_by_name, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases and LayerNorm weights (BERT's convention)."""
+    decay, no_decay = [], []
+    for name, p in params_by_name:
+        if p.requires_grad:
+            (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def make_schedule(optimizer, schedule: str, total_steps: int, warmup_ratio: float):
+    """"linear": linear warmup over warmup_ratio of the steps, then linear decay to 0;
+    "constant": linear warmup, then constant."""
+    warmup = int(round(warmup_ratio * total_steps))
+    if schedule == "linear":
+        def factor(step):
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    elif schedule == "constant":
+        def factor(step):
+            return (step + 1) / max(1, warmup) if step < warmup else 1.0
+    else:
+        raise ValueError(f"schedule must be 'linear' or 'constant'; got {schedule!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def atomic_save_dir(final: str, write) -> None:
+    """Write a directory atomically: `write(tmp_dir)` fills a temporary sibling, which then
+    replaces `final`.  A crash leaves either the old directory (possibly renamed to final.old,
+    which `latest_dir` falls back to) or the new one, never a half-written `final`."""
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{final}.tmp-{os.getpid()}"
+    old = f"{final}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    _fsync_tree(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_dir(final: str) -> str | None:
+    """`final` if it exists, else the `final.old` left by a crash between two renames."""
+    for path in (final, f"{final}.old"):
+        if os.path.isfile(os.path.join(path, "trainer_state.pt")):
+            return path
+    return None
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+class JsonlLog:
+    """Append-only JSONL metrics log (rank 0 only); each line is flushed as written."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, **record) -> None:
+        if self.path:
+            record.setdefault("time", time.time())
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+def autocast(device: torch.device, bf16: bool):
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def predict(model, dataset: data.TokenizedDataset, task: data.Task, batch_size: int,
+            device: torch.device, pad_id: int, bf16: bool = False) -> np.ndarray:
+    """Class indices (or regression scores) for every example of a dataset, in order."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    batches = data.batch_indices(len(dataset), batch_size, 0, 0, shuffle=False)
+    for batch in data.iterate_batches(dataset, batches, pad_id, None, task.is_regression):
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask",
+                                                   "token_type_ids")}
+        with autocast(device, bf16):
+            logits = model(**inputs).logits.float()
+        preds.append(logits[:, 0] if task.is_regression else logits.argmax(-1))
+    model.train(was_training)
+    return torch.cat(preds).cpu().numpy()
+
+
+def evaluate(model, dataset: data.TokenizedDataset, task: data.Task, batch_size: int,
+             device: torch.device, pad_id: int, bf16: bool = False) -> dict[str, float]:
+    """GLUE metrics of a model on a labeled dataset."""
+    if any(label is None for label in dataset.labels):
+        raise ValueError("evaluation needs labels: this split has none (a GLUE test split?)")
+    preds = predict(model, dataset, task, batch_size, device, pad_id, bf16)
+    return data.compute_metrics(task, preds, dataset.labels)
