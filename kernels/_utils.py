@@ -10,6 +10,10 @@ import functools
 import torch
 import triton
 
+# TinyBERT's rule: attention scores at or below this are the additive mask bias (or have absorbed
+# it) and count as 0 in the attention loss.
+MASK_THRESHOLD = -100.0
+
 # Elements one program of a streaming (memory-bound) kernel touches per tile.  4096 elements of
 # bf16 is 8 KiB per operand: enough loads in flight per SM on Hopper without spilling registers.
 STREAM_TILE_ELEMENTS = 4096
@@ -59,3 +63,26 @@ def dot_precision(dtype: torch.dtype) -> str:
 def as_loadable_mask(mask: torch.Tensor) -> torch.Tensor:
     """A [B, L] mask the kernels can load: bool is reinterpreted as uint8 (no copy)."""
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+# tl.dot needs every block dimension >= 16.
+MIN_DOT_BLOCK = 16
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def dot_block(n: int, max_block: int) -> int:
+    """Block size for a dimension that feeds tl.dot: a power of two >= n, >= 16, <= max_block."""
+    return max(MIN_DOT_BLOCK, min(next_power_of_2(n), max_block))
+
+
+def dot_in_fp32(a: torch.dtype, b: torch.dtype, device: torch.device) -> bool:
+    """Whether a kernel's product of operands of dtypes a and b must run in fp32.
+
+    Two operands of the same 16-bit dtype feed the tensor cores directly (their products are exact
+    in the fp32 accumulator); anything else (fp32, or mixed dtypes, which tl.dot rejects) is
+    upcast in registers and multiplied in full fp32 ("ieee").  On CPU (Triton's interpreter) bf16
+    is upcast too: the interpreter has no bf16 matrix product (numpy lacks bf16).
+    """
+    if device.type == "cpu" and torch.bfloat16 in (a, b):
+        return True
+    return not (a == b and a in HALF_DTYPES)

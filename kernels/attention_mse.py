@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_loadable_mask, stream_num_warps, stream_tile
+from ._utils import MASK_THRESHOLD, as_loadable_mask, stream_num_warps, stream_tile
 
-# TinyBERT's rule: scores at or below this are the additive mask bias (or have absorbed it).
-MASK_THRESHOLD = tl.constexpr(-100.0)
+_THRESHOLD = tl.constexpr(MASK_THRESHOLD)  # kernels read globals only as constexpr
 
 
 @triton.jit
@@ -69,8 +68,8 @@ def _attention_mse_fwd_kernel(
                     mask=ok, other=0.0).to(tl.float32)
         t = tl.load(t_ptr + t_row[:, None] + cols[None, :].to(tl.int64) * t_stride_j,
                     mask=ok, other=0.0).to(tl.float32)
-        s = tl.where(s <= MASK_THRESHOLD, 0.0, s)
-        t = tl.where(t <= MASK_THRESHOLD, 0.0, t)
+        s = tl.where(s <= _THRESHOLD, 0.0, s)
+        t = tl.where(t <= _THRESHOLD, 0.0, t)
         d = s - t
         if HAS_MASK:
             keep = tl.load(mask_ptr + b[:, None].to(tl.int64) * mask_stride_b
@@ -110,8 +109,8 @@ def _attention_mse_bwd_kernel(
                     mask=ok, other=0.0).to(tl.float32)
         t = tl.load(t_ptr + t_row[:, None] + cols[None, :].to(tl.int64) * t_stride_j,
                     mask=ok, other=0.0).to(tl.float32)
-        s_live = s > MASK_THRESHOLD
-        t_live = t > MASK_THRESHOLD
+        s_live = s > _THRESHOLD
+        t_live = t > _THRESHOLD
         d = tl.where(s_live, s, 0.0) - tl.where(t_live, t, 0.0)
         if HAS_MASK:
             keep = tl.load(mask_ptr + b[:, None].to(tl.int64) * mask_stride_b

@@ -33,7 +33,7 @@ def _hidden_mse_fwd_kernel(
     n_rows, M, N, K,
     # strides
     x_stride_s, x_stride_m, x_stride_k,
-    w_stride_n, w_stride_k,
+    w_stride_n, w_stride_k, b_stride,
     y_stride_s, y_stride_m, y_stride_n,
     # scalars
     scale,
@@ -63,7 +63,7 @@ def _hidden_mse_fwd_kernel(
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + cols * b_stride, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     y = tl.load(y_ptr + (state * y_stride_s + tok * y_stride_m)[:, None] + cols[None, :] * y_stride_n,
                 mask=ok, other=0.0).to(tl.float32)
@@ -96,6 +96,12 @@ def hidden_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
     M = student[0].shape[1]
     N, K = weight.shape
     device = student[0].device
+    residual_dtype = student[0].dtype
+    if device.type == "cpu" and student[0].dtype == torch.bfloat16:
+        # Triton's interpreter has no bf16 matrix product (numpy lacks bf16); the products run in
+        # fp32 there.  On GPUs bf16 operands feed the tensor cores directly.
+        student = [x.float() for x in student]
+        weight = weight.float()
     rows_per_group = [s.shape[0] * M for s in student]
     cfg = gemm_config(sum(rows_per_group), N, K, student[0].dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -103,10 +109,10 @@ def hidden_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
     num_n = triton.cdiv(N, bn)
     partials = torch.empty(sum(m_blocks) * num_n, dtype=torch.float32, device=device)
     if save_residual:
-        residual = torch.empty((sum(rows_per_group), N), dtype=student[0].dtype, device=device)
+        residual = torch.empty((sum(rows_per_group), N), dtype=residual_dtype, device=device)
         colsum = torch.empty((sum(m_blocks), N), dtype=torch.float32, device=device)
     else:
-        residual = torch.empty((0, N), dtype=student[0].dtype, device=device)
+        residual = torch.empty((0, N), dtype=residual_dtype, device=device)
         colsum = torch.empty((0, N), dtype=torch.float32, device=device)
     precision = dot_precision(student[0].dtype)
     row0 = mblk0 = 0
@@ -117,7 +123,7 @@ def hidden_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
             partials[mblk0 * num_n:],
             colsum[mblk0:] if save_residual else partials,
             rows, M, N, K,
-            *x.stride(), *weight.stride(), *y.stride(),
+            *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *y.stride(),
             scale,
             HAS_BIAS=bias is not None, SAVE_RESIDUAL=save_residual, INPUT_PRECISION=precision,
             **cfg,

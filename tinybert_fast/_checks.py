@@ -93,11 +93,11 @@ def check_attention(student: list[torch.Tensor], teacher: list[torch.Tensor],
                          f"shape {tuple(shape)}")
     if B * H * L == 0:
         raise ValueError(f"attention scores are empty: shape {tuple(shape)}")
+    if attention_mask is not None:
+        check_mask(attention_mask, B, L)
     check_same_device(student=student[0], teacher=teacher[0], attention_mask=attention_mask,
                       **{f"student[{i}]": t for i, t in enumerate(student[1:], 1)},
                       **{f"teacher[{i}]": t for i, t in enumerate(teacher[1:], 1)})
-    if attention_mask is not None:
-        check_mask(attention_mask, B, L)
 
 
 def check_mask(attention_mask: torch.Tensor, B: int, L: int) -> None:

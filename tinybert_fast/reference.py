@@ -11,12 +11,13 @@ TinyBERT's (README, "Loss semantics").
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from . import _checks
-
-MASK_THRESHOLD = -100.0
+from .kernels._utils import MASK_THRESHOLD
 
 
 def attention_mse(student, teacher, attention_mask: torch.Tensor | None = None,
@@ -81,3 +82,29 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     if reduction == "batchmean":
         return terms.sum().float() / z_s.shape[0]
     return terms.sum().float()
+
+
+def attention_mse_qk(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = None,
+                     reduction: str = "mean") -> torch.Tensor:
+    """The score path of tinybert_fast.attention_mse_qk: form each model's scores, then
+    attention_mse.
+
+    S_s = Q_s K_s^T / sqrt(d_s) + bias and S_t = Q_t K_t^T / sqrt(d_t) + bias, bias = -10000 on
+    padded keys of attention_mask [B, L] (1 = token), then attention_mse(S_s, S_t, attention_mask,
+    reduction).  q_s, k_s: [B, H, L, d_s], [n_layers, B, H, L, d_s] or a list of [B, H, L, d_s];
+    q_t, k_t: the same with d_t.  Materialises two [B, H, L, L] tensors per layer.
+    """
+    from .ops.attention_qk import qk_inputs  # the shared checks live with the op (which imports
+    #                                           this module)
+    _checks.check_reduction(reduction, "attention")
+    (qs, ks, qt, kt), _, _ = qk_inputs(q_s, k_s, q_t, k_t, attention_mask, fused=False)
+    bias = None
+    if attention_mask is not None:
+        bias = torch.where((attention_mask != 0)[:, None, None, :], 0.0, -10000.0)
+
+    def scores(q, k):
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        return s if bias is None else s + bias.to(s.dtype)
+
+    return attention_mse([scores(q, k) for q, k in zip(qs, ks)],
+                         [scores(q, k) for q, k in zip(qt, kt)], attention_mask, reduction)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, reference
 from ..kernels import attention_mse as kernels
+from ..kernels._utils import MASK_THRESHOLD
 
 
 def attention_mse(student, teacher, attention_mask: Tensor | None = None,
@@ -70,7 +71,7 @@ def _(student, teacher, attention_mask, scale):
 def _torch_diff(s: Tensor, t: Tensor, attention_mask: Tensor | None):
     """(m * (s' - t'), s live, t live) in fp32 for one [n, B, H, L, L] group."""
     s, t = s.float(), t.float()
-    s_live, t_live = s > kernels.MASK_THRESHOLD, t > kernels.MASK_THRESHOLD
+    s_live, t_live = s > MASK_THRESHOLD, t > MASK_THRESHOLD
     d = torch.where(s_live, s, 0.0) - torch.where(t_live, t, 0.0)
     if attention_mask is not None:
         d = d * (attention_mask != 0)[None, :, None, None, :]

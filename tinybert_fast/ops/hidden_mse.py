@@ -64,9 +64,13 @@ def hidden_mse(student, teacher, weight: Tensor, bias: Tensor | None = None,
 def _hidden_mse_op(student: list[Tensor], teacher: list[Tensor], weight: Tensor,
                    bias: Optional[Tensor], scale: float, save_residual: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton_forward(student, teacher, weight, bias, scale, save_residual)
+
+
+def _triton_forward(student, teacher, weight, bias, scale, save_residual):
     loss, residual, colsum = kernels.hidden_mse_forward(student, teacher, weight, bias, scale,
                                                         save_residual)
-    return loss, residual, colsum.sum(0)
+    return loss, residual, (colsum.sum(0) if save_residual else colsum.new_empty((0,)))
 
 
 @_hidden_mse_op.register_fake
@@ -81,9 +85,7 @@ def _(student, teacher, weight, bias, scale, save_residual):
 @_hidden_mse_op.register_kernel("cpu")
 def _(student, teacher, weight, bias, scale, save_residual):
     if _backend.cpu_kernel_runs_triton():
-        loss, residual, colsum = kernels.hidden_mse_forward(student, teacher, weight, bias,
-                                                            scale, save_residual)
-        return loss, residual, colsum.sum(0)
+        return _triton_forward(student, teacher, weight, bias, scale, save_residual)
     d_t = weight.shape[0]
     r = torch.cat([(x.float() @ weight.float().T - y.float()).reshape(-1, d_t)
                    for x, y in zip(student, teacher)])

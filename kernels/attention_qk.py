@@ -1,0 +1,571 @@
+"""Triton kernels for TinyBERT's attention loss computed from Q and K, never forming the scores.
+
+Shapes: a "group" holds n mapped layers stacked, Q_s, K_s [n, B, H, L, d_s] (student) and
+Q_t, K_t [n, B, H, L, d_t] (teacher), any strides.  Per (layer, batch, head), with the 1/sqrt(d)
+of each model folded in (a_s = d_s^-1/2, a_t = d_t^-1/2) and the key-padding mask M = diag(m[b])
+(m = 1 for a token, 0 for padding; all ones when absent):
+
+    D    = a_s Q_s K_s^T M - a_t Q_t K_t^T M                  [L, L], the score difference
+    loss = scale * sum over (layer, b, h) of ||D||_F^2
+    dQ_s =  2 scale g a_s D M K_s      dK_s =  2 scale g a_s M D^T Q_s
+    dQ_t = -2 scale g a_t D M K_t      dK_t = -2 scale g a_t M D^T Q_t
+
+with g the incoming gradient, read on the device (no host synchronisation).  Zeroing the padded key
+rows of K_s and K_t on load is the whole of the masking; padded query rows are not masked.
+
+Two ways to get there:
+
+"gram"  O(L d^2) work and O(d^2) memory per head.  With X = [a_s Q_s | a_t Q_t] and
+        Y = [K_s | -K_t] (both [L, d_s + d_t]), D = X Y^T M, so
+            ||D||_F^2 = <G_Q, G_K>_F,   G_Q = X^T X,   G_K = Y^T M Y      ([d_s+d_t]^2 each)
+            dX = 2 scale g X G_K,       dY = 2 scale g M Y G_Q
+        (dQ_s = a_s dX[:, :d_s], dQ_t = a_t dX[:, d_s:], dK_s = dY[:, :d_s], dK_t = -dY[:, d_s:]).
+        Forward: one Gram kernel per side (Q, K) and group, each program reducing a chunk of
+        GRAM_ROWS_PER_PROGRAM rows of one head (fp32 accumulation; two operands of one 16-bit
+        dtype go through the tensor cores, whose products are exact in fp32), then one kernel that
+        sums the chunks and takes the inner product per head in fp64.  Backward: one kernel per
+        side and group, [BLOCK_L, d] x [d, d] products in fp32.
+        Numerics: the three traces of <G_Q, G_K> cancel when student ~ teacher, so the relative
+        error grows like eps_fp32 * ||S||^2 / ||D||^2 (measured figures in
+        tinybert_fast/ops/attention_qk.py).
+"tiled" O(L^2 d) work and O(L d) memory: flash-attention style, one program per (head, query
+        tile) looping over key tiles, D formed tile by tile in registers (two products with fp32
+        accumulation, then the difference), never written.  Backward recomputes the tiles: one
+        kernel for dQ (per query tile) and one for dK (per key tile), no atomics.  Its error is
+        that of the scores themselves, eps_fp32 * ||S|| / ||D||, like the score-based path.
+
+Launches: gram forward 2 per group + 1, backward 2 per group; tiled forward 1 per group + one
+partial-sum reduction, backward 2 per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import as_loadable_mask, dot_block, dot_in_fp32, next_power_of_2
+
+# Widest head dimension the kernels take: a [d, d] fp32 Gram block lives in one program's
+# registers (128 x 128 fp32 over 8 warps is 64 registers per thread).
+MAX_HEAD_DIM = 128
+# Rows of one head a Gram program reduces.  Splitting L keeps the grid large when B*H is small
+# (B*L fixed, long L); the partial Grams cost n*B*H*ceil(L/512)*(d_s+d_t)^2 fp32.
+GRAM_ROWS_PER_PROGRAM = 512
+GRAM_BLOCK_L = 64
+# Query/key tile of the tiled path (as flash-attention for d <= 64).
+TILE = 64
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+@triton.jit
+def _head_index(bh, B, H):
+    """(layer, batch, head) of a flattened head index over [n, B, H]."""
+    h = bh % H
+    q = bh // H
+    return q // B, q % B, h
+
+
+@triton.jit
+def _base(n, b, h, stride_n, stride_b, stride_h):
+    return n.to(tl.int64) * stride_n + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _keep(mask_ptr, b, rows, n_rows, mask_stride_b, mask_stride_l, HAS_MASK: tl.constexpr):
+    """rows < n_rows, and (key padding) m[b, row] != 0."""
+    ok = rows < n_rows
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b.to(tl.int64) * mask_stride_b + rows.to(tl.int64) * mask_stride_l,
+                    mask=ok, other=0)
+        ok = ok & (m != 0)
+    return ok
+
+
+@triton.jit
+def _load_rows(ptr, base, rows, row_ok, stride_l, stride_d, D, BLOCK_D: tl.constexpr):
+    """[BLOCK_ROWS, BLOCK_D] tile of a [L, D] matrix (one head); 0 outside row_ok and D."""
+    cols = tl.arange(0, BLOCK_D)
+    offs = base + rows.to(tl.int64)[:, None] * stride_l + cols.to(tl.int64)[None, :] * stride_d
+    return tl.load(ptr + offs, mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _mm(a, b, acc, FP32: tl.constexpr):
+    """acc + a @ b, accumulated in fp32.  FP32: both operands in full fp32 ("ieee": TF32 would
+    cost ~1e-3 relative per product, which the cancellation in this loss magnifies); otherwise
+    `a` is cast to `b`'s 16-bit dtype for the tensor cores."""
+    if FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(b.dtype), b, acc)
+    return acc
+
+
+@triton.jit
+def _store_rows(ptr, rows, row_ok, D, value, BLOCK_D: tl.constexpr):
+    """Rows of a contiguous [N*L, D] gradient (rows already offset by head * L, int64)."""
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(ptr + rows[:, None] * D + cols[None, :], value.to(ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (cols < D)[None, :])
+
+
+# --- gram path -----------------------------------------------------------------------------------
+
+@triton.jit
+def _gram_fwd_kernel(
+    # pointers: x1 (student) [n, B, H, L, D1], x2 (teacher) [n, B, H, L, D2], key mask [B, L],
+    # out: partial Grams [n*B*H, n_splits, D1+D2, D1+D2] fp32, contiguous
+    x1_ptr, x2_ptr, mask_ptr, out_ptr,
+    # sizes
+    B, H, L, D1, D2, rows_per_split,
+    # strides
+    x1_stride_n, x1_stride_b, x1_stride_h, x1_stride_l, x1_stride_d,
+    x2_stride_n, x2_stride_b, x2_stride_h, x2_stride_l, x2_stride_d,
+    mask_stride_b, mask_stride_l,
+    # scalars: the column scales of [u1 x1 | u2 x2]
+    u1, u2,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, FP32_11: tl.constexpr, FP32_12: tl.constexpr, FP32_22: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    n, b, h = _head_index(bh, B, H)
+    x1_base = _base(n, b, h, x1_stride_n, x1_stride_b, x1_stride_h)
+    x2_base = _base(n, b, h, x2_stride_n, x2_stride_b, x2_stride_h)
+    D = D1 + D2
+    out = out_ptr + (bh.to(tl.int64) * tl.num_programs(1) + split) * D * D
+    row0 = split * rows_per_split
+    row_end = tl.minimum(row0 + rows_per_split, L)
+    r = tl.arange(0, BLOCK_L)
+    c1 = tl.arange(0, BLOCK_D1)
+    c2 = tl.arange(0, BLOCK_D2)
+    # One block at a time (re-reading the rows, O(L d) traffic) keeps one accumulator live.
+    acc11 = tl.zeros((BLOCK_D1, BLOCK_D1), dtype=tl.float32)
+    for l0 in range(row0, row_end, BLOCK_L):
+        ok = _keep(mask_ptr, b, l0 + r, row_end, mask_stride_b, mask_stride_l, HAS_MASK)
+        x1 = _load_rows(x1_ptr, x1_base, l0 + r, ok, x1_stride_l, x1_stride_d, D1, BLOCK_D1)
+        acc11 = _mm(tl.trans(x1), x1, acc11, FP32_11)
+    tl.store(out + c1[:, None] * D + c1[None, :], acc11 * (u1 * u1),
+             mask=(c1 < D1)[:, None] & (c1 < D1)[None, :])
+    acc12 = tl.zeros((BLOCK_D1, BLOCK_D2), dtype=tl.float32)
+    for l0 in range(row0, row_end, BLOCK_L):
+        ok = _keep(mask_ptr, b, l0 + r, row_end, mask_stride_b, mask_stride_l, HAS_MASK)
+        x1 = _load_rows(x1_ptr, x1_base, l0 + r, ok, x1_stride_l, x1_stride_d, D1, BLOCK_D1)
+        x2 = _load_rows(x2_ptr, x2_base, l0 + r, ok, x2_stride_l, x2_stride_d, D2, BLOCK_D2)
+        acc12 = _mm(tl.trans(x1), x2, acc12, FP32_12)
+    acc12 = acc12 * (u1 * u2)
+    ok12 = (c1 < D1)[:, None] & (c2 < D2)[None, :]
+    tl.store(out + c1[:, None] * D + (D1 + c2)[None, :], acc12, mask=ok12)
+    tl.store(out + (D1 + c2)[None, :] * D + c1[:, None], acc12, mask=ok12)  # the symmetric block
+    acc22 = tl.zeros((BLOCK_D2, BLOCK_D2), dtype=tl.float32)
+    for l0 in range(row0, row_end, BLOCK_L):
+        ok = _keep(mask_ptr, b, l0 + r, row_end, mask_stride_b, mask_stride_l, HAS_MASK)
+        x2 = _load_rows(x2_ptr, x2_base, l0 + r, ok, x2_stride_l, x2_stride_d, D2, BLOCK_D2)
+        acc22 = _mm(tl.trans(x2), x2, acc22, FP32_22)
+    tl.store(out + (D1 + c2)[:, None] * D + (D1 + c2)[None, :], acc22 * (u2 * u2),
+             mask=(c2 < D2)[:, None] & (c2 < D2)[None, :])
+
+
+@triton.jit
+def _gram_combine_kernel(
+    # pointers: partial [2, N, n_splits, D, D] fp32 (Q side, K side), grams [2, N, D, D] fp32,
+    # per_head [N] fp64
+    partial_ptr, grams_ptr, per_head_ptr,
+    # sizes
+    N, n_splits, D,
+    # meta-parameters
+    WRITE_GRAMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    DD = D * D
+    q_part = partial_ptr + bh.to(tl.int64) * n_splits * DD
+    k_part = partial_ptr + (bh.to(tl.int64) + N) * n_splits * DD
+    cols = tl.arange(0, BLOCK_D)
+    # <G_Q, G_K> is a difference of nearly equal traces when student ~ teacher: fp64 here costs
+    # nothing (d^2 products per head) and leaves only the Grams' own rounding.
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float64)
+    for r0 in range(0, D, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = (rows < D)[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        gq = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        gk = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for s in range(0, n_splits):
+            gq += tl.load(q_part + s * DD + offs, mask=ok, other=0.0)
+            gk += tl.load(k_part + s * DD + offs, mask=ok, other=0.0)
+        if WRITE_GRAMS:
+            tl.store(grams_ptr + bh.to(tl.int64) * DD + offs, gq, mask=ok)
+            tl.store(grams_ptr + (bh.to(tl.int64) + N) * DD + offs, gk, mask=ok)
+        acc += gq.to(tl.float64) * gk.to(tl.float64)
+    tl.store(per_head_ptr + bh, tl.sum(acc))
+
+
+@triton.jit
+def _gram_bwd_kernel(
+    # pointers: x1, x2 as in the forward; g: the OTHER side's Grams [N, D1+D2, D1+D2] fp32;
+    # dx1 [N*L, D1], dx2 [N*L, D2] contiguous, input dtypes
+    x1_ptr, x2_ptr, mask_ptr, g_ptr, grad_out_ptr, dx1_ptr, dx2_ptr,
+    # sizes
+    B, H, L, D1, D2,
+    # strides
+    x1_stride_n, x1_stride_b, x1_stride_h, x1_stride_l, x1_stride_d,
+    x2_stride_n, x2_stride_b, x2_stride_h, x2_stride_l, x2_stride_d,
+    mask_stride_b, mask_stride_l,
+    # scalars
+    u1, u2, scale,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, NEED_1: tl.constexpr, NEED_2: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    n, b, h = _head_index(bh, B, H)
+    ok = _keep(mask_ptr, b, rows, L, mask_stride_b, mask_stride_l, HAS_MASK)
+    # padded key rows load as 0, so their gradient rows come out 0
+    x1 = _load_rows(x1_ptr, _base(n, b, h, x1_stride_n, x1_stride_b, x1_stride_h), rows, ok,
+                    x1_stride_l, x1_stride_d, D1, BLOCK_D1).to(tl.float32) * u1
+    x2 = _load_rows(x2_ptr, _base(n, b, h, x2_stride_n, x2_stride_b, x2_stride_h), rows, ok,
+                    x2_stride_l, x2_stride_d, D2, BLOCK_D2).to(tl.float32) * u2
+    D = D1 + D2
+    g = g_ptr + bh.to(tl.int64) * D * D
+    c1 = tl.arange(0, BLOCK_D1)
+    c2 = tl.arange(0, BLOCK_D2)
+    coef = 2.0 * scale * tl.load(grad_out_ptr).to(tl.float32)
+    out_rows = bh.to(tl.int64) * L + rows
+    in_range = rows < L
+    # X G in fp32: the two products nearly cancel when student ~ teacher, so no 16-bit rounding
+    # of G or X before the sum.
+    if NEED_1:
+        g11 = tl.load(g + c1[:, None] * D + c1[None, :],
+                      mask=(c1 < D1)[:, None] & (c1 < D1)[None, :], other=0.0)
+        g21 = tl.load(g + (D1 + c2)[:, None] * D + c1[None, :],
+                      mask=(c2 < D2)[:, None] & (c1 < D1)[None, :], other=0.0)
+        acc = tl.dot(x1, g11, input_precision="ieee")
+        acc = tl.dot(x2, g21, acc, input_precision="ieee")
+        _store_rows(dx1_ptr, out_rows, in_range, D1, acc * (coef * u1), BLOCK_D1)
+    if NEED_2:
+        g12 = tl.load(g + c1[:, None] * D + (D1 + c2)[None, :],
+                      mask=(c1 < D1)[:, None] & (c2 < D2)[None, :], other=0.0)
+        g22 = tl.load(g + (D1 + c2)[:, None] * D + (D1 + c2)[None, :],
+                      mask=(c2 < D2)[:, None] & (c2 < D2)[None, :], other=0.0)
+        acc = tl.dot(x1, g12, input_precision="ieee")
+        acc = tl.dot(x2, g22, acc, input_precision="ieee")
+        _store_rows(dx2_ptr, out_rows, in_range, D2, acc * (coef * u2), BLOCK_D2)
+
+
+# --- tiled path ----------------------------------------------------------------------------------
+
+@triton.jit
+def _score_diff(qs, ks, qt, kt, a_s, a_t, FP32_S: tl.constexpr, FP32_T: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """a_s qs ks^T - a_t qt kt^T for one [BLOCK_M, BLOCK_N] tile, fp32."""
+    zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return (_mm(qs, tl.trans(ks), zero, FP32_S) * a_s
+            - _mm(qt, tl.trans(kt), zero, FP32_T) * a_t)
+
+
+@triton.jit
+def _tiled_fwd_kernel(
+    # pointers: qs, ks [n, B, H, L, DS]; qt, kt [n, B, H, L, DT]; mask [B, L]; partial fp32
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr, partial_ptr,
+    # sizes
+    B, H, L, DS, DT,
+    # strides
+    qs_stride_n, qs_stride_b, qs_stride_h, qs_stride_l, qs_stride_d,
+    ks_stride_n, ks_stride_b, ks_stride_h, ks_stride_l, ks_stride_d,
+    qt_stride_n, qt_stride_b, qt_stride_h, qt_stride_l, qt_stride_d,
+    kt_stride_n, kt_stride_b, kt_stride_h, kt_stride_l, kt_stride_d,
+    mask_stride_b, mask_stride_l,
+    # scalars
+    a_s, a_t,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, FP32_S: tl.constexpr, FP32_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n, b, h = _head_index(bh, B, H)
+    ks_base = _base(n, b, h, ks_stride_n, ks_stride_b, ks_stride_h)
+    kt_base = _base(n, b, h, kt_stride_n, kt_stride_b, kt_stride_h)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < L
+    qs = _load_rows(qs_ptr, _base(n, b, h, qs_stride_n, qs_stride_b, qs_stride_h), rows, row_ok,
+                    qs_stride_l, qs_stride_d, DS, BLOCK_DS)
+    qt = _load_rows(qt_ptr, _base(n, b, h, qt_stride_n, qt_stride_b, qt_stride_h), rows, row_ok,
+                    qt_stride_l, qt_stride_d, DT, BLOCK_DT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = _keep(mask_ptr, b, keys, L, mask_stride_b, mask_stride_l, HAS_MASK)
+        ks = _load_rows(ks_ptr, ks_base, keys, key_ok, ks_stride_l, ks_stride_d, DS, BLOCK_DS)
+        kt = _load_rows(kt_ptr, kt_base, keys, key_ok, kt_stride_l, kt_stride_d, DT, BLOCK_DT)
+        d = _score_diff(qs, ks, qt, kt, a_s, a_t, FP32_S, FP32_T, BLOCK_M, BLOCK_N)
+        acc += d * d
+    tl.store(partial_ptr + bh * tl.num_programs(1) + pid_m, tl.sum(acc))
+
+
+@triton.jit
+def _tiled_bwd_dq_kernel(
+    # pointers: as the forward, plus grad_out (0-dim), dqs [N*L, DS], dqt [N*L, DT] contiguous
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr, grad_out_ptr, dqs_ptr, dqt_ptr,
+    # sizes
+    B, H, L, DS, DT,
+    # strides
+    qs_stride_n, qs_stride_b, qs_stride_h, qs_stride_l, qs_stride_d,
+    ks_stride_n, ks_stride_b, ks_stride_h, ks_stride_l, ks_stride_d,
+    qt_stride_n, qt_stride_b, qt_stride_h, qt_stride_l, qt_stride_d,
+    kt_stride_n, kt_stride_b, kt_stride_h, kt_stride_l, kt_stride_d,
+    mask_stride_b, mask_stride_l,
+    # scalars
+    a_s, a_t, scale,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, FP32_S: tl.constexpr, FP32_T: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    n, b, h = _head_index(bh, B, H)
+    ks_base = _base(n, b, h, ks_stride_n, ks_stride_b, ks_stride_h)
+    kt_base = _base(n, b, h, kt_stride_n, kt_stride_b, kt_stride_h)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < L
+    qs = _load_rows(qs_ptr, _base(n, b, h, qs_stride_n, qs_stride_b, qs_stride_h), rows, row_ok,
+                    qs_stride_l, qs_stride_d, DS, BLOCK_DS)
+    qt = _load_rows(qt_ptr, _base(n, b, h, qt_stride_n, qt_stride_b, qt_stride_h), rows, row_ok,
+                    qt_stride_l, qt_stride_d, DT, BLOCK_DT)
+    acc_s = tl.zeros((BLOCK_M, BLOCK_DS), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_M, BLOCK_DT), dtype=tl.float32)
+    for n0 in range(0, L, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = _keep(mask_ptr, b, keys, L, mask_stride_b, mask_stride_l, HAS_MASK)
+        ks = _load_rows(ks_ptr, ks_base, keys, key_ok, ks_stride_l, ks_stride_d, DS, BLOCK_DS)
+        kt = _load_rows(kt_ptr, kt_base, keys, key_ok, kt_stride_l, kt_stride_d, DT, BLOCK_DT)
+        d = _score_diff(qs, ks, qt, kt, a_s, a_t, FP32_S, FP32_T, BLOCK_M, BLOCK_N)
+        if NEED_S:
+            acc_s = _mm(d, ks, acc_s, FP32_S)
+        if NEED_T:
+            acc_t = _mm(d, kt, acc_t, FP32_T)
+    coef = 2.0 * scale * tl.load(grad_out_ptr).to(tl.float32)
+    out_rows = bh.to(tl.int64) * L + rows
+    if NEED_S:
+        _store_rows(dqs_ptr, out_rows, row_ok, DS, acc_s * (coef * a_s), BLOCK_DS)
+    if NEED_T:
+        _store_rows(dqt_ptr, out_rows, row_ok, DT, acc_t * (-coef * a_t), BLOCK_DT)
+
+
+@triton.jit
+def _tiled_bwd_dk_kernel(
+    # pointers: as the forward, plus grad_out (0-dim), dks [N*L, DS], dkt [N*L, DT] contiguous
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr, grad_out_ptr, dks_ptr, dkt_ptr,
+    # sizes
+    B, H, L, DS, DT,
+    # strides
+    qs_stride_n, qs_stride_b, qs_stride_h, qs_stride_l, qs_stride_d,
+    ks_stride_n, ks_stride_b, ks_stride_h, ks_stride_l, ks_stride_d,
+    qt_stride_n, qt_stride_b, qt_stride_h, qt_stride_l, qt_stride_d,
+    kt_stride_n, kt_stride_b, kt_stride_h, kt_stride_l, kt_stride_d,
+    mask_stride_b, mask_stride_l,
+    # scalars
+    a_s, a_t, scale,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, FP32_S: tl.constexpr, FP32_T: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    n, b, h = _head_index(bh, B, H)
+    qs_base = _base(n, b, h, qs_stride_n, qs_stride_b, qs_stride_h)
+    qt_base = _base(n, b, h, qt_stride_n, qt_stride_b, qt_stride_h)
+    keys = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = _keep(mask_ptr, b, keys, L, mask_stride_b, mask_stride_l, HAS_MASK)
+    # padded keys load as 0, so D^T's rows and the gradient rows for them come out 0
+    ks = _load_rows(ks_ptr, _base(n, b, h, ks_stride_n, ks_stride_b, ks_stride_h), keys, key_ok,
+                    ks_stride_l, ks_stride_d, DS, BLOCK_DS)
+    kt = _load_rows(kt_ptr, _base(n, b, h, kt_stride_n, kt_stride_b, kt_stride_h), keys, key_ok,
+                    kt_stride_l, kt_stride_d, DT, BLOCK_DT)
+    acc_s = tl.zeros((BLOCK_N, BLOCK_DS), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_DT), dtype=tl.float32)
+    for m0 in range(0, L, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < L
+        qs = _load_rows(qs_ptr, qs_base, rows, row_ok, qs_stride_l, qs_stride_d, DS, BLOCK_DS)
+        qt = _load_rows(qt_ptr, qt_base, rows, row_ok, qt_stride_l, qt_stride_d, DT, BLOCK_DT)
+        d_t = _score_diff(ks, qs, kt, qt, a_s, a_t, FP32_S, FP32_T, BLOCK_N, BLOCK_M)  # D^T
+        if NEED_S:
+            acc_s = _mm(d_t, qs, acc_s, FP32_S)
+        if NEED_T:
+            acc_t = _mm(d_t, qt, acc_t, FP32_T)
+    coef = 2.0 * scale * tl.load(grad_out_ptr).to(tl.float32)
+    out_rows = bh.to(tl.int64) * L + keys
+    if NEED_S:
+        _store_rows(dks_ptr, out_rows, keys < L, DS, acc_s * (coef * a_s), BLOCK_DS)
+    if NEED_T:
+        _store_rows(dkt_ptr, out_rows, keys < L, DT, acc_t * (-coef * a_t), BLOCK_DT)
+
+
+# --- launchers -----------------------------------------------------------------------------------
+
+def _dims(q_s: list[torch.Tensor], q_t: list[torch.Tensor]):
+    """(B, H, L, d_s, d_t, heads per group) of groups [n, B, H, L, d]."""
+    _, B, H, L, d_s = q_s[0].shape
+    d_t = q_t[0].shape[-1]
+    return B, H, L, d_s, d_t, [x.shape[0] * B * H for x in q_s]
+
+
+def _mask_args(mask: torch.Tensor | None, ref: torch.Tensor):
+    if mask is None:
+        return ref, 0, 0, False  # never read: HAS_MASK=False
+    mask = as_loadable_mask(mask)
+    return mask, mask.stride(0), mask.stride(1), True
+
+
+def _warps(*blocks: int) -> int:
+    return 8 if max(blocks) > 64 else 4
+
+
+def gram_workspace_shape(N: int, L: int, d_s: int, d_t: int) -> tuple[int, ...]:
+    """Shape of the forward's partial-Gram buffer (fp32): [2, N, n_splits, D, D]."""
+    D = d_s + d_t
+    return (2, N, triton.cdiv(L, GRAM_ROWS_PER_PROGRAM), D, D)
+
+
+def gram_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (fp32 scalar) and the Grams [2, N, D, D] fp32 (G_Q then G_K per head, N heads over all
+    groups, D = d_s + d_t) kept for backward; see the module docstring."""
+    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
+    N, D = sum(heads), d_s + d_t
+    device = q_s[0].device
+    block_l = dot_block(L, GRAM_BLOCK_L)
+    bd1, bd2 = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
+    partial = torch.empty(gram_workspace_shape(N, L, d_s, d_t), dtype=torch.float32, device=device)
+    n_splits = partial.shape[2]
+    mask_t, msb, msl, has_mask = _mask_args(mask, partial)
+    a_s, a_t = d_s ** -0.5, d_t ** -0.5
+    sides = ((q_s, q_t, a_s, a_t, False), (k_s, k_t, 1.0, -1.0, has_mask))
+    for side, (x1s, x2s, u1, u2, side_mask) in enumerate(sides):
+        start = 0
+        for x1, x2, n_heads in zip(x1s, x2s, heads):
+            _gram_fwd_kernel[(n_heads, n_splits)](
+                x1, x2, mask_t, partial[side, start:],
+                B, H, L, d_s, d_t, GRAM_ROWS_PER_PROGRAM,
+                *x1.stride(), *x2.stride(), msb, msl,
+                u1, u2,
+                HAS_MASK=side_mask, FP32_11=dot_in_fp32(x1.dtype, x1.dtype, device),
+                FP32_12=dot_in_fp32(x1.dtype, x2.dtype, device),
+                FP32_22=dot_in_fp32(x2.dtype, x2.dtype, device),
+                BLOCK_L=block_l, BLOCK_D1=bd1, BLOCK_D2=bd2, num_warps=_warps(bd1, bd2),
+            )
+            start += n_heads
+    # one chunk per head: the partial buffer already holds the Grams
+    write = n_splits > 1
+    grams = (torch.empty((2, N, D, D), dtype=torch.float32, device=device) if write
+             else partial.view(2, N, D, D))
+    per_head = torch.empty(N, dtype=torch.float64, device=device)
+    block_d = next_power_of_2(D)
+    _gram_combine_kernel[(N,)](
+        partial, grams, per_head, N, n_splits, D,
+        WRITE_GRAMS=write, BLOCK_R=max(1, 2048 // block_d), BLOCK_D=block_d, num_warps=4,
+    )
+    return (per_head.sum() * scale).to(torch.float32), grams
+
+
+def gram_backward(grad_out, grams, q_s, k_s, q_t, k_t, mask, scale: float, need: tuple):
+    """Gradients (contiguous, input dtypes) [dq_s, dk_s, dq_t, dk_t], each a list over groups
+    (empty where not needed).  need: (q_s, k_s, q_t, k_t) flags."""
+    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
+    block_l = dot_block(L, GRAM_BLOCK_L)
+    bd1, bd2 = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
+    mask_t, msb, msl, has_mask = _mask_args(mask, grad_out)
+    a_s, a_t = d_s ** -0.5, d_t ** -0.5
+    need_qs, need_ks, need_qt, need_kt = need
+    out = [[], [], [], []]
+    # Q side: dX = 2 c g X G_K; K side: dY = 2 c g M Y G_Q
+    sides = ((q_s, q_t, a_s, a_t, False, grams[1], need_qs, need_qt, 0),
+             (k_s, k_t, 1.0, -1.0, has_mask, grams[0], need_ks, need_kt, 1))
+    for x1s, x2s, u1, u2, side_mask, g, need1, need2, slot in sides:
+        if not (need1 or need2):
+            continue
+        start = 0
+        for x1, x2, n_heads in zip(x1s, x2s, heads):
+            dx1 = torch.empty(x1.shape, dtype=x1.dtype, device=x1.device) if need1 else grad_out
+            dx2 = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device) if need2 else grad_out
+            _gram_bwd_kernel[(n_heads, triton.cdiv(L, block_l))](
+                x1, x2, mask_t, g[start:], grad_out, dx1, dx2,
+                B, H, L, d_s, d_t,
+                *x1.stride(), *x2.stride(), msb, msl,
+                u1, u2, scale,
+                HAS_MASK=side_mask, NEED_1=need1, NEED_2=need2,
+                BLOCK_L=block_l, BLOCK_D1=bd1, BLOCK_D2=bd2, num_warps=_warps(bd1, bd2),
+            )
+            start += n_heads
+            if need1:
+                out[slot].append(dx1)
+            if need2:
+                out[slot + 2].append(dx2)
+    return out
+
+
+def _tiled_meta(q_s, k_s, q_t, k_t, L, d_s, d_t) -> dict:
+    block = dot_block(L, TILE)
+    bds, bdt = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
+    device = q_s[0].device
+    return dict(FP32_S=dot_in_fp32(q_s[0].dtype, k_s[0].dtype, device),
+                FP32_T=dot_in_fp32(q_t[0].dtype, k_t[0].dtype, device),
+                BLOCK_M=block, BLOCK_N=block, BLOCK_DS=bds, BLOCK_DT=bdt,
+                num_warps=_warps(bds, bdt))
+
+
+def tiled_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> torch.Tensor:
+    """Loss (fp32 scalar); see the module docstring."""
+    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
+    meta = _tiled_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    n_m = triton.cdiv(L, meta["BLOCK_M"])
+    partials = torch.empty(sum(heads) * n_m, dtype=torch.float32, device=q_s[0].device)
+    mask_t, msb, msl, has_mask = _mask_args(mask, partials)
+    start = 0
+    for qs, ks, qt, kt, n_heads in zip(q_s, k_s, q_t, k_t, heads):
+        _tiled_fwd_kernel[(n_heads, n_m)](
+            qs, ks, qt, kt, mask_t, partials[start * n_m:],
+            B, H, L, d_s, d_t,
+            *qs.stride(), *ks.stride(), *qt.stride(), *kt.stride(), msb, msl,
+            d_s ** -0.5, d_t ** -0.5,
+            HAS_MASK=has_mask, **meta,
+        )
+        start += n_heads
+    return partials.sum() * scale
+
+
+def tiled_backward(grad_out, q_s, k_s, q_t, k_t, mask, scale: float, need: tuple):
+    """As gram_backward, recomputing the score-difference tiles."""
+    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
+    meta = _tiled_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    n_tiles = triton.cdiv(L, meta["BLOCK_M"])
+    mask_t, msb, msl, has_mask = _mask_args(mask, grad_out)
+    need_qs, need_ks, need_qt, need_kt = need
+    out = [[], [], [], []]
+    kernels = ((_tiled_bwd_dq_kernel, need_qs, need_qt, 0),
+               (_tiled_bwd_dk_kernel, need_ks, need_kt, 1))
+    for kernel, need_s, need_t, slot in kernels:
+        if not (need_s or need_t):
+            continue
+        for qs, ks, qt, kt, n_heads in zip(q_s, k_s, q_t, k_t, heads):
+            like_s, like_t = (qs, qt) if slot == 0 else (ks, kt)
+            ds = torch.empty(like_s.shape, dtype=like_s.dtype, device=like_s.device) \
+                if need_s else grad_out
+            dt = torch.empty(like_t.shape, dtype=like_t.dtype, device=like_t.device) \
+                if need_t else grad_out
+            kernel[(n_heads, n_tiles)](
+                qs, ks, qt, kt, mask_t, grad_out, ds, dt,
+                B, H, L, d_s, d_t,
+                *qs.stride(), *ks.stride(), *qt.stride(), *kt.stride(), msb, msl,
+                d_s ** -0.5, d_t ** -0.5, scale,
+                HAS_MASK=has_mask, NEED_S=need_s, NEED_T=need_t, **meta,
+            )
+            if need_s:
+                out[slot].append(ds)
+            if need_t:
+                out[slot + 2].append(dt)
+    return out
