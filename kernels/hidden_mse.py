@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision
+from ._utils import dot_in_fp32, dot_precision
 
 
 @triton.jit
@@ -38,7 +38,8 @@ def _hidden_mse_fwd_kernel(
     # scalars
     scale,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, SAVE_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SAVE_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -61,6 +62,9 @@ def _hidden_mse_fwd_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * w_stride_n + (k0 + ks)[:, None] * w_stride_k,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols * b_stride, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -97,13 +101,9 @@ def hidden_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
     N, K = weight.shape
     device = student[0].device
     residual_dtype = student[0].dtype
-    if device.type == "cpu" and student[0].dtype == torch.bfloat16:
-        # Triton's interpreter has no bf16 matrix product (numpy lacks bf16); the products run in
-        # fp32 there.  On GPUs bf16 operands feed the tensor cores directly.
-        student = [x.float() for x in student]
-        weight = weight.float()
+    dot_fp32 = dot_in_fp32(residual_dtype, weight.dtype, device)
     rows_per_group = [s.shape[0] * M for s in student]
-    cfg = gemm_config(sum(rows_per_group), N, K, student[0].dtype)
+    cfg = gemm_config(sum(rows_per_group), N, K, torch.float32 if dot_fp32 else residual_dtype)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = [triton.cdiv(r, bm) for r in rows_per_group]
     num_n = triton.cdiv(N, bn)
@@ -114,7 +114,7 @@ def hidden_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
     else:
         residual = torch.empty((0, N), dtype=residual_dtype, device=device)
         colsum = torch.empty((0, N), dtype=torch.float32, device=device)
-    precision = dot_precision(student[0].dtype)
+    precision = dot_precision(torch.float32 if dot_fp32 else residual_dtype)
     row0 = mblk0 = 0
     for x, y, rows, mb in zip(student, teacher, rows_per_group, m_blocks):
         _hidden_mse_fwd_kernel[(mb * num_n,)](
@@ -125,7 +125,8 @@ def hidden_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
             rows, M, N, K,
             *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *y.stride(),
             scale,
-            HAS_BIAS=bias is not None, SAVE_RESIDUAL=save_residual, INPUT_PRECISION=precision,
+            HAS_BIAS=bias is not None, SAVE_RESIDUAL=save_residual, DOT_FP32=dot_fp32,
+            INPUT_PRECISION=precision,
             **cfg,
         )
         row0 += rows

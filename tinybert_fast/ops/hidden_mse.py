@@ -104,6 +104,7 @@ def _setup_context(ctx, inputs, output):
     ctx.group_sizes = [(t.shape[0], t.shape[1]) for t in teacher]
     ctx.scale = scale
     ctx.saved_residual = save_residual
+    ctx.set_materialize_grads(False)  # residual/colsum get no gradient: don't allocate zeros
     ctx.teacher_dtype = teacher[0].dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(residual, colsum, weight, *student)
@@ -115,6 +116,8 @@ def _backward(ctx, grad, _grad_residual, _grad_colsum):
                            "kept nothing for backward; call it with save_residual=True (the public "
                            "tinybert_fast.hidden_mse decides this from requires_grad)")
     residual, colsum, weight, *student = ctx.saved_tensors
+    if grad is None:
+        return [None] * ctx.n_groups, [None] * ctx.n_groups, None, None, None, None
     need_x, need_y, need_w, need_b = (any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1]),
                                       ctx.needs_input_grad[2], ctx.needs_input_grad[3])
     s = grad.float() * (2.0 * ctx.scale)  # 0-dim on the device: no host synchronisation
