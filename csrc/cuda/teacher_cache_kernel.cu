@@ -1,0 +1,212 @@
+// Teacher-activation cache, GPU path: unpack records that were staged on the device (copied from
+// a pinned buffer by cudaMemcpyAsync on a side stream) into padded outputs, dequantizing 8-bit
+// storage, with every padded entry 0.  Registered as the CUDA kernel of
+// tinybert_fast_cache::unpack (schema and CPU kernel in ../teacher_cache.cpp).
+//
+// One warp per output row (an attention row of P scores, a hidden row of d values, a logits row
+// of C values): the lanes read a contiguous stored row and write a contiguous output row, so
+// loads and stores coalesce; the row -> (example, section) decomposition is done once per row.
+// Checksums are verified on the host while gathering (gather), before the copy.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../teacher_cache.h"
+
+namespace tbf_cache {
+namespace {
+
+enum Kind { kAttentionRows = 0, kHiddenRows = 1, kLogitRows = 2 };
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename O, bool kQ8, int kKind>
+__global__ void unpack_rows_kernel(const uint8_t* __restrict__ records,
+                                   const int64_t* __restrict__ offsets,
+                                   const int64_t* __restrict__ lengths, Layout l, int64_t B,
+                                   int64_t P, int64_t rows, O* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < rows;
+       row += stride) {
+    int64_t b, width, n, elem0, srow, section;
+    if (kKind == kAttentionRows) {  // out [n_att, B, H, P, P]: row = ((a*B + b)*H + h)*P + i
+      const int64_t H = l.num_heads;
+      const int64_t i = row % P;
+      int64_t r = row / P;
+      const int64_t h = r % H;
+      r /= H;
+      b = r % B;
+      const int64_t a = r / B;
+      const int64_t L = lengths[b];
+      width = P;
+      n = i < L ? L : 0;
+      elem0 = ((a * H + h) * L + i) * L;
+      srow = attention_row0(l, L) + (a * H + h) * L + i;
+      section = sections(l, L).attention;
+    } else if (kKind == kHiddenRows) {  // out [n_hid, B, P, d]: row = (s*B + b)*P + t
+      const int64_t t = row % P;
+      const int64_t r = row / P;
+      b = r % B;
+      const int64_t s = r / B;
+      const int64_t L = lengths[b];
+      width = l.hidden_size;
+      n = t < L ? width : 0;
+      elem0 = (s * L + t) * width;
+      srow = hidden_row0(l) + s * L + t;
+      section = sections(l, L).hidden;
+    } else {  // out [B, C]: row = b
+      b = row;
+      width = l.num_logits;
+      n = width;
+      elem0 = 0;
+      srow = 0;
+      section = sections(l, lengths[b]).logits;
+    }
+    const uint8_t* rec = records + offsets[b];
+    O* dst = out + row * width;
+    if (kQ8) {
+      const float scale = n > 0 ? reinterpret_cast<const float*>(rec)[srow] : 0.0f;
+      const int8_t* q = reinterpret_cast<const int8_t*>(rec + section) + elem0;
+      for (int64_t j = lane; j < width; j += 32)
+        dst[j] = j < n ? static_cast<O>(static_cast<float>(q[j]) * scale) : static_cast<O>(0.0f);
+    } else {
+      const O* src = reinterpret_cast<const O*>(rec + section) + elem0;
+      for (int64_t j = lane; j < width; j += 32) dst[j] = j < n ? src[j] : static_cast<O>(0.0f);
+    }
+  }
+}
+
+__global__ void mask_kernel(const int64_t* __restrict__ lengths, int64_t total, int64_t P,
+                            int64_t* __restrict__ mask) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    mask[k] = (k % P) < lengths[k / P] ? 1 : 0;
+}
+
+int blocks_for(int64_t work, int64_t per_block) {
+  const int64_t want = (work + per_block - 1) / per_block;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(want, 1), 1 << 20));
+}
+
+template <typename O, bool kQ8, int kKind>
+void launch_rows(const at::Tensor& records, const at::Tensor& offsets, const at::Tensor& lengths,
+                 const Layout& l, int64_t B, int64_t P, at::Tensor& out, int64_t rows,
+                 cudaStream_t stream) {
+  if (rows == 0 || out.numel() == 0) return;
+  unpack_rows_kernel<O, kQ8, kKind><<<blocks_for(rows, kWarps), kThreads, 0, stream>>>(
+      records.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), lengths.data_ptr<int64_t>(), l,
+      B, P, rows, out.data_ptr<O>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename O, bool kQ8>
+void launch_all(const at::Tensor& records, const at::Tensor& offsets, const at::Tensor& lengths,
+                const Layout& l, int64_t B, int64_t P, at::Tensor& att, at::Tensor& hid,
+                at::Tensor& logit, cudaStream_t stream) {
+  launch_rows<O, kQ8, kAttentionRows>(records, offsets, lengths, l, B, P, att,
+                                      l.num_attention * B * l.num_heads * P, stream);
+  launch_rows<O, kQ8, kHiddenRows>(records, offsets, lengths, l, B, P, hid, l.num_hidden * B * P,
+                                   stream);
+  launch_rows<O, kQ8, kLogitRows>(records, offsets, lengths, l, B, P, logit,
+                                  l.num_logits > 0 ? B : 0, stream);
+}
+
+c10::ScalarType storage_scalar_type(int64_t storage) {
+  switch (storage) {
+    case kFloat32: return at::kFloat;
+    case kBFloat16: return at::kBFloat16;
+    case kFloat16: return at::kHalf;
+    default: return at::kChar;
+  }
+}
+
+void check_cuda_index(const at::Tensor& t, const char* name, int64_t B, const at::Device& dev) {
+  TORCH_CHECK_VALUE(t.device() == dev, name, ": expected a tensor on ", dev, " (where sources[0] "
+                    "is), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, ": expected int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B && t.is_contiguous(), name,
+                    ": expected a contiguous tensor of shape [", B, "], got ", t.sizes());
+}
+
+// CUDA kernel of tinybert_fast_cache::unpack.  sources: exactly one uint8 CUDA tensor holding
+// the staged records (source_index is not read: every record is in sources[0]); offsets and
+// lengths: int64 [B] on the same device, each offset a multiple of 16; crcs must be None (the
+// host verified the records in gather).  The lengths are not range-checked on the device: the
+// host that staged them did.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unpack_cuda(
+    at::TensorList sources, const at::Tensor& source_index, const at::Tensor& offsets,
+    const at::Tensor& lengths, const c10::optional<at::Tensor>& crcs, c10::IntArrayRef layout,
+    int64_t pad_to, c10::ScalarType out_dtype, int64_t num_threads) {
+  (void)num_threads;
+  TORCH_CHECK_VALUE(layout.size() == 6, "layout: expected 6 integers, got ", layout.size());
+  const Layout l{layout[0], layout[1], layout[2], layout[3], layout[4], layout[5]};
+  TORCH_CHECK_VALUE(l.num_logits >= 0 && l.num_hidden >= 0 && l.num_attention >= 0 &&
+                        l.storage >= kFloat32 && l.storage <= kInt8,
+                    "layout: invalid ", layout);
+  TORCH_CHECK_VALUE(sources.size() == 1, "sources: the CUDA kernel takes the staged records as "
+                    "one tensor, got ", sources.size());
+  const at::Tensor& records = sources[0];
+  TORCH_CHECK_VALUE(records.is_cuda() && records.scalar_type() == at::kByte &&
+                        records.dim() == 1 && records.is_contiguous(),
+                    "sources[0]: expected a contiguous 1-D uint8 CUDA tensor, got ",
+                    records.scalar_type(), " ", records.sizes(), " on ", records.device());
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(records.data_ptr()) % kAlign == 0,
+                    "sources[0]: expected a 16-byte aligned buffer");
+  TORCH_CHECK_VALUE(!crcs.has_value(), "crcs: the CUDA kernel does not verify checksums (gather "
+                    "verifies them on the host); pass None");
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+                   "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
+  TORCH_CHECK_TYPE(l.storage == kInt8 || out_dtype == storage_scalar_type(l.storage),
+                   "out_dtype: records stored as ", storage_scalar_type(l.storage),
+                   " unpack to that dtype, got ", out_dtype);
+  TORCH_CHECK_VALUE(pad_to >= 1, "pad_to: expected >= 1, got ", pad_to);
+  const int64_t B = lengths.numel();
+  check_cuda_index(offsets, "offsets", B, records.device());
+  check_cuda_index(lengths, "lengths", B, records.device());
+  (void)source_index;
+
+  const c10::cuda::CUDAGuard guard(records.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto opts = lengths.options().dtype(out_dtype);
+  const int64_t P = pad_to;
+  auto att = at::empty({l.num_attention, B, l.num_attention ? l.num_heads : 0, P, P}, opts);
+  auto hid = at::empty({l.num_hidden, B, P, l.num_hidden ? l.hidden_size : 0}, opts);
+  auto logit = at::empty({B, l.num_logits}, opts);
+  auto mask = at::empty({B, P}, lengths.options());
+  auto bad = at::empty({0}, lengths.options().dtype(at::kBool));
+  const bool q8 = l.storage == kInt8;
+  switch (out_dtype) {
+    case at::kFloat:
+      if (q8) launch_all<float, true>(records, offsets, lengths, l, B, P, att, hid, logit, stream);
+      else launch_all<float, false>(records, offsets, lengths, l, B, P, att, hid, logit, stream);
+      break;
+    case at::kBFloat16:
+      if (q8) launch_all<c10::BFloat16, true>(records, offsets, lengths, l, B, P, att, hid, logit,
+                                              stream);
+      else launch_all<c10::BFloat16, false>(records, offsets, lengths, l, B, P, att, hid, logit,
+                                            stream);
+      break;
+    default:
+      if (q8) launch_all<c10::Half, true>(records, offsets, lengths, l, B, P, att, hid, logit,
+                                          stream);
+      else launch_all<c10::Half, false>(records, offsets, lengths, l, B, P, att, hid, logit,
+                                        stream);
+  }
+  if (B * P > 0) {
+    mask_kernel<<<blocks_for(B * P, kThreads), kThreads, 0, stream>>>(
+        lengths.data_ptr<int64_t>(), B * P, P, mask.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {att, hid, logit, mask, bad};
+}
+
+}  // namespace
+}  // namespace tbf_cache
+
+TORCH_LIBRARY_IMPL(tinybert_fast_cache, CUDA, m) {
+  m.impl("unpack", &tbf_cache::unpack_cuda);
+}
