@@ -5,6 +5,7 @@ Shapes: each "group" is a pair of score tensors S (student) and T (teacher) of s
 t), and key-padding mask m[b, j] (1 = token; all ones when absent):
 
     loss = scale * sum over (layer, b, h, i, j) of m[b, j] * (s' - t')^2
+           (times m[b, i] too with mask_queries: padded query rows excluded as well)
     dS   = 2 * scale * g * m * (s' - t') * [s > -100]
     dT   = -2 * scale * g * m * (s' - t') * [t > -100]
 
@@ -28,7 +29,8 @@ _THRESHOLD = tl.constexpr(MASK_THRESHOLD)  # kernels read globals only as conste
 
 @triton.jit
 def _row_offsets(rows, L, H, B, stride_n, stride_b, stride_h, stride_i):
-    """int64 element offsets of rows (flattened layer, batch, head, query) and their batch index."""
+    """int64 element offsets of rows (flattened layer, batch, head, query), their batch index and
+    query index."""
     i = rows % L
     q = rows // L
     h = q % H
@@ -37,7 +39,18 @@ def _row_offsets(rows, L, H, B, stride_n, stride_b, stride_h, stride_i):
     n = q // B
     off = (n.to(tl.int64) * stride_n + b.to(tl.int64) * stride_b
            + h.to(tl.int64) * stride_h + i.to(tl.int64) * stride_i)
-    return off, b
+    return off, b, i
+
+
+@triton.jit
+def _apply_mask(d, mask_ptr, b, i, cols, ok, mask_stride_b, mask_stride_j,
+                MASK_QUERIES: tl.constexpr):
+    """Zero d at padded key columns m[b, j] == 0 (and padded query rows m[b, i] == 0)."""
+    row = mask_ptr + b[:, None].to(tl.int64) * mask_stride_b
+    keep = tl.load(row + cols[None, :] * mask_stride_j, mask=ok, other=0) != 0
+    if MASK_QUERIES:
+        keep = keep & (tl.load(row + i[:, None] * mask_stride_j, mask=ok, other=0) != 0)
+    return tl.where(keep, d, 0.0)
 
 
 @triton.jit
@@ -53,13 +66,14 @@ def _attention_mse_fwd_kernel(
     # scalars
     scale,
     # meta-parameters
-    HAS_MASK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < n_rows
-    s_row, b = _row_offsets(rows, L, H, B, s_stride_n, s_stride_b, s_stride_h, s_stride_i)
-    t_row, _ = _row_offsets(rows, L, H, B, t_stride_n, t_stride_b, t_stride_h, t_stride_i)
+    s_row, b, i = _row_offsets(rows, L, H, B, s_stride_n, s_stride_b, s_stride_h, s_stride_i)
+    t_row, _, _ = _row_offsets(rows, L, H, B, t_stride_n, t_stride_b, t_stride_h, t_stride_i)
     acc = tl.zeros((BLOCK_ROWS, BLOCK_L), dtype=tl.float32)
     for c0 in range(0, L, BLOCK_L):
         cols = c0 + tl.arange(0, BLOCK_L)
@@ -72,9 +86,8 @@ def _attention_mse_fwd_kernel(
         t = tl.where(t <= _THRESHOLD, 0.0, t)
         d = s - t
         if HAS_MASK:
-            keep = tl.load(mask_ptr + b[:, None].to(tl.int64) * mask_stride_b
-                           + cols[None, :] * mask_stride_j, mask=ok, other=0)
-            d = tl.where(keep != 0, d, 0.0)
+            d = _apply_mask(d, mask_ptr, b, i, cols, ok, mask_stride_b, mask_stride_j,
+                            MASK_QUERIES)
         acc += d * d
     tl.store(partial_ptr + pid, tl.sum(acc) * scale)
 
@@ -92,14 +105,15 @@ def _attention_mse_bwd_kernel(
     # scalars
     scale,
     # meta-parameters
-    HAS_MASK: tl.constexpr, NEED_DS: tl.constexpr, NEED_DT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr, NEED_DS: tl.constexpr,
+    NEED_DT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < n_rows
-    s_row, b = _row_offsets(rows, L, H, B, s_stride_n, s_stride_b, s_stride_h, s_stride_i)
-    t_row, _ = _row_offsets(rows, L, H, B, t_stride_n, t_stride_b, t_stride_h, t_stride_i)
+    s_row, b, i = _row_offsets(rows, L, H, B, s_stride_n, s_stride_b, s_stride_h, s_stride_i)
+    t_row, _, _ = _row_offsets(rows, L, H, B, t_stride_n, t_stride_b, t_stride_h, t_stride_i)
     g_row = rows.to(tl.int64) * L
     coef = 2.0 * scale * tl.load(grad_out_ptr).to(tl.float32)
     for c0 in range(0, L, BLOCK_L):
@@ -113,9 +127,8 @@ def _attention_mse_bwd_kernel(
         t_live = t > _THRESHOLD
         d = tl.where(s_live, s, 0.0) - tl.where(t_live, t, 0.0)
         if HAS_MASK:
-            keep = tl.load(mask_ptr + b[:, None].to(tl.int64) * mask_stride_b
-                           + cols[None, :] * mask_stride_j, mask=ok, other=0)
-            d = tl.where(keep != 0, d, 0.0)
+            d = _apply_mask(d, mask_ptr, b, i, cols, ok, mask_stride_b, mask_stride_j,
+                            MASK_QUERIES)
         d = d * coef
         g_off = g_row[:, None] + cols[None, :]
         if NEED_DS:
@@ -144,7 +157,8 @@ def _mask_args(mask: torch.Tensor | None, ref: torch.Tensor):
 
 
 def attention_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
-                          mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                          mask: torch.Tensor | None, scale: float,
+                          mask_queries: bool = False) -> torch.Tensor:
     """Loss (fp32 scalar) over groups of [n, B, H, L, L] scores; see the module docstring."""
     _, B, H, L, _ = student[0].shape
     block_rows, block_l, num_warps = _fwd_tile(L)
@@ -158,7 +172,8 @@ def attention_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tenso
             s.shape[0] * B * H * L, B, H, L,
             *s.stride(), *t.stride(), msb, msj,
             scale,
-            HAS_MASK=has_mask, BLOCK_ROWS=block_rows, BLOCK_L=block_l, num_warps=num_warps,
+            HAS_MASK=has_mask, MASK_QUERIES=mask_queries and has_mask, BLOCK_ROWS=block_rows,
+            BLOCK_L=block_l, num_warps=num_warps,
         )
         start += grid
     return partials.sum()
@@ -166,7 +181,7 @@ def attention_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tenso
 
 def attention_mse_backward(grad_out: torch.Tensor, student: list[torch.Tensor],
                            teacher: list[torch.Tensor], mask: torch.Tensor | None, scale: float,
-                           need_student: bool, need_teacher: bool
+                           need_student: bool, need_teacher: bool, mask_queries: bool = False
                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradients (contiguous, input dtypes) for each group; an empty list where not needed."""
     _, B, H, L, _ = student[0].shape
@@ -182,7 +197,8 @@ def attention_mse_backward(grad_out: torch.Tensor, student: list[torch.Tensor],
             n_rows, B, H, L,
             *s.stride(), *t.stride(), msb, msj,
             scale,
-            HAS_MASK=has_mask, NEED_DS=need_student, NEED_DT=need_teacher,
+            HAS_MASK=has_mask, MASK_QUERIES=mask_queries and has_mask, NEED_DS=need_student,
+            NEED_DT=need_teacher,
             BLOCK_ROWS=block_rows, BLOCK_L=block_l, num_warps=num_warps,
         )
         if need_student:

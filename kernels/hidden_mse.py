@@ -3,9 +3,11 @@
 Shapes: a group holds n stacked states, student X [n, M, K] (K = d_s), teacher Y [n, M, N]
 (N = d_t), one projection W [N, K] (nn.Linear layout) and bias b [N] shared by all states:
 
-    R    = X W^T + b - Y                                  (fp32 in registers, never in memory
+    R    = m * (X W^T + b - Y)                            (fp32 in registers, never in memory
                                                            unless needed for backward)
     loss = scale * sum R^2                               (scale = 1/(M*N) per state for "mean")
+
+with m the optional token mask (1 everywhere by default; 0 excludes a padded token).
 
 Each program computes one [BLOCK_M, BLOCK_N] tile of X W^T with fp32 accumulation, adds the bias,
 subtracts the teacher tile and reduces the squared error to one partial.  When a gradient is needed
@@ -22,23 +24,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_in_fp32, dot_precision
+from ._utils import as_loadable_mask, dot_in_fp32, dot_precision
 
 
 @triton.jit
 def _hidden_mse_fwd_kernel(
     # pointers
-    x_ptr, w_ptr, b_ptr, y_ptr, res_ptr, partial_ptr, colsum_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, tm_ptr, res_ptr, partial_ptr, colsum_ptr,
     # sizes: rows = n * M (all states of the group), N = d_t, K = d_s
     n_rows, M, N, K,
     # strides
     x_stride_s, x_stride_m, x_stride_k,
     w_stride_n, w_stride_k, b_stride,
-    y_stride_s, y_stride_m, y_stride_n,
+    y_stride_s, y_stride_m, y_stride_n, tm_stride,
     # scalars
     scale,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, SAVE_RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, SAVE_RESIDUAL: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -68,6 +71,9 @@ def _hidden_mse_fwd_kernel(
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols * b_stride, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    in_bounds = row_ok[:, None] & col_ok[None, :]
+    if HAS_TOKEN_MASK:  # padded tokens (mask 0) contribute nothing: their residual rows are 0
+        row_ok = row_ok & (tl.load(tm_ptr + tok * tm_stride, mask=row_ok, other=0) != 0)
     ok = row_ok[:, None] & col_ok[None, :]
     y = tl.load(y_ptr + (state * y_stride_s + tok * y_stride_m)[:, None] + cols[None, :] * y_stride_n,
                 mask=ok, other=0.0).to(tl.float32)
@@ -75,7 +81,7 @@ def _hidden_mse_fwd_kernel(
     tl.store(partial_ptr + pid, tl.sum(r * r) * scale)
     if SAVE_RESIDUAL:
         tl.store(res_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
-                 r.to(res_ptr.dtype.element_ty), mask=ok)
+                 r.to(res_ptr.dtype.element_ty), mask=in_bounds)
         tl.store(colsum_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(r, axis=0), mask=col_ok)
 
 
@@ -89,11 +95,11 @@ def gemm_config(n_rows: int, N: int, K: int, dtype: torch.dtype) -> dict:
 
 def hidden_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
                        weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                       save_residual: bool):
+                       save_residual: bool, token_mask: torch.Tensor | None = None):
     """Fused projection + MSE over groups of states.
 
     student: groups [n_g, M, d_s]; teacher: groups [n_g, M, d_t]; weight [d_t, d_s] in the
-    student's dtype; bias [d_t] or None.
+    student's dtype; bias [d_t] or None; token_mask [M] (0 = padded token, excluded) or None.
     Returns (loss fp32 scalar, residual [sum n_g * M, d_t] in the student's dtype,
     colsum partials fp32 [row blocks, d_t]); the last two are empty unless save_residual.
     """
@@ -114,18 +120,22 @@ def hidden_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
     else:
         residual = torch.empty((0, N), dtype=residual_dtype, device=device)
         colsum = torch.empty((0, N), dtype=torch.float32, device=device)
+    tm = None if token_mask is None else as_loadable_mask(token_mask)
     precision = dot_precision(torch.float32 if dot_fp32 else residual_dtype)
     row0 = mblk0 = 0
     for x, y, rows, mb in zip(student, teacher, rows_per_group, m_blocks):
         _hidden_mse_fwd_kernel[(mb * num_n,)](
             x, weight, bias if bias is not None else weight, y,
+            tm if tm is not None else partials,
             residual[row0:] if save_residual else partials,  # placeholder: never written
             partials[mblk0 * num_n:],
             colsum[mblk0:] if save_residual else partials,
             rows, M, N, K,
             *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *y.stride(),
+            0 if tm is None else tm.stride(0),
             scale,
-            HAS_BIAS=bias is not None, SAVE_RESIDUAL=save_residual, DOT_FP32=dot_fp32,
+            HAS_BIAS=bias is not None, HAS_TOKEN_MASK=tm is not None,
+            SAVE_RESIDUAL=save_residual, DOT_FP32=dot_fp32,
             INPUT_PRECISION=precision,
             **cfg,
         )

@@ -196,3 +196,30 @@ def test_ddp_two_processes_match_one(models, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
     with open(tmp_path / "two" / "summary.json", encoding="utf-8") as f:
         assert json.load(f)["world_size"] == 2
+
+
+def test_teacher_cache_gives_the_live_teachers_losses(models, tmp_path):
+    """Step 1 from a (fp32) teacher cache equals step 1 with the live teacher and padded positions
+    excluded; `--stage all` builds the cache once and step 2 reads its logits."""
+    from tinybert_fast import cache
+    if not cache.HAS_EXTENSION:
+        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    store = tmp_path / "cache"
+    live = distill.distill(_cfg(models, tmp_path / "live", mask_padding=True, max_steps=3))
+    cached = distill.distill(_cfg(models, tmp_path / "cached", teacher_cache=str(store),
+                                  cache_dtype="fp32", max_steps=3))
+    assert live["steps"] == cached["steps"] == 3
+    for a, b in zip(_log(tmp_path / "live"), _log(tmp_path / "cached")):
+        for key in ("attention", "hidden", "total"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    # the padded positions matter: TinyBERT's semantics (no masking) give other losses
+    plain = distill.distill(_cfg(models, tmp_path / "plain", max_steps=1))
+    assert plain["steps"] == 1
+    assert _log(tmp_path / "plain")[0]["hidden"] != pytest.approx(_log(tmp_path / "live")[0]["hidden"])
+    # step 2 reads the logits of the same cache; another mapping is refused
+    both = distill.distill(_cfg(models, tmp_path / "all", stage="all", teacher_cache=str(store),
+                                cache_dtype="fp32", max_steps=2))
+    assert both["task2"]["steps"] == 2
+    with pytest.raises(cache.CacheMismatchError, match="attention_layers"):
+        distill.distill(_cfg(models, tmp_path / "other", teacher_cache=str(store),
+                             mapping="bottom", max_steps=1))

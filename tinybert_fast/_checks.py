@@ -171,6 +171,21 @@ def check_hidden(student: list[torch.Tensor], teacher: list[torch.Tensor], weigh
                       **{f"teacher[{i}]": t for i, t in enumerate(teacher[1:], 1)})
 
 
+def token_mask(mask, state: torch.Tensor) -> torch.Tensor | None:
+    """A hidden-state token mask ([B, L] or [M], 1 = token) as [M], M = state's token count."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"token_mask must be a tensor [B, L] or [M]; got {type(mask).__name__}")
+    if mask.numel() != state.shape[0]:
+        raise ValueError(f"token_mask has shape {tuple(mask.shape)} ({mask.numel()} tokens) but "
+                         f"each state holds {state.shape[0]} tokens; pass the [B, L] attention "
+                         f"mask of the batch")
+    if mask.device != state.device:
+        raise ValueError(f"token_mask is on {mask.device} but student is on {state.device}")
+    return mask.reshape(-1)
+
+
 def logits_2d(student: torch.Tensor, teacher: torch.Tensor, fused: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check [..., C] logits and view them as [N, C]."""

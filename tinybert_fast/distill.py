@@ -78,6 +78,9 @@ class DistillConfig:
     hard_label_weight: float = 0.0
     temperature: float = 1.0
     losses: str = "fused"              # fused | eager
+    teacher_cache: str | None = None   # teacher outputs cached here (built on first use)
+    cache_dtype: str = "bf16"          # fp32 | bf16 | fp16 | int8
+    mask_padding: bool = False         # exclude padded positions from the intermediate losses
     epochs: float | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -247,50 +250,70 @@ class Objective:
         self.need_hid = self.intermediate and (cfg.hidden_weight != 0 or
                                                cfg.embedding_weight != 0)
 
-    def __call__(self, model: nn.Module, inputs: dict, labels) -> dict:
-        """model: StudentWithProjection (or DDP of it); returns the loss terms and "total"."""
+    def __call__(self, model: nn.Module, inputs: dict, labels, cached=None) -> dict:
+        """model: StudentWithProjection (or DDP of it); cached: the batch's TeacherBatch when the
+        teacher's outputs come from a cache.  Returns the loss terms and "total"."""
         if self.intermediate:
-            return self._intermediate(model, inputs)
-        return self._prediction(model, inputs, labels)
+            return self._intermediate(model, inputs, cached)
+        return self._prediction(model, inputs, labels, cached)
 
-    def _intermediate(self, model, inputs):
-        cfg, lm = self.cfg, self.layer_map
+    def _teacher_intermediates(self, inputs, cached):
+        """{teacher layer: scores [B, H, L, L]} and the hidden-state list (index = state)."""
+        lm = self.layer_map
+        if cached is not None:
+            scores = dict(zip(lm.teacher_attention_layers, cached.attention.unbind(0))) \
+                if self.need_att else {}
+            states = dict(zip(lm.teacher_hidden_states, cached.hidden.unbind(0))) \
+                if self.need_hid else {}
+            return scores, states
         with torch.no_grad(), capture.record_scores(
                 lm.teacher_attention_layers if self.need_att else []) as t_rec:
             t_out = self.teacher(**inputs, output_hidden_states=self.need_hid)
+        scores = dict(zip(lm.teacher_attention_layers, t_rec.layers)) if self.need_att else {}
+        return scores, (dict(enumerate(t_out.hidden_states)) if self.need_hid else {})
+
+    def _intermediate(self, model, inputs, cached):
+        cfg, lm = self.cfg, self.layer_map
+        t_scores, t_hidden = self._teacher_intermediates(inputs, cached)
+        # padded positions: excluded when asked, and always with a cache (it stores none)
+        mask = inputs["attention_mask"] if (cfg.mask_padding or cached is not None) else None
         n_student = len(lm.attention)
         with capture.record_scores(range(n_student) if self.need_att else []) as s_rec:
             s_out, w, b = model(**inputs, output_hidden_states=self.need_hid)
         terms = {}
         total = 0.0
         if self.need_att:
-            t_scores = dict(zip(lm.teacher_attention_layers, t_rec.layers))
             target = [_mean([t_scores[i] for i in group]) for group in lm.attention]
-            terms["attention"] = self.impl.attention_mse(s_rec.layers, target)
+            terms["attention"] = self.impl.attention_mse(s_rec.layers, target, mask,
+                                                         mask_queries=mask is not None)
             total = total + cfg.attention_weight * terms["attention"]
         if self.need_hid:
-            t_states = [_mean([t_out.hidden_states[i] for i in group]) for group in lm.hidden]
+            t_states = [_mean([t_hidden[i] for i in group]) for group in lm.hidden]
             s_states = list(s_out.hidden_states)
+            tm = {"token_mask": mask}
             if cfg.embedding_weight == cfg.hidden_weight:
-                both = self.impl.hidden_mse(s_states, t_states, w, b)
+                both = self.impl.hidden_mse(s_states, t_states, w, b, **tm)
                 total = total + cfg.hidden_weight * both
                 terms["hidden"] = both
             else:
-                terms["embedding"] = self.impl.hidden_mse(s_states[0], t_states[0], w, b)
-                terms["hidden"] = self.impl.hidden_mse(s_states[1:], t_states[1:], w, b)
+                terms["embedding"] = self.impl.hidden_mse(s_states[0], t_states[0], w, b, **tm)
+                terms["hidden"] = self.impl.hidden_mse(s_states[1:], t_states[1:], w, b, **tm)
                 total = (total + cfg.embedding_weight * terms["embedding"]
                          + cfg.hidden_weight * terms["hidden"])
         terms["total"] = total
         return terms
 
-    def _prediction(self, model, inputs, labels):
+    def _prediction(self, model, inputs, labels, cached):
         cfg, task = self.cfg, self.task
         s_logits = model(**inputs)[0].logits
         terms = {}
         total = 0.0
         if cfg.stage == "task2" and cfg.prediction_weight != 0:
-            with torch.no_grad():
-                t_logits = self.teacher(**inputs).logits
+            if cached is not None:
+                t_logits = cached.logits
+            else:
+                with torch.no_grad():
+                    t_logits = self.teacher(**inputs).logits
             if task.is_regression:
                 terms["prediction"] = F.mse_loss(s_logits.float(), t_logits.float())
             else:
@@ -311,6 +334,62 @@ class Objective:
             raise ValueError("the objective is empty: every loss weight is 0")
         terms["total"] = total
         return terms
+
+
+# --- the teacher cache -------------------------------------------------------------------------
+
+def dataset_fingerprint(cfg: DistillConfig, train_set: data.TokenizedDataset) -> dict:
+    """What identifies the training data a cache was built from: its source and the sha256 of
+    its token ids (which also pins the tokenizer and max_length)."""
+    import hashlib
+    h = hashlib.sha256()
+    for ids in train_set.input_ids:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(b"".join(int(i).to_bytes(4, "little") for i in ids))
+    return {"task": cfg.task, "train_file": cfg.train_file or cfg.corpus,
+            "data_dir": cfg.data_dir, "examples": len(train_set), "input_ids": h.hexdigest()}
+
+
+def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, device,
+                  dist_state: "train.Distributed"):
+    """Open the teacher cache at cfg.teacher_cache, building it first if needed (each DDP rank
+    builds its shard).  A cache stores what step 1 needs (mapped scores and states) and the
+    logits step 2 needs, so `--stage all` builds it once; a cache built for other layers, another
+    teacher or other data is refused with the differences listed."""
+    from . import cache as cache_mod
+    if not cache_mod.HAS_EXTENSION:
+        raise RuntimeError(f"--teacher-cache needs the teacher-cache extension, which is not "
+                           f"available: {cache_mod.EXTENSION_ERROR}")
+    att = layer_map.teacher_attention_layers if layer_map and cfg.attention_weight else []
+    hid = layer_map.teacher_hidden_states if layer_map and (cfg.hidden_weight or
+                                                            cfg.embedding_weight) else []
+    dataset = dataset_fingerprint(cfg, train_set)
+    expect = {"dataset": dataset, "max_length": cfg.max_length,
+              "teacher_weights": cache_mod.hash_state_dict(teacher)}
+    if layer_map is not None:
+        expect.update(attention_layers=att, hidden_states=hid)
+    path = cfg.teacher_cache
+    if os.path.isfile(os.path.join(path, cache_mod.MANIFEST)):
+        opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
+    else:
+        order = data.batch_indices(len(train_set), cfg.eval_batch_size, 0, 0, shuffle=False)
+        mine = order[dist_state.rank::dist_state.world_size]
+        loader = ({k: v.to(device) if k != "example_id" else v for k, v in b.items()}
+                  for b in data.iterate_batches(train_set, mine, tokenizer.pad_token_id, None,
+                                                False))
+        log.info("building the teacher cache at %s (%d examples)", path, len(train_set))
+        opened = cache_mod.TeacherCache.build(
+            path, teacher, loader, attention_layers=att, hidden_states=hid,
+            dtype=cfg.cache_dtype, tokenizer=tokenizer, max_length=cfg.max_length,
+            dataset=dataset, shard=(dist_state.rank, dist_state.world_size),
+            progress=dist_state.is_main and cfg.progress)
+        dist_state.barrier()
+        if opened is None:
+            opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
+    fields = opened.layout.fields if opened.layout else []
+    if cfg.stage == "task2" and "logits" not in fields:
+        raise ValueError(f"teacher cache {path} stores no logits, which step 2 distils from")
+    return opened
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -408,6 +487,9 @@ class _Run:
             projection = projection.to(self.device)
         self.model = StudentWithProjection(self.student, projection)
         self.objective = Objective(cfg, self.task, self.layer_map, self.teacher)
+        self.cache = (teacher_cache(cfg, self.teacher, self.tokenizer, self.train_set,
+                                    self.layer_map, self.device, self.dist)
+                      if cfg.teacher_cache else None)
         self.ddp = self.model
         if self.dist.enabled:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -503,10 +585,13 @@ class _Run:
             epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
             batches = data.batch_indices(len(self.train_set), cfg.batch_size, epoch, cfg.seed,
                                          rank=self.dist.rank, world_size=self.dist.world_size)
-            for batch in data.iterate_batches(self.train_set, batches[done_in_epoch:],
+            todo = batches[done_in_epoch:]
+            cached = (self.cache.prefetch(todo, self.device, pad_to=pad_to)
+                      if self.cache is not None else None)
+            for batch in data.iterate_batches(self.train_set, todo,
                                               self.tokenizer.pad_token_id, pad_to, regression):
                 t_step = time.perf_counter()
-                terms = self._train_step(batch)
+                terms = self._train_step(batch, next(cached) if cached is not None else None)
                 self.step += 1
                 n_ex = int(batch["input_ids"].shape[0]) * self.dist.world_size
                 self.examples_seen += n_ex
@@ -546,12 +631,12 @@ class _Run:
             self.log.write(event="summary", **summary)
         return summary
 
-    def _train_step(self, batch) -> dict:
+    def _train_step(self, batch, cached) -> dict:
         inputs = {k: batch[k].to(self.device, non_blocking=True)
                   for k in ("input_ids", "attention_mask", "token_type_ids")}
         labels = batch["labels"].to(self.device) if "labels" in batch else None
         with train.autocast(self.device, self.bf16):
-            terms = self.objective(self.ddp, inputs, labels)
+            terms = self.objective(self.ddp, inputs, labels, cached)
         terms["total"].backward()
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
@@ -634,6 +719,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mix hard-label cross-entropy into step 2 (classic soft+hard KD)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--losses", choices=["fused", "eager"], default="fused")
+    g.add_argument("--mask-padding", action="store_true",
+                   help="exclude padded query rows and tokens from the intermediate losses "
+                        "(TinyBERT keeps them; always on with --teacher-cache)")
+    g = p.add_argument_group("teacher cache")
+    g.add_argument("--teacher-cache", help="folder of cached teacher outputs: built on first "
+                   "use, then the teacher runs no more (see tinybert_fast.cache)")
+    g.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="bf16")
     add_common_arguments(p)
 
 

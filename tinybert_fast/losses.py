@@ -30,14 +30,16 @@ def distillation_loss(*, student_attention=None, teacher_attention=None, attenti
                       bias: Tensor | None = None, student_logits: Tensor | None = None,
                       teacher_logits: Tensor | None = None, temperature: float = 1.0,
                       attention_weight: float = 1.0, hidden_weight: float = 1.0,
-                      prediction_weight: float = 1.0) -> DistillLoss:
+                      prediction_weight: float = 1.0, mask_padding: bool = False) -> DistillLoss:
     """TinyBERT's objective for one stage, over all mapped layers:
 
         total = attention_weight * attention_mse(S_s, S_t, attention_mask)
               + hidden_weight * hidden_mse(H_s, H_t, weight, bias)
               + prediction_weight * soft_cross_entropy(z_s, z_t, temperature)
 
-    with the "mean" reductions (TinyBERT's).  A term whose inputs are not given is skipped: general
+    with the "mean" reductions (TinyBERT's).  attention_mask [B, L] excludes padded key columns;
+    mask_padding=True also excludes padded query rows and padded tokens' hidden states (which
+    TinyBERT keeps; cached teacher outputs need it).  A term whose inputs are not given is skipped: general
     distillation and task step 1 pass scores and states; task step 2 passes logits.  Shapes are
     those of the three functions; pass stacked tensors ([n_layers, B, H, L, L] scores,
     [n_states, B, L, d] states) to get one kernel per term.
@@ -47,13 +49,17 @@ def distillation_loss(*, student_attention=None, teacher_attention=None, attenti
     operations for the weighted sum; backward: one kernel for each of attention and prediction,
     and two to four cuBLAS products + scalar scalings for hidden.  No host synchronisation.
     """
+    if mask_padding and attention_mask is None:
+        raise ValueError("mask_padding=True needs attention_mask [B, L]")
     terms: dict[str, Tensor | None] = {"attention": None, "hidden": None, "prediction": None}
     if _pair("student_attention", student_attention, "teacher_attention", teacher_attention):
-        terms["attention"] = attention_mse(student_attention, teacher_attention, attention_mask)
+        terms["attention"] = attention_mse(student_attention, teacher_attention, attention_mask,
+                                           mask_queries=mask_padding)
     if _pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden):
         if weight is None:
             raise ValueError("weight [d_t, d_s] is required with student_hidden/teacher_hidden")
-        terms["hidden"] = hidden_mse(student_hidden, teacher_hidden, weight, bias)
+        terms["hidden"] = hidden_mse(student_hidden, teacher_hidden, weight, bias,
+                                     token_mask=attention_mask if mask_padding else None)
     if _pair("student_logits", student_logits, "teacher_logits", teacher_logits):
         terms["prediction"] = soft_cross_entropy(student_logits, teacher_logits, temperature)
     weights = {"attention": attention_weight, "hidden": hidden_weight,

@@ -21,20 +21,25 @@ from .kernels._utils import MASK_THRESHOLD
 
 
 def attention_mse(student, teacher, attention_mask: torch.Tensor | None = None,
-                  reduction: str = "mean") -> torch.Tensor:
+                  reduction: str = "mean", *, mask_queries: bool = False) -> torch.Tensor:
     """sum over layers of mean_{b,h,i,j} (s' - t')^2 with x' = 0 where x <= -100.
 
     student, teacher: [B, H, L, L], [n_layers, B, H, L, L] or a list of [B, H, L, L].
     attention_mask: optional [B, L] (1 = token); padded key columns then contribute 0 but still
-    count in the B*H*L*L denominator.  reduction: "mean" (per layer, summed) or "sum".
+    count in the B*H*L*L denominator; mask_queries excludes padded query rows too.
+    reduction: "mean" (per layer, summed) or "sum".
     """
     _checks.check_reduction(reduction, "attention")
     s_layers, _ = _checks.attention_layers("student", student)
     t_layers, _ = _checks.attention_layers("teacher", teacher)
     _checks.check_attention(s_layers, t_layers, attention_mask, fused=False)
+    if mask_queries and attention_mask is None:
+        raise ValueError("mask_queries=True needs attention_mask [B, L]")
     keep = None
     if attention_mask is not None:
         keep = (attention_mask != 0)[:, None, None, :]
+        if mask_queries:
+            keep = keep & (attention_mask != 0)[:, None, :, None]
     total = None
     for s, t in zip(s_layers, t_layers):
         s = torch.where(s <= MASK_THRESHOLD, torch.zeros_like(s), s)
@@ -48,19 +53,24 @@ def attention_mse(student, teacher, attention_mask: torch.Tensor | None = None,
 
 
 def hidden_mse(student, teacher, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               reduction: str = "mean") -> torch.Tensor:
+               reduction: str = "mean", *, token_mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """sum over states of mean((student @ weight.T + bias - teacher)^2).
 
     student [..., d_s] / teacher [..., d_t] per state (rank 4 = stacked states, or a list);
     weight [d_t, d_s]; bias [d_t] or None.  reduction: "mean" (per state, summed) or "sum".
+    token_mask: optional [B, L] / [M], 0 = padded token, excluded (the denominator stays M*d_t).
     """
     _checks.check_reduction(reduction, "hidden")
     s_states, _ = _checks.hidden_states("student", student)
     t_states, _ = _checks.hidden_states("teacher", teacher)
     _checks.check_hidden(s_states, t_states, weight, bias, fused=False)
+    keep = _checks.token_mask(token_mask, s_states[0])
     total = None
     for s, t in zip(s_states, t_states):
         p = F.linear(s, weight.to(s.dtype), None if bias is None else bias.to(s.dtype))
+        if keep is not None:
+            p = torch.where(keep[:, None] != 0, p, t.to(p.dtype))
         state = F.mse_loss(p, t.to(p.dtype), reduction=reduction).float()
         total = state if total is None else total + state
     return total

@@ -15,7 +15,7 @@ from ..kernels._utils import MASK_THRESHOLD
 
 
 def attention_mse(student, teacher, attention_mask: Tensor | None = None,
-                  reduction: str = "mean") -> Tensor:
+                  reduction: str = "mean", *, mask_queries: bool = False) -> Tensor:
     """TinyBERT's attention loss, summed over mapped layers (fp32 scalar).
 
     Args:
@@ -26,6 +26,9 @@ def attention_mse(student, teacher, attention_mask: Tensor | None = None,
         attention_mask: optional [B, L], 1 (or True) = token, 0 = padding.  Padded key columns
             then contribute 0 (they still count in the denominator).
         reduction: "mean" (TinyBERT) or "sum".
+        mask_queries: also exclude padded query rows (m[b, i] == 0), which TinyBERT keeps.  The
+            denominator stays B*H*L*L.  Needed with cached teacher scores, whose padded rows are
+            not stored (tinybert_fast.cache).
 
     With x' = 0 where x <= -100 else x (removes the -10000 / dtype-min mask bias):
         "mean": sum_layers (1 / (B*H*L*L)) * sum_{b,h,i,j} m[b,j] * (s'_bhij - t'_bhij)^2
@@ -39,8 +42,11 @@ def attention_mse(student, teacher, attention_mask: Tensor | None = None,
     _checks.check_reduction(reduction, "attention")
     s_layers, s_stacked = _checks.attention_layers("student", student)
     t_layers, t_stacked = _checks.attention_layers("teacher", teacher)
+    if mask_queries and attention_mask is None:
+        raise ValueError("mask_queries=True needs attention_mask [B, L]")
     if not _backend.use_fused(s_layers[0]):
-        return reference.attention_mse(student, teacher, attention_mask, reduction)
+        return reference.attention_mse(student, teacher, attention_mask, reduction,
+                                       mask_queries=mask_queries)
     _checks.check_attention(s_layers, t_layers, attention_mask, fused=True)
     if s_stacked is not None and t_stacked is not None:
         s_groups, t_groups = [s_stacked], [t_stacked]
@@ -49,7 +55,8 @@ def attention_mse(student, teacher, attention_mask: Tensor | None = None,
         t_groups = [x.unsqueeze(0) for x in t_layers]
     B, H, L, _ = s_layers[0].shape
     scale = 1.0 / (B * H * L * L) if reduction == "mean" else 1.0
-    return torch.ops.tinybert_fast.attention_mse(s_groups, t_groups, attention_mask, scale)
+    return torch.ops.tinybert_fast.attention_mse(s_groups, t_groups, attention_mask, scale,
+                                                 mask_queries)
 
 
 # --- registered ops ------------------------------------------------------------------------------
@@ -59,59 +66,66 @@ def attention_mse(student, teacher, attention_mask: Tensor | None = None,
 
 @torch.library.custom_op("tinybert_fast::attention_mse", mutates_args=())
 def _attention_mse_op(student: list[Tensor], teacher: list[Tensor],
-                      attention_mask: Optional[Tensor], scale: float) -> Tensor:
-    return kernels.attention_mse_forward(student, teacher, attention_mask, scale)
+                      attention_mask: Optional[Tensor], scale: float,
+                      mask_queries: bool = False) -> Tensor:
+    return kernels.attention_mse_forward(student, teacher, attention_mask, scale, mask_queries)
 
 
 @_attention_mse_op.register_fake
-def _(student, teacher, attention_mask, scale):
+def _(student, teacher, attention_mask, scale, mask_queries=False):
     return student[0].new_empty((), dtype=torch.float32)
 
 
-def _torch_diff(s: Tensor, t: Tensor, attention_mask: Tensor | None):
+def _torch_diff(s: Tensor, t: Tensor, attention_mask: Tensor | None, mask_queries: bool):
     """(m * (s' - t'), s live, t live) in fp32 for one [n, B, H, L, L] group."""
     s, t = s.float(), t.float()
     s_live, t_live = s > MASK_THRESHOLD, t > MASK_THRESHOLD
     d = torch.where(s_live, s, 0.0) - torch.where(t_live, t, 0.0)
     if attention_mask is not None:
-        d = d * (attention_mask != 0)[None, :, None, None, :]
+        keep = attention_mask != 0
+        d = d * keep[None, :, None, None, :]
+        if mask_queries:
+            d = d * keep[None, :, None, :, None]
     return d, s_live, t_live
 
 
 @_attention_mse_op.register_kernel("cpu")
-def _(student, teacher, attention_mask, scale):
+def _(student, teacher, attention_mask, scale, mask_queries=False):
     if _backend.cpu_kernel_runs_triton():
-        return kernels.attention_mse_forward(student, teacher, attention_mask, scale)
+        return kernels.attention_mse_forward(student, teacher, attention_mask, scale, mask_queries)
     total = torch.zeros((), dtype=torch.float32)
     for s, t in zip(student, teacher):
-        total = total + _torch_diff(s, t, attention_mask)[0].square().sum()
+        total = total + _torch_diff(s, t, attention_mask, mask_queries)[0].square().sum()
     return total * scale
 
 
 @torch.library.custom_op("tinybert_fast::attention_mse_backward", mutates_args=())
 def _attention_mse_backward_op(grad: Tensor, student: list[Tensor], teacher: list[Tensor],
                                attention_mask: Optional[Tensor], scale: float, need_student: bool,
-                               need_teacher: bool) -> tuple[list[Tensor], list[Tensor]]:
+                               need_teacher: bool, mask_queries: bool = False
+                               ) -> tuple[list[Tensor], list[Tensor]]:
     return kernels.attention_mse_backward(grad, student, teacher, attention_mask, scale,
-                                          need_student, need_teacher)
+                                          need_student, need_teacher, mask_queries)
 
 
 @_attention_mse_backward_op.register_fake
-def _(grad, student, teacher, attention_mask, scale, need_student, need_teacher):
+def _(grad, student, teacher, attention_mask, scale, need_student, need_teacher,
+      mask_queries=False):
     gs = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student] if need_student else []
     gt = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teacher] if need_teacher else []
     return gs, gt
 
 
 @_attention_mse_backward_op.register_kernel("cpu")
-def _(grad, student, teacher, attention_mask, scale, need_student, need_teacher):
+def _(grad, student, teacher, attention_mask, scale, need_student, need_teacher,
+      mask_queries=False):
     if _backend.cpu_kernel_runs_triton():
         return kernels.attention_mse_backward(grad, student, teacher, attention_mask, scale,
-                                              need_student, need_teacher)
+                                              need_student, need_teacher, mask_queries)
     coef = 2.0 * scale * grad.float()
     gs, gt = [], []
     for s, t in zip(student, teacher):
-        d, s_live, t_live = _torch_diff(s, t, attention_mask)
+        d, s_live, t_live = _torch_diff(s, t, attention_mask, mask_queries)
         d = d * coef
         if need_student:
             gs.append(torch.where(s_live, d, 0.0).to(s.dtype).contiguous())
@@ -121,9 +135,10 @@ def _(grad, student, teacher, attention_mask, scale, need_student, need_teacher)
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, attention_mask, scale = inputs
+    student, teacher, attention_mask, scale, mask_queries = inputs
     ctx.n_groups = len(student)
     ctx.scale = scale
+    ctx.mask_queries = mask_queries
     ctx.has_mask = attention_mask is not None
     ctx.save_for_backward(*student, *teacher, *([attention_mask] if ctx.has_mask else []))
 
@@ -134,9 +149,9 @@ def _backward(ctx, grad):
     attention_mask = saved[2 * n] if ctx.has_mask else None
     need_s, need_t = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
     gs, gt = torch.ops.tinybert_fast.attention_mse_backward(
-        grad, student, teacher, attention_mask, ctx.scale, need_s, need_t)
+        grad, student, teacher, attention_mask, ctx.scale, need_s, need_t, ctx.mask_queries)
     # list inputs take a list of gradients (None entries where none is needed)
-    return (gs if need_s else [None] * n), (gt if need_t else [None] * n), None, None
+    return (gs if need_s else [None] * n), (gt if need_t else [None] * n), None, None, None
 
 
 _attention_mse_op.register_autograd(_backward, setup_context=_setup_context)

@@ -14,7 +14,7 @@ from ..kernels import hidden_mse as kernels
 
 
 def hidden_mse(student, teacher, weight: Tensor, bias: Tensor | None = None,
-               reduction: str = "mean") -> Tensor:
+               reduction: str = "mean", *, token_mask: Tensor | None = None) -> Tensor:
     """TinyBERT's hidden-state loss with one shared projection, summed over states (fp32 scalar).
 
     Args:
@@ -24,10 +24,13 @@ def hidden_mse(student, teacher, weight: Tensor, bias: Tensor | None = None,
         weight: [d_t, d_s] (nn.Linear layout), cast to the student's dtype as autocast would.
         bias: [d_t] or None.
         reduction: "mean" (TinyBERT) or "sum".
+        token_mask: optional [B, L] (or [M]) mask of each state's tokens, 0 = padding: padded
+            tokens are excluded (TinyBERT includes them; the denominator stays M*d_t).  Needed
+            with cached teacher states, whose padded rows are not stored (tinybert_fast.cache).
 
         "mean": sum_states (1 / (M*d_t)) * sum_{m,n} (X W^T + b - Y)_{mn}^2,  M tokens per state
         "sum":  sum_states sum_{m,n} (X W^T + b - Y)^2
-    Padded tokens are included (TinyBERT semantics).
+    Padded tokens are included unless token_mask is given (TinyBERT semantics).
 
     Fused path: one GEMM kernel per stacked tensor (per state for lists) with the squared error
     in its epilogue; X W^T is never written to memory.  When a gradient is needed the kernel also
@@ -39,8 +42,10 @@ def hidden_mse(student, teacher, weight: Tensor, bias: Tensor | None = None,
     s_states, s_stacked = _checks.hidden_states("student", student)
     t_states, t_stacked = _checks.hidden_states("teacher", teacher)
     if not _backend.use_fused(s_states[0]):
-        return reference.hidden_mse(student, teacher, weight, bias, reduction)
+        return reference.hidden_mse(student, teacher, weight, bias, reduction,
+                                    token_mask=token_mask)
     _checks.check_hidden(s_states, t_states, weight, bias, fused=True)
+    token_mask = _checks.token_mask(token_mask, s_states[0])
     if s_stacked is not None and t_stacked is not None and s_stacked.shape[0] == t_stacked.shape[0]:
         s_groups, t_groups = [s_stacked], [t_stacked]
     else:
@@ -52,29 +57,29 @@ def hidden_mse(student, teacher, weight: Tensor, bias: Tensor | None = None,
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*s_groups, *t_groups, weight, bias) if t is not None)
     loss, _, _ = torch.ops.tinybert_fast.hidden_mse(s_groups, t_groups, weight, bias, scale,
-                                                    needs_grad)
+                                                    needs_grad, token_mask)
     return loss
 
 
 # --- registered op -------------------------------------------------------------------------------
-# Groups are [n, M, d] tensors.  Outputs: (loss, residual [sum n*M, d_t] in the student's dtype,
+# Groups are [n, M, d] tensors; token_mask is [M] or None.  Outputs: (loss, residual [sum n*M, d_t] in the student's dtype,
 # colsum fp32 [d_t]); the last two are empty ([0, d_t] and [0]) unless save_residual.
 
 @torch.library.custom_op("tinybert_fast::hidden_mse", mutates_args=())
 def _hidden_mse_op(student: list[Tensor], teacher: list[Tensor], weight: Tensor,
-                   bias: Optional[Tensor], scale: float, save_residual: bool
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    return _triton_forward(student, teacher, weight, bias, scale, save_residual)
+                   bias: Optional[Tensor], scale: float, save_residual: bool,
+                   token_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton_forward(student, teacher, weight, bias, scale, save_residual, token_mask)
 
 
-def _triton_forward(student, teacher, weight, bias, scale, save_residual):
+def _triton_forward(student, teacher, weight, bias, scale, save_residual, token_mask):
     loss, residual, colsum = kernels.hidden_mse_forward(student, teacher, weight, bias, scale,
-                                                        save_residual)
+                                                        save_residual, token_mask)
     return loss, residual, (colsum.sum(0) if save_residual else colsum.new_empty((0,)))
 
 
 @_hidden_mse_op.register_fake
-def _(student, teacher, weight, bias, scale, save_residual):
+def _(student, teacher, weight, bias, scale, save_residual, token_mask=None):
     x = student[0]
     d_t = weight.shape[0]
     rows = sum(s.shape[0] * s.shape[1] for s in student) if save_residual else 0
@@ -83,14 +88,15 @@ def _(student, teacher, weight, bias, scale, save_residual):
 
 
 @_hidden_mse_op.register_kernel("cpu")
-def _(student, teacher, weight, bias, scale, save_residual):
+def _(student, teacher, weight, bias, scale, save_residual, token_mask=None):
     if _backend.cpu_kernel_runs_triton():
-        return _triton_forward(student, teacher, weight, bias, scale, save_residual)
+        return _triton_forward(student, teacher, weight, bias, scale, save_residual, token_mask)
     d_t = weight.shape[0]
-    r = torch.cat([(x.float() @ weight.float().T - y.float()).reshape(-1, d_t)
-                   for x, y in zip(student, teacher)])
-    if bias is not None:
-        r = r + bias.float()
+    r = torch.cat([(x.float() @ weight.float().T - y.float()
+                    + (0.0 if bias is None else bias.float())) for x, y in zip(student, teacher)])
+    if token_mask is not None:  # [n, M, d_t] per group * [M, 1]
+        r = r * (token_mask != 0)[:, None]
+    r = r.reshape(-1, d_t)
     loss = r.square().sum() * scale
     if not save_residual:
         return loss, student[0].new_empty((0, d_t)), r.new_empty((0,))
@@ -98,7 +104,7 @@ def _(student, teacher, weight, bias, scale, save_residual):
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, weight, bias, scale, save_residual = inputs
+    student, teacher, weight, bias, scale, save_residual, _token_mask = inputs
     _, residual, colsum = output
     ctx.n_groups = len(student)
     ctx.group_sizes = [(t.shape[0], t.shape[1]) for t in teacher]
@@ -117,7 +123,7 @@ def _backward(ctx, grad, _grad_residual, _grad_colsum):
                            "tinybert_fast.hidden_mse decides this from requires_grad)")
     residual, colsum, weight, *student = ctx.saved_tensors
     if grad is None:
-        return [None] * ctx.n_groups, [None] * ctx.n_groups, None, None, None, None
+        return [None] * ctx.n_groups, [None] * ctx.n_groups, None, None, None, None, None
     need_x, need_y, need_w, need_b = (any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1]),
                                       ctx.needs_input_grad[2], ctx.needs_input_grad[3])
     s = grad.float() * (2.0 * ctx.scale)  # 0-dim on the device: no host synchronisation
@@ -132,7 +138,7 @@ def _backward(ctx, grad, _grad_residual, _grad_colsum):
             else student[0].reshape(-1, student[0].shape[-1])
         dw = (residual.T @ x_all) * s
     db = (colsum * s).to(ctx.bias_dtype) if need_b else None
-    return dx, dy, dw, db, None, None
+    return dx, dy, dw, db, None, None, None
 
 
 _hidden_mse_op.register_autograd(_backward, setup_context=_setup_context)
