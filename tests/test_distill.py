@@ -223,3 +223,18 @@ def test_teacher_cache_gives_the_live_teachers_losses(models, tmp_path):
     with pytest.raises(cache.CacheMismatchError, match="attention_layers"):
         distill.distill(_cfg(models, tmp_path / "other", teacher_cache=str(store),
                              mapping="bottom", max_steps=1))
+
+
+def test_cache_command_builds_what_distill_opens(models, tmp_path):
+    from tinybert_fast import cache, cli
+    if not cache.HAS_EXTENSION:
+        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    store = tmp_path / "cache"
+    assert cli.main(["--log-level", "WARNING", "cache", "--teacher", models["teacher"],
+                     "--task", "sst2", "--data-dir", SST2, "--output", str(store),
+                     "--student-layers", "2", "--limit-train", "64", "--no-progress",
+                     "--device", "cpu"]) == 0
+    manifest = store / cache.MANIFEST
+    stamp = manifest.stat().st_mtime_ns
+    out = distill.distill(_cfg(models, tmp_path / "run", teacher_cache=str(store), max_steps=2))
+    assert out["steps"] == 2 and manifest.stat().st_mtime_ns == stamp  # opened, not rebuilt

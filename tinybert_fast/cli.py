@@ -19,6 +19,7 @@ COMMANDS = {
     "finetune-teacher": ".finetune",
     "distill": ".distill",
     "eval": ".evaluate",
+    "cache": ".cache_command",
     "augment": ".augment",
 }
 

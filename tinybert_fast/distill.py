@@ -394,7 +394,7 @@ def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, 
 
 # --- the loop ---------------------------------------------------------------------------------
 
-def _load_training_examples(cfg: DistillConfig, task):
+def load_training_examples(cfg: DistillConfig, task):
     if cfg.stage == "general":
         if cfg.corpus:
             examples = data.read_corpus(cfg.corpus)
@@ -463,7 +463,7 @@ class _Run:
                                                layers=cfg.mapping_layers)
             check_pair(student_config, teacher_config, cfg)
 
-        examples = _load_training_examples(cfg, self.task)
+        examples = load_training_examples(cfg, self.task)
         self.train_set = data.TokenizedDataset(examples, self.tokenizer, cfg.max_length)
         self.dev_sets = {}
         if cfg.eval and self.task is not None and cfg.stage in ("task2", "finetune", "all"):
