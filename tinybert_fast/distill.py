@@ -372,7 +372,10 @@ def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, 
     if os.path.isfile(os.path.join(path, cache_mod.MANIFEST)):
         opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
     else:
-        order = data.batch_indices(len(train_set), cfg.eval_batch_size, 0, 0, shuffle=False)
+        # batches of similar lengths: the teacher runs once, on as little padding as possible
+        by_length = sorted(range(len(train_set)), key=lambda i: len(train_set.input_ids[i]))
+        size = cfg.eval_batch_size
+        order = [by_length[i:i + size] for i in range(0, len(by_length), size)]
         mine = order[dist_state.rank::dist_state.world_size]
         loader = ({k: v.to(device) if k != "example_id" else v for k, v in b.items()}
                   for b in data.iterate_batches(train_set, mine, tokenizer.pad_token_id, None,
