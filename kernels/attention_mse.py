@@ -54,6 +54,22 @@ def _apply_mask(d, mask_ptr, b, i, cols, ok, mask_stride_b, mask_stride_j,
 
 
 @triton.jit
+def _diff_tile(s_ptr, t_ptr, mask_ptr, s_row, t_row, b, i, cols, ok, s_stride_j, t_stride_j,
+               mask_stride_b, mask_stride_j, HAS_MASK: tl.constexpr, MASK_QUERIES: tl.constexpr):
+    """One [rows, cols] tile of m * (s' - t') in fp32, with where s and t are above the threshold
+    (the entries whose gradient is not zeroed by the rule)."""
+    c = cols[None, :].to(tl.int64)
+    s = tl.load(s_ptr + s_row[:, None] + c * s_stride_j, mask=ok, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + t_row[:, None] + c * t_stride_j, mask=ok, other=0.0).to(tl.float32)
+    s_live = s > _THRESHOLD
+    t_live = t > _THRESHOLD
+    d = tl.where(s_live, s, 0.0) - tl.where(t_live, t, 0.0)
+    if HAS_MASK:
+        d = _apply_mask(d, mask_ptr, b, i, cols, ok, mask_stride_b, mask_stride_j, MASK_QUERIES)
+    return d, s_live, t_live
+
+
+@triton.jit
 def _attention_mse_fwd_kernel(
     # pointers
     s_ptr, t_ptr, mask_ptr, partial_ptr,
@@ -78,16 +94,9 @@ def _attention_mse_fwd_kernel(
     for c0 in range(0, L, BLOCK_L):
         cols = c0 + tl.arange(0, BLOCK_L)
         ok = row_ok[:, None] & (cols < L)[None, :]
-        s = tl.load(s_ptr + s_row[:, None] + cols[None, :].to(tl.int64) * s_stride_j,
-                    mask=ok, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + t_row[:, None] + cols[None, :].to(tl.int64) * t_stride_j,
-                    mask=ok, other=0.0).to(tl.float32)
-        s = tl.where(s <= _THRESHOLD, 0.0, s)
-        t = tl.where(t <= _THRESHOLD, 0.0, t)
-        d = s - t
-        if HAS_MASK:
-            d = _apply_mask(d, mask_ptr, b, i, cols, ok, mask_stride_b, mask_stride_j,
-                            MASK_QUERIES)
+        d, s_live, t_live = _diff_tile(s_ptr, t_ptr, mask_ptr, s_row, t_row, b, i, cols, ok,
+                                       s_stride_j, t_stride_j, mask_stride_b, mask_stride_j,
+                                       HAS_MASK, MASK_QUERIES)
         acc += d * d
     tl.store(partial_ptr + pid, tl.sum(acc) * scale)
 
@@ -119,16 +128,9 @@ def _attention_mse_bwd_kernel(
     for c0 in range(0, L, BLOCK_L):
         cols = c0 + tl.arange(0, BLOCK_L)
         ok = row_ok[:, None] & (cols < L)[None, :]
-        s = tl.load(s_ptr + s_row[:, None] + cols[None, :].to(tl.int64) * s_stride_j,
-                    mask=ok, other=0.0).to(tl.float32)
-        t = tl.load(t_ptr + t_row[:, None] + cols[None, :].to(tl.int64) * t_stride_j,
-                    mask=ok, other=0.0).to(tl.float32)
-        s_live = s > _THRESHOLD
-        t_live = t > _THRESHOLD
-        d = tl.where(s_live, s, 0.0) - tl.where(t_live, t, 0.0)
-        if HAS_MASK:
-            d = _apply_mask(d, mask_ptr, b, i, cols, ok, mask_stride_b, mask_stride_j,
-                            MASK_QUERIES)
+        d, s_live, t_live = _diff_tile(s_ptr, t_ptr, mask_ptr, s_row, t_row, b, i, cols, ok,
+                                       s_stride_j, t_stride_j, mask_stride_b, mask_stride_j,
+                                       HAS_MASK, MASK_QUERIES)
         d = d * coef
         g_off = g_row[:, None] + cols[None, :]
         if NEED_DS:

@@ -54,24 +54,31 @@ def _as_list(name: str, x, what: str) -> list[torch.Tensor]:
     raise TypeError(f"{name} must be a tensor or a list/tuple of tensors; got {type(x).__name__}")
 
 
-def attention_layers(name: str, x) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Normalise attention scores to a list of [B, H, L, L] tensors (views, no copies).
+def layers_4d(name: str, x, dims: str = "[B, H, L, L]"
+              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Normalise per-layer 4-D tensors (attention scores [B, H, L, L], or Q/K [B, H, L, d]) given
+    as one layer, stacked layers [n_layers, ...] or a list/tuple of layers.
 
-    Returns (layers, stacked): `stacked` is x as [n_layers, B, H, L, L] when x was one tensor
-    (4-D or 5-D), else None.
+    Returns (layers, stacked): the layers (views, no copies), and x as [n_layers, ...] when x was
+    one tensor (4-D or 5-D), else None.
     """
-    layers = _as_list(name, x, "[B, H, L, L]")
+    layers = _as_list(name, x, dims)
     if isinstance(x, torch.Tensor):
         if x.dim() == 5:
             return list(x.unbind(0)), x
         if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, L, L] or stacked [n_layers, B, H, L, L]; got "
+            raise ValueError(f"{name} must be {dims} or stacked [n_layers, {dims[1:]}; got "
                              f"shape {tuple(x.shape)}")
         return layers, x.unsqueeze(0)
     for i, xi in enumerate(layers):
         if xi.dim() != 4:
-            raise ValueError(f"{name}[{i}] must be [B, H, L, L]; got shape {tuple(xi.shape)}")
+            raise ValueError(f"{name}[{i}] must be {dims}; got shape {tuple(xi.shape)}")
     return layers, None
+
+
+def attention_layers(name: str, x) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Attention scores [B, H, L, L] per layer: see layers_4d."""
+    return layers_4d(name, x, "[B, H, L, L]")
 
 
 def check_attention(student: list[torch.Tensor], teacher: list[torch.Tensor],

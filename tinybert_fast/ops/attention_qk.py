@@ -99,18 +99,7 @@ def resolve_method(method: str, L: int) -> str:
 
 def _layers(name: str, x) -> tuple[list[Tensor], Tensor | None]:
     """A list of [B, H, L, d] layers (views) and x as [n, B, H, L, d] when x was one tensor."""
-    layers = _checks._as_list(name, x, "[B, H, L, d_head]")
-    if isinstance(x, Tensor):
-        if x.dim() == 5:
-            return list(x.unbind(0)), x
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, L, d_head] or stacked [n_layers, B, H, L, "
-                             f"d_head]; got shape {tuple(x.shape)}")
-        return layers, x.unsqueeze(0)
-    for i, xi in enumerate(layers):
-        if xi.dim() != 4:
-            raise ValueError(f"{name}[{i}] must be [B, H, L, d_head]; got shape {tuple(xi.shape)}")
-    return layers, None
+    return _checks.layers_4d(name, x, "[B, H, L, d_head]")
 
 
 def qk_inputs(q_s, k_s, q_t, k_t, attention_mask: Tensor | None, fused: bool):
