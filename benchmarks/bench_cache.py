@@ -303,7 +303,8 @@ def distillation_epoch(data: Tokenized, ids, root, rng, n_examples=8192) -> list
         loss = tbf.distillation_loss(
             student_attention=torch.stack(rec.layers), teacher_attention=t_attention,
             attention_mask=mask, student_hidden=torch.stack(s.hidden_states),
-            teacher_hidden=t_hidden, weight=proj.proj.weight, bias=proj.proj.bias).total
+            teacher_hidden=t_hidden, weight=proj.proj.weight, bias=proj.proj.bias,
+            mask_padding=True).total  # cached outputs store no padded rows: exclude them
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
