@@ -46,5 +46,5 @@ def cases(quick: bool = False) -> list[Case]:
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_hidden_mse_full(benchmark, bench_device, provider):
-    benchmark_full_pass(benchmark, cases(quick=bench_device != "cuda")[1 if bench_device == "cuda" else 0],
-                        provider, bench_device)
+    benchmark_full_pass(benchmark, cases(quick=bench_device != "cuda")[0], provider,
+                        bench_device)

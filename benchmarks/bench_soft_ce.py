@@ -28,10 +28,28 @@ def case(N: int, C: int, dtype=DTYPE) -> Case:
         zt = torch.randn((N, C), generator=g, device=device, dtype=dtype) * 2
         inputs = {"student": zs.requires_grad_(), "teacher": zt}
         call = lambda impl, inp: impl(inp["student"], inp["teacher"])
-        return inputs, providers(tbf.reference.soft_cross_entropy, tbf.soft_cross_entropy, call)
+        fns = providers(tbf.reference.soft_cross_entropy, tbf.soft_cross_entropy, call)
+        liger = liger_kl(device)
+        if liger is not None:
+            fns["liger"] = lambda inp: liger(inp["student"], inp["teacher"])
+        return inputs, fns
 
     return Case("soft_ce", f"N={N} C={C}", dict(N=N, C=C), make,
                 {"fwd": 2 * nbytes, "bwd": 3 * nbytes, "full": 3 * nbytes})
+
+
+def liger_kl(device: str):
+    """Liger-Kernel's closest loss, when installed (CUDA only): its fused KL divergence
+    KL(p_t || q_s) on log-probabilities, whose gradient in z_s, (softmax(z_s) - p_t) / N, is soft
+    CE's ("batchmean", T = 1); the log_softmax calls are what a user of it would add."""
+    if device != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import LigerKLDIVLoss
+    except ImportError:
+        return None
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    return lambda zs, zt: kl(torch.log_softmax(zs.float(), -1), torch.log_softmax(zt.float(), -1))
 
 
 def cases(quick: bool = False) -> list[Case]:
