@@ -14,6 +14,8 @@ import torch
 
 from tinybert_fast import distill
 
+from conftest import needs_triton
+
 GLUE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
 SST2 = os.path.join(GLUE, "SST-2")
 pytestmark = pytest.mark.skipif(not os.path.isdir(SST2), reason=f"SST-2 not found at {SST2}")
@@ -238,3 +240,22 @@ def test_cache_command_builds_what_distill_opens(models, tmp_path):
     stamp = manifest.stat().st_mtime_ns
     out = distill.distill(_cfg(models, tmp_path / "run", teacher_cache=str(store), max_steps=2))
     assert out["steps"] == 2 and manifest.stat().st_mtime_ns == stamp  # opened, not rebuilt
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_attention_from_qk_follows_the_score_run(models, tmp_path, mask_padding, backend):
+    """Task step 1 with Q and K (SDPA attention in student and teacher, attention_mse_qk) gives
+    the loss trajectory of the score-based run (eager reference, or fused kernels)."""
+    import tinybert_fast as tbf
+    tbf.set_backend(backend)  # restored after the test by conftest
+    kw = dict(max_steps=4, mask_padding=mask_padding)
+    distill.distill(_cfg(models, tmp_path / "scores", **kw))
+    distill.distill(_cfg(models, tmp_path / "qk", attention_from="qk", **kw))
+    scores, qk = _log(tmp_path / "scores"), _log(tmp_path / "qk")
+    assert len(scores) == len(qk) == 4
+    for a, b in zip(scores, qk):
+        for key in ("attention", "hidden", "total"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    with pytest.raises(ValueError, match="averages"):
+        distill.distill(_cfg(models, tmp_path / "mean", attention_from="qk", mapping="mean"))

@@ -16,6 +16,10 @@ a custom attention implementation receives no padding mask.  The mask it receive
     with capture.record_scores([2, 5, 8, 11]) as scores:      # 0-based layer indices
         out = model(**batch, output_hidden_states=True)
     scores.layers   # list of [B, H, L, L], in the order the indices were given
+
+`record_qk(layers)` records each layer's (Q, K) [B, H, L, d] instead and leaves the attention
+itself to SDPA on every layer: the input of `tinybert_fast.attention_mse_qk`, which computes the
+same loss without the L x L scores.
 """
 
 from __future__ import annotations
@@ -31,9 +35,13 @@ ATTN_IMPLEMENTATION = "tinybert_fast"
 
 
 class ScoreRecord:
-    """Pre-softmax scores of chosen layers, filled during a forward pass."""
+    """Pre-softmax scores (kind "scores") or (Q, K) pairs (kind "qk") of chosen layers, filled
+    during a forward pass."""
 
-    def __init__(self, layer_indices: Iterable[int]):
+    def __init__(self, layer_indices: Iterable[int], kind: str = "scores"):
+        if kind not in ("scores", "qk"):
+            raise ValueError(f"kind must be 'scores' or 'qk'; got {kind!r}")
+        self.kind = kind
         self.layer_indices = [int(i) for i in layer_indices]
         if len(set(self.layer_indices)) != len(self.layer_indices):
             raise ValueError(f"layer indices must be distinct; got {self.layer_indices}")
@@ -43,15 +51,15 @@ class ScoreRecord:
     def wants(self, layer_idx) -> bool:
         return layer_idx in self._wanted
 
-    def put(self, layer_idx: int, scores: torch.Tensor) -> None:
+    def put(self, layer_idx: int, scores) -> None:
         if layer_idx in self._scores:
             raise RuntimeError(f"layer {layer_idx} was recorded twice in one record_scores block: "
                                f"run one forward pass per block")
         self._scores[layer_idx] = scores
 
     @property
-    def layers(self) -> list[torch.Tensor]:
-        """Scores [B, H, L, L] in the order of the requested layer indices."""
+    def layers(self) -> list:
+        """Scores [B, H, L, L] (or (Q, K) pairs) in the order of the requested layer indices."""
         missing = [i for i in self.layer_indices if i not in self._scores]
         if missing:
             raise RuntimeError(
@@ -66,14 +74,22 @@ _ACTIVE: contextvars.ContextVar[ScoreRecord | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def record_scores(layer_indices: Iterable[int]):
-    """Record the pre-softmax attention scores of these layers (0-based) in the block's forward."""
-    record = ScoreRecord(layer_indices)
+def _recording(record: ScoreRecord):
     token = _ACTIVE.set(record)
     try:
         yield record
     finally:
         _ACTIVE.reset(token)
+
+
+def record_scores(layer_indices: Iterable[int]):
+    """Record the pre-softmax attention scores of these layers (0-based) in the block's forward."""
+    return _recording(ScoreRecord(layer_indices, "scores"))
+
+
+def record_qk(layer_indices: Iterable[int]):
+    """Record (Q, K), each [B, H, L, d], of these layers (0-based); attention runs on SDPA."""
+    return _recording(ScoreRecord(layer_indices, "qk"))
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -82,6 +98,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
     record = _ACTIVE.get()
     layer_idx = getattr(module, "layer_idx", None)
+    if record is not None and record.kind == "qk" and record.wants(layer_idx):
+        record.put(layer_idx, (query, key))
+        record = None
     if record is None or not record.wants(layer_idx):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)

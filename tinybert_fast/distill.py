@@ -81,6 +81,7 @@ class DistillConfig:
     teacher_cache: str | None = None   # teacher outputs cached here (built on first use)
     cache_dtype: str = "bf16"          # fp32 | bf16 | fp16 | int8
     mask_padding: bool = False         # exclude padded positions from the intermediate losses
+    attention_from: str = "scores"     # scores | qk (attention_mse_qk: both models run SDPA)
     epochs: float | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -111,6 +112,12 @@ class DistillConfig:
             raise ValueError(f"losses must be 'fused' or 'eager'; got {self.losses!r}")
         if self.init not in ("auto", "random", "teacher-layers"):
             raise ValueError(f"init must be auto, random or teacher-layers; got {self.init!r}")
+        if self.attention_from not in ("scores", "qk"):
+            raise ValueError(f"attention_from must be 'scores' or 'qk'; got "
+                             f"{self.attention_from!r}")
+        if self.attention_from == "qk" and self.teacher_cache:
+            raise ValueError("attention_from 'qk' takes Q and K from the live teacher; the "
+                             "teacher cache stores scores: use one or the other")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be auto, on or off; got {self.bf16!r}")
         out = dataclasses.replace(self)
@@ -258,7 +265,7 @@ class Objective:
         return self._prediction(model, inputs, labels, cached)
 
     def _teacher_intermediates(self, inputs, cached):
-        """{teacher layer: scores [B, H, L, L]} and the hidden-state list (index = state)."""
+        """{teacher layer: scores [B, H, L, L] (or (Q, K))} and {state index: hidden state}."""
         lm = self.layer_map
         if cached is not None:
             scores = dict(zip(lm.teacher_attention_layers, cached.attention.unbind(0))) \
@@ -266,11 +273,30 @@ class Objective:
             states = dict(zip(lm.teacher_hidden_states, cached.hidden.unbind(0))) \
                 if self.need_hid else {}
             return scores, states
-        with torch.no_grad(), capture.record_scores(
-                lm.teacher_attention_layers if self.need_att else []) as t_rec:
+        with torch.no_grad(), self._record(lm.teacher_attention_layers) as t_rec:
             t_out = self.teacher(**inputs, output_hidden_states=self.need_hid)
         scores = dict(zip(lm.teacher_attention_layers, t_rec.layers)) if self.need_att else {}
         return scores, (dict(enumerate(t_out.hidden_states)) if self.need_hid else {})
+
+    def _record(self, layers):
+        """Record scores (or Q and K) of these layers during the next forward, when needed."""
+        layers = layers if self.need_att else []
+        if self.cfg.attention_from == "qk":
+            return capture.record_qk(layers)
+        return capture.record_scores(layers)
+
+    def _attention_from_qk(self, s_pairs, t_pairs, inputs, mask):
+        """attention_mse_qk over the mapped layers.  Padded keys are excluded as the score path's
+        mask bias excludes them; with mask_padding, padded query rows too (their Q rows are
+        zeroed in both models, which zeroes those rows of both score maps)."""
+        key_mask = inputs["attention_mask"]
+        q_s, k_s = zip(*s_pairs)
+        q_t, k_t = zip(*(t_pairs[group[0]] for group in self.layer_map.attention))
+        if mask is not None:
+            rows = mask[:, None, :, None].to(q_s[0].dtype)
+            q_s = [q * rows for q in q_s]
+            q_t = [q * rows.to(q.dtype) for q in q_t]
+        return self.impl.attention_mse_qk(list(q_s), list(k_s), list(q_t), list(k_t), key_mask)
 
     def _intermediate(self, model, inputs, cached):
         cfg, lm = self.cfg, self.layer_map
@@ -278,11 +304,14 @@ class Objective:
         # padded positions: excluded when asked, and always with a cache (it stores none)
         mask = inputs["attention_mask"] if (cfg.mask_padding or cached is not None) else None
         n_student = len(lm.attention)
-        with capture.record_scores(range(n_student) if self.need_att else []) as s_rec:
+        with self._record(range(n_student)) as s_rec:
             s_out, w, b = model(**inputs, output_hidden_states=self.need_hid)
         terms = {}
         total = 0.0
-        if self.need_att:
+        if self.need_att and cfg.attention_from == "qk":
+            terms["attention"] = self._attention_from_qk(s_rec.layers, t_scores, inputs, mask)
+            total = total + cfg.attention_weight * terms["attention"]
+        elif self.need_att:
             target = [_mean([t_scores[i] for i in group]) for group in lm.attention]
             terms["attention"] = self.impl.attention_mse(s_rec.layers, target, mask,
                                                          mask_queries=mask is not None)
@@ -465,6 +494,10 @@ class _Run:
                                                n_t, seed=cfg.mapping_seed,
                                                layers=cfg.mapping_layers)
             check_pair(student_config, teacher_config, cfg)
+            if cfg.attention_from == "qk" and any(len(g) > 1 for g in self.layer_map.attention):
+                raise ValueError(f"mapping {cfg.mapping!r} averages teacher score maps, which "
+                                 f"attention_from 'qk' does not form; use --attention-from "
+                                 f"scores with it")
 
         examples = load_training_examples(cfg, self.task)
         self.train_set = data.TokenizedDataset(examples, self.tokenizer, cfg.max_length)
@@ -722,6 +755,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mix hard-label cross-entropy into step 2 (classic soft+hard KD)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--losses", choices=["fused", "eager"], default="fused")
+    g.add_argument("--attention-from", choices=["scores", "qk"], default="scores",
+                   help="qk: the attention loss from Q and K (tbf.attention_mse_qk); student and "
+                        "teacher then run SDPA attention on every layer")
     g.add_argument("--mask-padding", action="store_true",
                    help="exclude padded query rows and tokens from the intermediate losses "
                         "(TinyBERT keeps them; always on with --teacher-cache)")
