@@ -17,6 +17,12 @@ In one run it measures, per batch of 32 random examples padded to their longest:
 and the disk size per example against the same outputs padded to 64 (and 128), and the 8-bit
 error observed against the documented bound (|x_hat - x| <= max|row| / 254).
 
+Attention storage (`--storage`, no teacher needed): bytes per example of the mapped outputs of a
+TinyBERT4 <- BERT-base mapping (4 score maps of 12 heads, 5 hidden states of 768, 2 logits) and
+of this MiniLM mapping, stored as scores, as Q and K ("qk") and "auto" (per example the smaller),
+from the real token lengths of GLUE tasks (SST-2 at 64 tokens, MRPC at 128, RTE at 128 and 512):
+`CacheLayout.record_bytes`, the function the writer sizes its records with.
+
 On a GPU it also measures the pinned host-to-device bandwidth, the cache's fetch throughput in GB
 of records per second against it, and a task-distillation epoch (TinyBERT4 student, attention +
 hidden losses) with a BERT-base-sized teacher (random weights) recomputed every step vs read from
@@ -210,6 +216,40 @@ def disk_sizes(caches) -> list[dict]:
     return rows
 
 
+# (name, attention layers, heads, head dim, hidden states, hidden size, logits)
+STORAGE_MODELS = [("TinyBERT4 <- BERT-base", 4, 12, 64, 5, 768, 2),
+                  ("MiniLM-L6 (this benchmark's mapping)", 3, 12, 32, 4, 384, 2)]
+STORAGE_TASKS = [("SST-2", 64), ("MRPC", 128), ("RTE", 128), ("RTE", 512)]
+
+
+def storage_sizes(glue_dir: str, tokenizer, dtype: str = "bf16") -> list[dict]:
+    """Bytes per example (mean over the training set) of scores / qk / auto attention storage."""
+    from tinybert_fast import data as tdata
+    rows = []
+    for task_dir, max_length in STORAGE_TASKS:
+        path = os.path.join(glue_dir, task_dir)
+        if not os.path.exists(os.path.join(path, "train.tsv")):
+            continue
+        task = tdata.get_task(task_dir)
+        examples = tdata.load_examples(task, "train", path)
+        lengths = np.asarray([len(ids) for ids in tdata.TokenizedDataset(
+            examples, tokenizer, max_length).input_ids])
+        for name, n_att, H, dh, n_hid, d, C in STORAGE_MODELS:
+            row = {"name": "storage", "task": task_dir, "max_length": max_length, "model": name,
+                   "dtype": dtype, "examples": len(lengths), "mean_length": float(lengths.mean()),
+                   "max_seen_length": int(lengths.max())}
+            for storage in ("scores", "qk", "auto"):
+                qk_dim = 0 if storage == "scores" else dh
+                lay = tc.CacheLayout(dtype, C, n_hid, d, n_att, H, qk_dim,
+                                     tc._qk_min_length(storage, dtype, dh) if qk_dim else 0)
+                row[f"{storage}_bytes_per_example"] = float(lay.record_bytes(lengths).mean())
+                if storage == "auto":
+                    row["auto_qk_fraction"] = float(lay.stores_qk(lengths).mean())
+            row["auto_vs_scores"] = row["auto_bytes_per_example"] / row["scores_bytes_per_example"]
+            rows.append(row)
+    return rows
+
+
 def int8_error(teacher, data, caches, ids, device, n_batches=8) -> list[dict]:
     """Observed 8-bit (and bf16) error against the fp32 teacher outputs that were stored: the
     build's own first batches, recomputed (same batch composition, so the same values)."""
@@ -353,7 +393,18 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="bf16,int8")
     parser.add_argument("--cache-dir", default=None, help="where to build (default: a temp dir)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--storage", action="store_true",
+                        help="only the attention-storage sizes (scores / qk / auto) on GLUE")
     args = parser.parse_args(argv)
+    if args.storage:
+        tokenizer, _ = load_teacher("cpu")
+        rows = storage_sizes(os.path.dirname(args.data_dir), tokenizer)
+        print(format_rows(rows))
+        info = device_info("cpu")
+        path = write_results(rows, info, os.path.join(args.out, device_slug(info)),
+                             "cache_storage")
+        print(f"# wrote {path}")
+        return 0
     if not os.path.exists(os.path.join(args.data_dir, "train.tsv")):
         parser.error(f"SST-2 not found at {args.data_dir} (pass --data-dir)")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -287,10 +287,12 @@ void parallel_for(int64_t n, int64_t threads, const std::function<void(int64_t)>
 // Argument checks: messages name the argument, what was seen and what was expected.
 
 Layout parse_layout(c10::IntArrayRef layout) {
-  TORCH_CHECK_VALUE(layout.size() == 6,
-                    "layout: expected 6 integers [num_logits, num_hidden, hidden_size, "
-                    "num_attention, num_heads, storage], got ", layout.size());
-  Layout l{layout[0], layout[1], layout[2], layout[3], layout[4], layout[5]};
+  TORCH_CHECK_VALUE(static_cast<int64_t>(layout.size()) == kLayoutInts,
+                    "layout: expected ", kLayoutInts, " integers [num_logits, num_hidden, "
+                    "hidden_size, num_attention, num_heads, storage, qk_head_dim, qk_min_length], "
+                    "got ", layout.size());
+  Layout l{layout[0], layout[1], layout[2], layout[3], layout[4], layout[5], layout[6],
+           layout[7]};
   TORCH_CHECK_VALUE(l.num_logits >= 0 && l.num_hidden >= 0 && l.num_attention >= 0,
                     "layout: counts must be >= 0, got ", layout);
   TORCH_CHECK_VALUE(l.num_hidden == 0 || l.hidden_size > 0,
@@ -300,6 +302,9 @@ Layout parse_layout(c10::IntArrayRef layout) {
   TORCH_CHECK_VALUE(l.storage >= kFloat32 && l.storage <= kInt8,
                     "layout: storage code must be 0 (fp32), 1 (bf16), 2 (fp16) or 3 (int8), got ",
                     l.storage);
+  TORCH_CHECK_VALUE(l.qk_head_dim >= 0 && (l.qk_head_dim == 0 || l.qk_min_length >= 1),
+                    "layout: qk_head_dim must be >= 0, and qk_min_length >= 1 when it is > 0; "
+                    "got ", layout);
   return l;
 }
 
@@ -392,53 +397,80 @@ void quantize_row(uint8_t* dst, float* scale_out, const float* src, int64_t n) {
   }
 }
 
+// One example's record.  `slot` is the example's position among the batch's examples that store
+// scores (attention: [n_att, Bs, H, Lp, Lp]) or, when stores_qk, among those that store Q and K
+// (qk: [2, n_att, Bq, H, Lp, d_h]); the other tensor is not read.
 template <typename T>
 void pack_example(uint8_t* rec, int64_t b, int64_t L, int64_t B, int64_t Lp, const Layout& l,
-                  const T* logits, const T* hidden, const T* attention) {
+                  const T* logits, const T* hidden, const T* attention, const T* qk, int64_t slot,
+                  int64_t n_slots) {
   const Sections sec = sections(l, L);
   const int64_t H = l.num_heads, d = l.hidden_size, C = l.num_logits;
   const bool q8 = l.storage == kInt8;
   auto* scales = reinterpret_cast<float*>(rec + sec.scales);
-  if (C > 0) {
-    const T* src = logits + b * C;
-    if (q8) quantize_row(rec + sec.logits, &scales[0], reinterpret_cast<const float*>(src), C);
-    else copy_row(rec + sec.logits, src, C);
-  }
+  auto put = [&](uint8_t* dst, int64_t row, const T* src, int64_t n) {
+    if (q8) quantize_row(dst, &scales[row], reinterpret_cast<const float*>(src), n);
+    else copy_row(dst, src, n);
+  };
+  if (C > 0) put(rec + sec.logits, 0, logits + b * C, C);
   const int64_t es = element_size(l.storage);
   for (int64_t s = 0; s < l.num_hidden; ++s)
-    for (int64_t t = 0; t < L; ++t) {
-      const T* src = hidden + ((s * B + b) * Lp + t) * d;
-      uint8_t* dst = rec + sec.hidden + (s * L + t) * d * es;
-      if (q8) quantize_row(dst, &scales[hidden_row0(l) + s * L + t],
-                           reinterpret_cast<const float*>(src), d);
-      else copy_row(dst, src, d);
-    }
+    for (int64_t t = 0; t < L; ++t)
+      put(rec + sec.hidden + (s * L + t) * d * es, hidden_row0(l) + s * L + t,
+          hidden + ((s * B + b) * Lp + t) * d, d);
+  const int64_t row0 = attention_row0(l, L);
+  if (stores_qk(l, L)) {
+    const int64_t dh = l.qk_head_dim, n_att = l.num_attention;
+    for (int64_t w = 0; w < 2; ++w)
+      for (int64_t a = 0; a < n_att; ++a)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t t = 0; t < L; ++t) {
+            const int64_t r = ((w * n_att + a) * H + h) * L + t;  // record row
+            put(rec + sec.attention + r * dh * es, row0 + r,
+                qk + ((((w * n_att + a) * n_slots + slot) * H + h) * Lp + t) * dh, dh);
+          }
+    return;
+  }
   for (int64_t a = 0; a < l.num_attention; ++a)
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t i = 0; i < L; ++i) {
-        const T* src = attention + (((a * B + b) * H + h) * Lp + i) * Lp;
-        uint8_t* dst = rec + sec.attention + ((a * H + h) * L + i) * L * es;
-        if (q8) quantize_row(dst, &scales[attention_row0(l, L) + (a * H + h) * L + i],
-                             reinterpret_cast<const float*>(src), L);
-        else copy_row(dst, src, L);
-      }
+      for (int64_t i = 0; i < L; ++i)
+        put(rec + sec.attention + ((a * H + h) * L + i) * L * es, row0 + (a * H + h) * L + i,
+            attention + (((a * n_slots + slot) * H + h) * Lp + i) * Lp, L);
+}
+
+// Position of each example among those of the batch that store scores, or among those that store
+// Q and K (stores_qk), in batch order; counts of both.
+struct Slots {
+  std::vector<int64_t> slot;
+  int64_t scores = 0, qk = 0;
+};
+
+Slots example_slots(const Layout& l, const int64_t* len, int64_t B) {
+  Slots s;
+  s.slot.resize(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) s.slot[b] = stores_qk(l, len[b]) ? s.qk++ : s.scores++;
+  return s;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_op(
     const at::Tensor& lengths, const c10::optional<at::Tensor>& logits,
     const c10::optional<at::Tensor>& hidden, const c10::optional<at::Tensor>& attention,
-    c10::IntArrayRef layout, int64_t num_threads) {
+    const c10::optional<at::Tensor>& qk, c10::IntArrayRef layout, int64_t num_threads) {
   const Layout l = parse_layout(layout);
   const int64_t B = lengths.numel();
   check_index_tensor(lengths, "lengths", B);
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(len[b] >= 1, "lengths[", b, "]: expected >= 1, got ", len[b]);
+  const Slots slots = example_slots(l, len, B);
   const auto want = l.storage == kInt8 ? at::kFloat : storage_scalar_type(l.storage);
   auto check_input = [&](const c10::optional<at::Tensor>& t, const char* name, bool needed,
-                         int64_t dims) -> at::Tensor {
+                         int64_t dims, const char* why) -> at::Tensor {
     if (!needed) {
-      TORCH_CHECK_VALUE(!t.has_value(), name, ": given, but the layout stores none");
+      TORCH_CHECK_VALUE(!t.has_value(), name, ": given, but ", why);
       return at::Tensor();
     }
-    TORCH_CHECK_VALUE(t.has_value(), name, ": required by the layout, got None");
+    TORCH_CHECK_VALUE(t.has_value(), name, ": required (", why, "), got None");
     TORCH_CHECK_VALUE(t->device().is_cpu(), name, ": expected a CPU tensor, got ", t->device());
     TORCH_CHECK_TYPE(t->scalar_type() == want, name, ": expected ", want,
                      l.storage == kInt8 ? " (8-bit storage quantizes float32)" : "",
@@ -447,35 +479,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_op(
                       t->sizes());
     return t->contiguous();
   };
-  const at::Tensor lg = check_input(logits, "logits", l.num_logits > 0, 2);
-  const at::Tensor hd = check_input(hidden, "hidden", l.num_hidden > 0, 4);
-  const at::Tensor at_ = check_input(attention, "attention", l.num_attention > 0, 5);
+  const at::Tensor lg = check_input(logits, "logits", l.num_logits > 0, 2,
+                                    "the layout stores logits");
+  const at::Tensor hd = check_input(hidden, "hidden", l.num_hidden > 0, 4,
+                                    "the layout stores hidden states");
+  const at::Tensor at_ = check_input(attention, "attention", slots.scores > 0 && l.num_attention,
+                                     5, "examples of the batch store scores");
+  const at::Tensor qk_ = check_input(qk, "qk", slots.qk > 0, 6,
+                                     "examples of the batch store Q and K");
   if (lg.defined())
     TORCH_CHECK_VALUE(lg.size(0) == B && lg.size(1) == l.num_logits, "logits: expected [", B,
                       ", ", l.num_logits, "], got ", lg.sizes());
   int64_t Lp = -1;
+  auto same_padding = [&](const char* name, int64_t got) {
+    TORCH_CHECK_VALUE(Lp < 0 || got == Lp, name, ": padded length ", got,
+                      " differs from the other inputs' ", Lp);
+    Lp = got;
+  };
   if (hd.defined()) {
     TORCH_CHECK_VALUE(hd.size(0) == l.num_hidden && hd.size(1) == B && hd.size(3) == l.hidden_size,
                       "hidden: expected [", l.num_hidden, ", ", B, ", L, ", l.hidden_size,
                       "], got ", hd.sizes());
-    Lp = hd.size(2);
+    same_padding("hidden", hd.size(2));
   }
   if (at_.defined()) {
-    TORCH_CHECK_VALUE(at_.size(0) == l.num_attention && at_.size(1) == B &&
+    TORCH_CHECK_VALUE(at_.size(0) == l.num_attention && at_.size(1) == slots.scores &&
                           at_.size(2) == l.num_heads && at_.size(3) == at_.size(4),
-                      "attention: expected [", l.num_attention, ", ", B, ", ", l.num_heads,
-                      ", L, L], got ", at_.sizes());
-    TORCH_CHECK_VALUE(Lp < 0 || at_.size(3) == Lp, "attention: padded length ", at_.size(3),
-                      " differs from hidden's ", Lp);
-    Lp = at_.size(3);
+                      "attention: expected [", l.num_attention, ", ", slots.scores,
+                      " (the examples that store scores), ", l.num_heads, ", L, L], got ",
+                      at_.sizes());
+    same_padding("attention", at_.size(3));
   }
-  const int64_t* len = lengths.data_ptr<int64_t>();
+  if (qk_.defined()) {
+    TORCH_CHECK_VALUE(qk_.size(0) == 2 && qk_.size(1) == l.num_attention &&
+                          qk_.size(2) == slots.qk && qk_.size(3) == l.num_heads &&
+                          qk_.size(5) == l.qk_head_dim,
+                      "qk: expected [2, ", l.num_attention, ", ", slots.qk,
+                      " (the examples that store Q and K), ", l.num_heads, ", L, ", l.qk_head_dim,
+                      "], got ", qk_.sizes());
+    same_padding("qk", qk_.size(4));
+  }
   auto offsets = at::empty({B + 1}, lengths.options());
   int64_t* off = offsets.data_ptr<int64_t>();
   off[0] = 0;
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(len[b] >= 1 && (Lp < 0 || len[b] <= Lp), "lengths[", b, "]: expected 1..",
-                      Lp < 0 ? INT64_MAX : Lp, " (the padded length), got ", len[b]);
+    TORCH_CHECK_VALUE(Lp < 0 || len[b] <= Lp, "lengths[", b, "]: expected 1..", Lp,
+                      " (the padded length), got ", len[b]);
     off[b + 1] = off[b] + sections(l, len[b]).bytes;
   }
   // Zeroed so that the gaps between sections are zero bytes: records are reproducible.
@@ -483,30 +532,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_op(
   auto crcs = at::empty({B}, lengths.options());
   uint8_t* base = records.data_ptr<uint8_t>();
   int64_t* crc = crcs.data_ptr<int64_t>();
-  parallel_for(B, num_threads, [&](int64_t b) {
-    uint8_t* rec = base + off[b];
-    switch (l.storage) {
-      case kFloat32:
-      case kInt8:
-        pack_example<float>(rec, b, len[b], B, Lp, l,
-                            lg.defined() ? lg.data_ptr<float>() : nullptr,
-                            hd.defined() ? hd.data_ptr<float>() : nullptr,
-                            at_.defined() ? at_.data_ptr<float>() : nullptr);
-        break;
-      case kBFloat16:
-        pack_example<c10::BFloat16>(rec, b, len[b], B, Lp, l,
-                                    lg.defined() ? lg.data_ptr<c10::BFloat16>() : nullptr,
-                                    hd.defined() ? hd.data_ptr<c10::BFloat16>() : nullptr,
-                                    at_.defined() ? at_.data_ptr<c10::BFloat16>() : nullptr);
-        break;
-      default:
-        pack_example<c10::Half>(rec, b, len[b], B, Lp, l,
-                                lg.defined() ? lg.data_ptr<c10::Half>() : nullptr,
-                                hd.defined() ? hd.data_ptr<c10::Half>() : nullptr,
-                                at_.defined() ? at_.data_ptr<c10::Half>() : nullptr);
-    }
-    crc[b] = crc32c(0, rec, static_cast<size_t>(off[b + 1] - off[b]));
-  });
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const T *plg = ptr(lg), *phd = ptr(hd), *pat = ptr(at_), *pqk = ptr(qk_);
+    parallel_for(B, num_threads, [&](int64_t b) {
+      uint8_t* rec = base + off[b];
+      const bool qk_b = stores_qk(l, len[b]);
+      pack_example<T>(rec, b, len[b], B, Lp, l, plg, phd, pat, pqk, slots.slot[b],
+                      qk_b ? slots.qk : slots.scores);
+      crc[b] = crc32c(0, rec, static_cast<size_t>(off[b + 1] - off[b]));
+    });
+  };
+  switch (l.storage) {
+    case kFloat32:
+    case kInt8: run(static_cast<float*>(nullptr)); break;
+    case kBFloat16: run(static_cast<c10::BFloat16*>(nullptr)); break;
+    default: run(static_cast<c10::Half*>(nullptr));
+  }
   return {records, offsets, crcs};
 }
 
@@ -575,8 +618,9 @@ template <typename O>
 struct Unpacker {
   const Layout l;
   int64_t B, P;
-  O *att, *hid, *logit;
+  O *att, *hid, *logit, *qk;  // att [n_att, Bs, H, P, P], qk [2, n_att, Bq, H, P, d_h]
   int64_t* mask;
+  int64_t n_scores, n_qk;     // Bs, Bq
 
   // n stored values -> dst[0:n], zeros in dst[n:width].
   static void row(O* dst, const uint8_t* src, int64_t n, int64_t width, bool q8, float scale) {
@@ -589,7 +633,8 @@ struct Unpacker {
     std::fill(dst + n, dst + width, static_cast<O>(0.0f));
   }
 
-  void example(const uint8_t* rec, int64_t b, int64_t L, CrcCursor* crc) const {
+  // Example b (at `slot` among the batch's score or Q/K examples) from its record.
+  void example(const uint8_t* rec, int64_t b, int64_t L, int64_t slot, CrcCursor* crc) const {
     const Sections sec = sections(l, L);
     const bool q8 = l.storage == kInt8;
     const int64_t es = element_size(l.storage);
@@ -597,42 +642,75 @@ struct Unpacker {
     const auto* scales = reinterpret_cast<const float*>(rec + sec.scales);
     if (crc && q8) crc->advance(sec.scales + num_rows(l, L) * 4);
     auto scale = [&](int64_t r) { return q8 ? scales[r] : 1.0f; };
+    // Output rows 0..rows_out-1 of `width` values: stored rows 0..L-1 of n values starting at
+    // byte `start` (scale rows from `scale_row`), then zero rows.
+    auto rows = [&](O* dst, int64_t rows_out, int64_t width, int64_t start, int64_t scale_row,
+                    int64_t n) {
+      for (int64_t t = 0; t < rows_out; ++t, dst += width) {
+        if (t >= L) {
+          std::fill(dst, dst + width, static_cast<O>(0.0f));
+          continue;
+        }
+        const int64_t pos = start + t * n * es;
+        if (crc) crc->advance(pos + n * es);
+        row(dst, rec + pos, n, width, q8, scale(scale_row + t));
+      }
+    };
     if (C > 0) {
       if (crc) crc->advance(sec.logits + C * es);
       row(logit + b * C, rec + sec.logits, C, C, q8, scale(0));
     }
     for (int64_t s = 0; s < l.num_hidden; ++s)
-      for (int64_t t = 0; t < P; ++t) {
-        O* dst = hid + ((s * B + b) * P + t) * d;
-        if (t >= L) {
-          std::fill(dst, dst + d, static_cast<O>(0.0f));
-          continue;
-        }
-        const int64_t start = sec.hidden + (s * L + t) * d * es;
-        if (crc) crc->advance(start + d * es);
-        row(dst, rec + start, d, d, q8, scale(hidden_row0(l) + s * L + t));
-      }
-    for (int64_t a = 0; a < l.num_attention; ++a)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = 0; i < P; ++i) {
-          O* dst = att + (((a * B + b) * H + h) * P + i) * P;
-          if (i >= L) {
-            std::fill(dst, dst + P, static_cast<O>(0.0f));
-            continue;
+      rows(hid + (s * B + b) * P * d, P, d, sec.hidden + s * L * d * es,
+           hidden_row0(l) + s * L, d);
+    const int64_t a0 = attention_row0(l, L);
+    if (stores_qk(l, L)) {
+      const int64_t dh = l.qk_head_dim, n_att = l.num_attention;
+      for (int64_t w = 0; w < 2; ++w)
+        for (int64_t a = 0; a < n_att; ++a)
+          for (int64_t h = 0; h < H; ++h) {
+            const int64_t r = ((w * n_att + a) * H + h) * L;  // first record row of this head
+            rows(qk + (((w * n_att + a) * n_qk + slot) * H + h) * P * dh, P, dh,
+                 sec.attention + r * dh * es, a0 + r, dh);
           }
-          const int64_t start = sec.attention + ((a * H + h) * L + i) * L * es;
-          if (crc) crc->advance(start + L * es);
-          row(dst, rec + start, L, P, q8, scale(attention_row0(l, L) + (a * H + h) * L + i));
+    } else {
+      for (int64_t a = 0; a < l.num_attention; ++a)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t r = (a * H + h) * L;
+          rows(att + ((a * n_scores + slot) * H + h) * P * P, P, P, sec.attention + r * L * es,
+               a0 + r, L);
         }
+    }
     for (int64_t t = 0; t < P; ++t) mask[b * P + t] = t < L ? 1 : 0;
     if (crc) crc->advance(sec.bytes);
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unpack_cpu(
+// The batch positions of the examples that store scores and of those that store Q and K, in
+// order: given (checked against the lengths) or computed.
+std::vector<int64_t> check_examples(const c10::optional<at::Tensor>& given, const char* name,
+                                    const Layout& l, const int64_t* len, int64_t B, bool qk) {
+  std::vector<int64_t> want;
+  for (int64_t b = 0; b < B; ++b)
+    if (stores_qk(l, len[b]) == qk) want.push_back(b);
+  if (given.has_value()) {
+    check_index_tensor(*given, name, given->numel());
+    const int64_t* g = given->data_ptr<int64_t>();
+    bool same = given->numel() == static_cast<int64_t>(want.size());
+    for (size_t i = 0; same && i < want.size(); ++i) same = g[i] == want[i];
+    TORCH_CHECK_VALUE(same, name, ": expected the ", want.size(), " batch positions whose "
+                      "examples store ", qk ? "Q and K" : "scores", " (by length, qk_min_length=",
+                      l.qk_min_length, "), in order; got ", given->sizes(), " other positions");
+  }
+  return want;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unpack_cpu(
     at::TensorList sources, const at::Tensor& source_index, const at::Tensor& offsets,
     const at::Tensor& lengths, const c10::optional<at::Tensor>& crcs, c10::IntArrayRef layout,
-    int64_t pad_to, c10::ScalarType out_dtype, int64_t num_threads) {
+    int64_t pad_to, c10::ScalarType out_dtype, int64_t num_threads,
+    const c10::optional<at::Tensor>& score_examples,
+    const c10::optional<at::Tensor>& qk_examples) {
   const Layout l = parse_layout(layout);
   check_sources(sources, /*cpu=*/true);
   check_out_dtype(l, out_dtype);
@@ -656,9 +734,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unpack_cp
                       "]: record [", off[b], ", ", off[b] + nb, ") runs past the end of sources[",
                       src_idx[b], "] (", sources[src_idx[b]].numel(), " bytes)");
   }
+  const auto on_scores = check_examples(score_examples, "score_examples", l, len, B, false);
+  const auto on_qk = check_examples(qk_examples, "qk_examples", l, len, B, true);
+  const Slots slots = example_slots(l, len, B);
   const auto opts = lengths.options().dtype(out_dtype);
   const int64_t P = pad_to, H = l.num_heads, d = l.hidden_size;
-  auto att = at::empty({l.num_attention, B, l.num_attention ? H : 0, P, P}, opts);
+  const int64_t n_att = l.num_attention, Bs = static_cast<int64_t>(on_scores.size()),
+                Bq = static_cast<int64_t>(on_qk.size());
+  auto att = at::empty({n_att, n_att ? Bs : 0, n_att ? H : 0, P, P}, opts);
+  auto qk = at::empty({2, n_att, n_att ? Bq : 0, n_att ? H : 0, P, l.qk_head_dim}, opts);
   auto hid = at::empty({l.num_hidden, B, P, l.num_hidden ? d : 0}, opts);
   auto logit = at::empty({B, l.num_logits}, opts);
   auto mask = at::empty({B, P}, lengths.options());
@@ -671,15 +755,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unpack_cp
   auto run = [&](auto* tag) {
     using O = std::remove_pointer_t<decltype(tag)>;
     const Unpacker<O> u{l, B, P, att.data_ptr<O>(), hid.data_ptr<O>(), logit.data_ptr<O>(),
-                        mask.data_ptr<int64_t>()};
+                        qk.data_ptr<O>(), mask.data_ptr<int64_t>(), Bs, Bq};
     parallel_for(B, num_threads, [&](int64_t b) {
       const uint8_t* rec = src_ptr[src_idx[b]] + off[b];
       if (want) {
         CrcCursor crc(rec);
-        u.example(rec, b, len[b], &crc);
+        u.example(rec, b, len[b], slots.slot[b], &crc);
         bad_p[b] = static_cast<int64_t>(crc.value()) != want[b];
       } else {
-        u.example(rec, b, len[b], nullptr);
+        u.example(rec, b, len[b], slots.slot[b], nullptr);
       }
     });
   };
@@ -688,7 +772,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> unpack_cp
     case at::kBFloat16: run(static_cast<c10::BFloat16*>(nullptr)); break;
     default: run(static_cast<c10::Half*>(nullptr));
   }
-  return {att, hid, logit, mask, bad};
+  return {att, hid, logit, mask, bad, qk};
 }
 
 std::string build_info() {
@@ -709,15 +793,16 @@ TORCH_LIBRARY(tinybert_fast_cache, m) {
   m.def("crc32c(Tensor data, int crc=0) -> int");
   m.def("record_bytes(Tensor lengths, int[] layout) -> Tensor");
   m.def(
-      "pack(Tensor lengths, Tensor? logits, Tensor? hidden, Tensor? attention, int[] layout, "
-      "int num_threads=1) -> (Tensor records, Tensor offsets, Tensor crcs)");
+      "pack(Tensor lengths, Tensor? logits, Tensor? hidden, Tensor? attention, Tensor? qk, "
+      "int[] layout, int num_threads=1) -> (Tensor records, Tensor offsets, Tensor crcs)");
   m.def(
       "gather(Tensor[] sources, Tensor source_index, Tensor offsets, Tensor nbytes, Tensor? crcs, "
       "Tensor(a!) staging, Tensor staging_offsets, int num_threads=1) -> Tensor bad");
   m.def(
       "unpack(Tensor[] sources, Tensor source_index, Tensor offsets, Tensor lengths, Tensor? crcs, "
-      "int[] layout, int pad_to, ScalarType out_dtype, int num_threads=1) -> (Tensor attention, "
-      "Tensor hidden, Tensor logits, Tensor attention_mask, Tensor bad)");
+      "int[] layout, int pad_to, ScalarType out_dtype, int num_threads=1, "
+      "Tensor? score_examples=None, Tensor? qk_examples=None) -> (Tensor attention, "
+      "Tensor hidden, Tensor logits, Tensor attention_mask, Tensor bad, Tensor qk)");
 }
 
 TORCH_LIBRARY_IMPL(tinybert_fast_cache, CPU, m) {

@@ -13,6 +13,7 @@ only cover fp32 accumulation in the kernels and the rounding of gradients to the
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import NamedTuple
 
@@ -39,6 +40,21 @@ cuda_only = pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA device")
 # Triton's interpreter stores bfloat16 as uint16 and its tl.dot multiplies the raw bit patterns
 # (triton-lang/triton#11584: "we just don't support it yet"), so a bfloat16 GEMM kernel cannot be
 # checked on CPU; the CUDA run checks it.
+
+
+def require_cache_extension() -> None:
+    """Skip the calling test module when the teacher-cache C++ extension is not built, unless
+    TBF_REQUIRE_EXTENSION=1 (CI), where its absence is an error."""
+    from tinybert_fast import cache
+    if cache.HAS_EXTENSION:
+        return
+    if os.environ.get("TBF_REQUIRE_EXTENSION") == "1":
+        raise RuntimeError(f"TBF_REQUIRE_EXTENSION=1 but the extension is missing: "
+                           f"{cache.EXTENSION_ERROR}")
+    pytest.skip(f"the teacher-cache extension is not built ({cache.EXTENSION_ERROR})",
+                allow_module_level=True)
+
+
 class Tol(NamedTuple):
     """Relative tolerances (rel_err = ||got - want|| / ||want||) for the loss and the gradients."""
     loss: float

@@ -259,3 +259,25 @@ def test_attention_from_qk_follows_the_score_run(models, tmp_path, mask_padding,
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
     with pytest.raises(ValueError, match="averages"):
         distill.distill(_cfg(models, tmp_path / "mean", attention_from="qk", mapping="mean"))
+
+
+def test_attention_from_qk_with_a_teacher_cache(models, tmp_path):
+    """--attention-from qk with --teacher-cache: the cache stores the teacher's Q and K (every
+    example) and step 1 gives the live teacher's losses; a cache of scores is refused."""
+    from tinybert_fast import cache
+    if not cache.HAS_EXTENSION:
+        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    kw = dict(attention_from="qk", max_steps=3)
+    distill.distill(_cfg(models, tmp_path / "live", mask_padding=True, **kw))
+    store = tmp_path / "qk-cache"
+    distill.distill(_cfg(models, tmp_path / "cached", teacher_cache=str(store),
+                         cache_dtype="fp32", **kw))
+    opened = cache.TeacherCache.open(store)
+    assert opened.fingerprint["attention_storage"] == "qk" and opened.layout.qk_min_length == 1
+    for a, b in zip(_log(tmp_path / "live"), _log(tmp_path / "cached"), strict=True):
+        for key in ("attention", "hidden", "total"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    scores_store = tmp_path / "score-cache"
+    distill.distill(_cfg(models, tmp_path / "s", teacher_cache=str(scores_store), max_steps=1))
+    with pytest.raises(cache.CacheMismatchError, match='attention_storage: cache has "auto", expected "qk"'):
+        distill.distill(_cfg(models, tmp_path / "q", teacher_cache=str(scores_store), **kw))

@@ -6,11 +6,22 @@ the mapped hidden states and the mapped pre-softmax attention scores, **unpadded
 as token-major rows, scores as an L x L block per head), back to back in memory-mapped files with
 an offsets index, and hands them back padded, in the layout the fused losses take.
 
+Attention storage (`attention_storage=`): an example of L tokens needs L*L scores per head, or
+2*L*d_h values for its queries and keys, from which the scores are Q K^T / sqrt(d_h) (BERT's
+scaling; padded keys are simply absent).  "auto" (default) stores Q and K for the examples where
+that is smaller (L > 2*d_h: from 129 tokens for BERT-base's d_h = 64, 65 for MiniLM's 32) and
+the scores of the others, chosen per example by its length; fetch returns scores either way,
+forming those of the Q/K examples with one batched GEMM on the output device.  "qk" stores Q and
+K for every example, which `fetch(..., attention="qk")` returns as TeacherBatch.query / .key for
+`tbf.attention_mse_qk`; "scores" stores scores only.  When Q and K are stored, the teacher runs
+SDPA attention on every layer while the cache is built.
+
     cache = tbf.TeacherCache.build("cache/sst2", teacher, loader,
                                    attention_layers=[2, 5, 8, 11], hidden_states=[0, 3, 6, 9, 12])
     cache = tbf.TeacherCache.open("cache/sst2")
     t = cache.fetch(batch["example_id"], device="cuda")
     t.attention        # [n_att, B, H, L, L]   (L = longest example of the batch, or pad_to)
+    t.query, t.key     # [n_att, B, H, L, d_h]  with fetch(..., attention="qk") instead
     t.hidden           # [n_hid, B, L, d]
     t.logits           # [B, C]
     t.attention_mask   # [B, L] int64, 1 = token
@@ -27,13 +38,18 @@ Storage (`dtype=`) and what a round trip returns:
 fp32   4 bytes / value     exact
 bf16   2 bytes / value     exact for bf16 teacher outputs; fp32 outputs rounded to bf16
 fp16   2 bytes / value     exact for fp16 outputs; fp32 outputs rounded to fp16
-int8   1 byte / value +    per row (one attention row, hidden row or logits row) a fp32
-       4 bytes / row       scale s = max|row| / 127 and q = rint(x / s), x_hat = q * s:
-                           |x_hat - x| <= max|row| * (1/254 + 2^-22)  (the 2^-22: fp32
-                           arithmetic), then rounding x_hat to out_dtype adds at most
-                           u * |x_hat| (u = 2^-8 bf16, 2^-11 fp16, 2^-24 fp32); the row's
-                           largest value comes back exactly (up to that rounding)
+int8   1 byte / value +    per row (one attention row, Q or K row, hidden row or logits
+       4 bytes / row       row) a fp32 scale s = max|row| / 127 and q = rint(x / s),
+                           x_hat = q * s: |x_hat - x| <= max|row| * (1/254 + 2^-22) (the
+                           2^-22: fp32 arithmetic), then rounding x_hat to out_dtype adds at
+                           most u * |x_hat| (u = 2^-8 bf16, 2^-11 fp16, 2^-24 fp32); the
+                           row's largest value comes back exactly (up to that rounding)
 =====  ==================  ===========================================================
+
+Those hold for what is stored: for an example stored as Q and K, Q and K themselves.  Its scores
+are then formed from the stored Q and K with fp32 accumulation and rounded once to the output
+dtype, so they carry the storage error of Q and K: in 8-bit, |dS_ij| <= (sum_t |q_it| |dk_jt| +
+|dq_it| |k_jt| + |dq_it| |dk_jt|) / sqrt(d_h) with dq, dk bounded as above (tested).
 
 On disk a cache is a folder:
 
@@ -92,7 +108,7 @@ __all__ = ["TeacherCache", "CacheWriter", "TeacherBatch", "CacheLayout", "CacheE
            "HAS_CUDA_KERNELS", "FORMAT_VERSION", "INT8_BOUND"]
 
 FORMAT_NAME = "tinybert-fast teacher cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: attention stored as Q and K for long examples (layout of 8 ints)
 MANIFEST = "cache.json"
 BUILD_SPEC = "build.json"
 # 8-bit storage: |x_hat - x| <= INT8_BOUND * max|row| (before rounding to the output dtype).
@@ -101,9 +117,9 @@ INT8_BOUND = 1.0 / 254.0
 _DATA_MAGIC, _INDEX_MAGIC, _JOURNAL_MAGIC, _ENTRY_MAGIC = (b"TBFCDATA", b"TBFCINDX", b"TBFCJRNL",
                                                            b"TBFJ")
 _DATA_HEADER = struct.Struct("<8sIIII32s8x")            # magic, version, size, rank, world, spec
-_INDEX_HEADER = struct.Struct("<8sIIIIQQQ32s6q")        # + n, chunks, data bytes, layout
+_INDEX_HEADER = struct.Struct("<8sIIIIQQQ32s8q")        # + n, chunks, data bytes, layout
 _INDEX_TRAILER = struct.Struct("<I4s")                  # crc32c of everything before, b"TBFE"
-_JOURNAL_HEADER = struct.Struct("<8sIII32s6q")          # magic, version, rank, world, spec, layout
+_JOURNAL_HEADER = struct.Struct("<8sIII32s8q")          # magic, version, rank, world, spec, layout
 _ENTRY_HEADER = struct.Struct("<4sIqqqq")               # magic, n, chunk, start, end, chunk crc
 DATA_HEADER_BYTES = _DATA_HEADER.size
 assert DATA_HEADER_BYTES == 64
@@ -116,6 +132,9 @@ _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float
                   torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                   torch.int8: "int8"}
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+# How a cache stores attention: "scores" (an L x L block per head), "qk" (the head's Q and K,
+# 2 x L x d_h, for every example) or "auto" (Q and K for the examples where that is smaller).
+ATTENTION_STORAGE = ("auto", "scores", "qk")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,18 +238,23 @@ class CacheMismatchError(CacheError, ValueError):
 class TeacherBatch(NamedTuple):
     """Teacher outputs of a batch, padded to L (the longest example, or pad_to).
 
-    attention: [n_att, B, H, L, L] pre-softmax scores (None when none are stored)
+    attention: [n_att, B, H, L, L] pre-softmax scores (None when none are stored, or when fetched
+        with attention="qk")
     hidden: [n_hid, B, L, d] (None when none are stored)
     logits: [B, C] (None when none are stored)
     attention_mask: [B, L] int64, 1 = token, 0 = padding
     example_ids: [B] int64 (CPU)
-    Every padded entry of attention and hidden is 0.
+    query, key: [n_att, B, H, L, d_h] unscaled queries and keys (fetch(..., attention="qk") only;
+        the scores are query @ key^T / sqrt(d_h)), else None
+    Every padded entry of attention, hidden, query and key is 0.
     """
     attention: torch.Tensor | None
     hidden: torch.Tensor | None
     logits: torch.Tensor | None
     attention_mask: torch.Tensor
     example_ids: torch.Tensor
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,16 +266,26 @@ class CacheLayout:
     hidden_size: int       # d
     num_attention: int     # mapped attention layers
     num_heads: int         # H
+    qk_head_dim: int = 0   # d_h of stored Q and K (0: every example stores its scores)
+    qk_min_length: int = 0  # examples of at least this many tokens store Q and K, not scores
 
     def ints(self) -> list[int]:
         """The `int[] layout` argument of the ops (csrc/teacher_cache.h: Layout)."""
         return [self.num_logits, self.num_hidden, self.hidden_size, self.num_attention,
-                self.num_heads, _STORAGE[self.dtype][0]]
+                self.num_heads, _STORAGE[self.dtype][0], self.qk_head_dim, self.qk_min_length]
 
     @classmethod
     def from_ints(cls, v: Sequence[int]) -> CacheLayout:
         names = {code: name for name, (code, _) in _STORAGE.items()}
-        return cls(names[int(v[5])], int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]))
+        return cls(names[int(v[5])], int(v[0]), int(v[1]), int(v[2]), int(v[3]), int(v[4]),
+                   int(v[6]), int(v[7]))
+
+    def stores_qk(self, lengths) -> np.ndarray:
+        """bool per example length: stored as Q and K (True) or as scores (csrc: stores_qk)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if not (self.num_attention and self.qk_head_dim):
+            return np.zeros(lengths.shape, bool)
+        return lengths >= self.qk_min_length
 
     @property
     def fields(self) -> list[str]:
@@ -271,6 +305,17 @@ class CacheLayout:
         """Bytes of one example stored padded to `length` in the storage dtype (no scales)."""
         return self.element_size * (self.num_logits + self.num_hidden * length * self.hidden_size
                                     + self.num_attention * self.num_heads * length * length)
+
+
+def _qk_min_length(storage: str, dtype: str, head_dim: int) -> int:
+    """The shortest example that stores Q and K under attention storage `storage`: 1 for "qk";
+    for "auto" the shortest length L whose Q and K take fewer bytes than its scores, per head
+    2*L*d_h*e (+ 8*L scale bytes in 8-bit) against L*L*e (+ 4*L), i.e. about L > 2*d_h."""
+    if storage == "qk":
+        return 1
+    e = _STORAGE[dtype][1].itemsize
+    extra = 4 if dtype == "int8" else 0   # one more fp32 scale per row: 2L rows against L
+    return 2 * head_dim + (extra + e - 1) // e + 1
 
 
 def _storage_name(dtype) -> str:
@@ -433,7 +478,7 @@ def _encode_index(rank, world, spec: bytes, layout: CacheLayout | None, data_byt
                   lengths, offsets, crcs, chunks) -> bytes:
     n, k = len(ids), len(chunks)
     head = _INDEX_HEADER.pack(_INDEX_MAGIC, FORMAT_VERSION, rank, world, 0, n, k, data_bytes, spec,
-                              *(layout.ints() if layout else [-1] * 6))
+                              *(layout.ints() if layout else [-1] * 8))
     body = b"".join(np.ascontiguousarray(a, dtype="<i8").tobytes()
                     for a in (ids, lengths, offsets, crcs, np.asarray(chunks).reshape(-1, 4)))
     crc = crc32c(head + body)
@@ -479,7 +524,13 @@ class CacheWriter:
       example_ids [B] int, lengths [B] int (real tokens; right padding: tokens 0..L-1),
       logits [B, C] or None, hidden [n_hid, B, Lp, d] or a list of [B, Lp, d] or None,
       attention [n_att, B, H, Lp, Lp] or a list of [B, H, Lp, Lp] or None (pre-softmax scores;
-      whatever is in padded rows/columns, e.g. the mask's dtype minimum, is dropped).
+      whatever is in padded rows/columns, e.g. the mask's dtype minimum, is dropped),
+      or instead query and key, each [n_att, B, H, Lp, d_h] or a list of [B, H, Lp, d_h]
+      (unscaled, as tinybert_fast.capture.record_qk gives them; scores = Q K^T / sqrt(d_h)).
+    attention_storage: "auto" (default) stores Q and K for the examples where they take fewer
+    bytes than the scores (about L > 2*d_h; `qk_min_length`) and the scores of the others, computed
+    from Q and K; "qk" stores Q and K for every example (what attention_mse_qk reads);
+    "scores" stores scores.  Given scores (not Q and K), "auto" stores scores and "qk" is an error.
     The first append fixes the layout; later ones must match it.  Memory stays bounded by a batch:
     records go to the data file at once and are committed (fsync + journal entry) every
     `chunk_examples` examples.  A writer opened on a folder where a build of the same fingerprint
@@ -490,10 +541,15 @@ class CacheWriter:
 
     def __init__(self, path: str | os.PathLike, dtype="bf16", *, fingerprint: dict | None = None,
                  shard: tuple[int, int] | None = None, chunk_examples: int = 1024,
-                 overwrite: bool = False, fsync: bool = True, num_threads: int | None = None):
+                 overwrite: bool = False, fsync: bool = True, num_threads: int | None = None,
+                 attention_storage: str = "auto"):
         _ops()
         self.path = os.fspath(path)
         self.dtype = _storage_name(dtype)
+        if attention_storage not in ATTENTION_STORAGE:
+            raise ValueError(f"attention_storage must be one of {ATTENTION_STORAGE}; got "
+                             f"{attention_storage!r}")
+        self.attention_storage = attention_storage
         self.rank, self.world = _resolve_shard(shard)
         if chunk_examples < 1:
             raise ValueError(f"chunk_examples must be >= 1; got {chunk_examples}")
@@ -651,7 +707,8 @@ class CacheWriter:
         ids = np.asarray(torch.as_tensor(example_ids).cpu()).reshape(-1).tolist()
         return bool(self._resumed) and all(i in self._resumed for i in ids)
 
-    def append(self, example_ids, lengths, logits=None, hidden=None, attention=None) -> None:
+    def append(self, example_ids, lengths, logits=None, hidden=None, attention=None, query=None,
+               key=None) -> None:
         """Store the teacher outputs of one batch (shapes in the class docstring)."""
         if self._closed:
             why = " (this shard was completed by an earlier run)" if self.done else ""
@@ -663,6 +720,17 @@ class CacheWriter:
             raise ValueError(f"lengths has {lengths.numel()} entries but example_ids has {B}")
         hidden = _stack("hidden", hidden, 3)
         attention = _stack("attention", attention, 4)
+        query, key = _stack("query", query, 4), _stack("key", key, 4)
+        if (query is None) != (key is None):
+            raise ValueError("query and key: give both or neither")
+        if query is not None and attention is not None:
+            raise ValueError("give attention (scores) or query and key, not both")
+        if query is not None and (query.shape != key.shape or query.shape[1] != B):
+            raise ValueError(f"query and key: expected equal shapes [n_att, B={B}, H, L, d_h], got "
+                             f"{tuple(query.shape)} and {tuple(key.shape)}")
+        if attention is not None and self.attention_storage == "qk":
+            raise ValueError("attention_storage 'qk' stores queries and keys: pass query= and "
+                             "key= (tinybert_fast.capture.record_qk), not scores")
         if logits is not None and (logits.dim() != 2 or logits.shape[0] != B):
             raise ValueError(f"logits: expected [B={B}, C], got {tuple(logits.shape)}")
         if hidden is not None and hidden.shape[1] != B:
@@ -671,21 +739,28 @@ class CacheWriter:
                                       or attention.shape[-1] != attention.shape[-2]):
             raise ValueError(f"attention: expected [n_att, B={B}, H, L, L], got "
                              f"{tuple(attention.shape)}")
-        if hidden is None and attention is None and logits is None:
-            raise ValueError("append: logits, hidden and attention are all None")
+        if hidden is None and attention is None and logits is None and query is None:
+            raise ValueError("append: logits, hidden, attention and query/key are all None")
         padded = [t.shape[2] for t in (hidden,) if t is not None] + \
-                 [t.shape[-1] for t in (attention,) if t is not None]
+                 [t.shape[-1] for t in (attention,) if t is not None] + \
+                 [t.shape[-2] for t in (query,) if t is not None]
         if len(set(padded)) > 1:
-            raise ValueError(f"hidden and attention have different padded lengths {padded}")
+            raise ValueError(f"hidden and attention (or query/key) have different padded lengths "
+                             f"{padded}")
         if B and (int(lengths.min()) < 1 or (padded and int(lengths.max()) > padded[0])):
             raise ValueError(f"lengths must be in [1, {padded[0] if padded else 'inf'}]; got "
                              f"min {int(lengths.min())}, max {int(lengths.max())}")
+        scores_in = attention if attention is not None else query
+        qk_dim = 0
+        if query is not None and self.attention_storage != "scores":
+            qk_dim = int(query.shape[-1])
         layout = CacheLayout(
             self.dtype, 0 if logits is None else int(logits.shape[1]),
             0 if hidden is None else int(hidden.shape[0]),
             0 if hidden is None else int(hidden.shape[3]),
-            0 if attention is None else int(attention.shape[0]),
-            0 if attention is None else int(attention.shape[2]))
+            0 if scores_in is None else int(scores_in.shape[0]),
+            0 if scores_in is None else int(scores_in.shape[2]),
+            qk_dim, _qk_min_length(self.attention_storage, self.dtype, qk_dim) if qk_dim else 0)
         if self.layout is None:
             self.layout = layout
         elif layout != self.layout:
@@ -705,17 +780,30 @@ class CacheWriter:
         if len(keep) < B:
             sel = torch.tensor(keep)
             ids, lengths = ids[sel], lengths[sel]
-            logits = None if logits is None else logits[sel.to(logits.device)]
-            hidden = None if hidden is None else hidden[:, sel.to(hidden.device)]
-            attention = None if attention is None else attention[:, sel.to(attention.device)]
+            pick = (lambda t, dim: None if t is None  # noqa: E731
+                    else t.index_select(dim, sel.to(t.device)))
+            logits, hidden, attention = pick(logits, 0), pick(hidden, 1), pick(attention, 1)
+            query, key = pick(query, 1), pick(key, 1)
         Lmax = int(lengths.max())
         if hidden is not None:
             hidden = hidden[:, :, :Lmax]
         if attention is not None:
             attention = attention[..., :Lmax, :Lmax]
+        qk = None
+        if query is not None:  # Q and K of the long examples; scores of the others, from Q and K
+            on_qk = torch.as_tensor(self.layout.stores_qk(lengths.numpy()))
+            q, k = query[..., :Lmax, :], key[..., :Lmax, :]
+            if bool(on_qk.any()):
+                sel = torch.nonzero(on_qk)[:, 0].to(q.device)
+                qk = torch.stack([q.index_select(1, sel), k.index_select(1, sel)])
+            if not bool(on_qk.all()):
+                sel = torch.nonzero(~on_qk)[:, 0].to(q.device)
+                attention = scores_from_qk(q.index_select(1, sel), k.index_select(1, sel))
         store = torch.float32 if self.dtype == "int8" else _STORAGE[self.dtype][1]
+        on_qk = self.layout.stores_qk(lengths.numpy())
         tensors = {}
-        for name, t in (("logits", logits), ("hidden", hidden), ("attention", attention)):
+        for name, t in (("logits", logits), ("hidden", hidden), ("attention", attention),
+                        ("qk", qk)):
             if t is None:
                 tensors[name] = None
                 continue
@@ -725,15 +813,19 @@ class CacheWriter:
             if name != "logits":
                 # Zero what is not stored (the mask's dtype minimum in padded scores would turn
                 # into -inf in fp16 and hide real overflow from the finiteness check).
-                tok = torch.arange(Lmax, device=t.device)[None, :] < lengths.to(t.device)[:, None]
+                mine = on_qk if name == "qk" else ~on_qk if name == "attention" else \
+                    np.ones(len(on_qk), bool)
+                n = torch.as_tensor(lengths.numpy()[mine]).to(t.device)
+                tok = torch.arange(t.shape[-2], device=t.device)[None, :] < n[:, None]
                 keep_mask = (tok[None, :, :, None] if name == "hidden"
+                             else tok[None, None, :, None, :, None] if name == "qk"
                              else tok[None, :, None, :, None] & tok[None, :, None, None, :])
                 t = t.masked_fill(~keep_mask, 0)
             tensors[name] = t.to(store).cpu().contiguous()
-        self._check_finite(ids, lengths, tensors)
+        self._check_finite(ids, lengths, on_qk, tensors)
         records, offsets, crcs = _ops().pack(lengths, tensors["logits"], tensors["hidden"],
-                                             tensors["attention"], self.layout.ints(),
-                                             self.num_threads)
+                                             tensors["attention"], tensors["qk"],
+                                             self.layout.ints(), self.num_threads)
         self._data.write(memoryview(records.numpy()))
         self._chunk_crc = crc32c(records, self._chunk_crc)
         start = self._end
@@ -746,16 +838,20 @@ class CacheWriter:
             self._commit()
 
     @staticmethod
-    def _check_finite(ids, lengths, tensors) -> None:
+    def _check_finite(ids, lengths, on_qk, tensors) -> None:
         for name, t in tensors.items():
             if t is None or bool(torch.isfinite(t).all()):
                 continue
-            for b in range(ids.numel()):  # find the example: the slow path, only on failure
+            # find the example: the slow path, only on failure
+            where = (np.nonzero(on_qk)[0] if name == "qk" else np.nonzero(~on_qk)[0]
+                     if name == "attention" else np.arange(ids.numel()))
+            for k, b in enumerate(where.tolist()):
                 L = int(lengths[b])
                 part = (t[b] if name == "logits" else t[:, b, :L] if name == "hidden"
-                        else t[:, b, :, :L, :L])
+                        else t[:, :, k, :, :L] if name == "qk" else t[:, k, :, :L, :L])
                 if not bool(torch.isfinite(part).all()):
-                    raise ValueError(f"{name} of example {int(ids[b])} has non-finite values "
+                    what = "query/key" if name == "qk" else name
+                    raise ValueError(f"{what} of example {int(ids[b])} has non-finite values "
                                      f"(inf/nan): refusing to cache them")
 
     def _commit(self) -> None:
@@ -833,6 +929,22 @@ class CacheWriter:
             if self._journal is not None:
                 with contextlib.suppress(Exception):
                     self._journal.close()
+
+
+def scores_from_qk(query: torch.Tensor, key: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """Pre-softmax scores Q K^T / sqrt(d_h) without a mask: [..., L, d_h] x2 -> [..., L, L].
+
+    One batched GEMM with the scale applied to the fp32 accumulator and one rounding to
+    `out_dtype` (default: the inputs' dtype); rows of Q or K that are 0 (padding) give 0 scores."""
+    out_dtype = query.dtype if out_dtype is None else out_dtype
+    *lead, L, dh = query.shape
+    q = query.reshape(-1, L, dh)
+    k = key.reshape(-1, L, dh)
+    if q.dtype != out_dtype:
+        q, k = q.to(out_dtype), k.to(out_dtype)
+    out = torch.empty(q.shape[0], L, L, dtype=out_dtype, device=q.device)
+    torch.baddbmm(out, q, k.transpose(1, 2), beta=0.0, alpha=dh ** -0.5, out=out)
+    return out.view(*lead, L, L)
 
 
 def _stack(name: str, x, inner_dims: int) -> torch.Tensor | None:
@@ -913,6 +1025,19 @@ def _try_finalize(path: str, fsync: bool = True) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # Reading
+
+class _Plan(NamedTuple):
+    """What fetch reads (TeacherCache._plan): cache rows, lengths, padded length P, output dtype,
+    the attention wanted ("scores" or "qk"), and the batch positions of the examples stored as
+    scores (positions[:n_scores]) and of those stored as Q and K (positions[n_scores:])."""
+    rows: np.ndarray
+    lens: np.ndarray
+    P: int
+    out_dtype: torch.dtype
+    attention: str
+    positions: np.ndarray
+    n_scores: int
+
 
 class _Staging:
     """A pinned host buffer that grows as needed, and the event of the last copy out of it."""
@@ -1132,9 +1257,11 @@ class TeacherCache:
                            f"{' ...' if len(missing) > 10 else ''} ({len(missing)} of {len(ids)})")
         return self._order[pos_c]
 
-    def _plan(self, example_ids, pad_to, out_dtype):
+    def _plan(self, example_ids, pad_to, out_dtype, attention="scores") -> _Plan:
         if self.layout is None:
             raise CacheError(f"{self.path}: the cache is empty")
+        if attention not in ("scores", "qk"):
+            raise ValueError(f"attention must be 'scores' or 'qk'; got {attention!r}")
         rows = self._rows(example_ids)
         if len(rows) == 0:
             raise ValueError("example_ids is empty")
@@ -1154,7 +1281,20 @@ class TeacherCache:
                 raise TypeError(f"out_dtype: a {self.layout.dtype} cache returns {store}; got "
                                 f"{out_dtype}")
             out_dtype = store
-        return rows, lens, P, out_dtype
+        on_qk = self.layout.stores_qk(lens)
+        if attention == "qk" and not (self.layout.num_attention and on_qk.all()):
+            if not self.layout.num_attention:
+                raise ValueError(f"attention='qk': {self.path} stores no attention")
+            short = self._ids[rows][~on_qk]
+            raise ValueError(
+                f"attention='qk': examples {short[:10].tolist()} of this batch are stored as "
+                f"scores in {self.path} (attention storage "
+                f"{self.fingerprint.get('attention_storage', 'scores')!r}: Q and K only from "
+                f"{self.layout.qk_min_length or 'no'} tokens on); build the cache with "
+                f"attention_storage='qk' to read queries and keys")
+        # batch positions: examples stored as scores, then those stored as Q and K
+        positions = np.concatenate([np.nonzero(~on_qk)[0], np.nonzero(on_qk)[0]])
+        return _Plan(rows, lens, P, out_dtype, attention, positions, int((~on_qk).sum()))
 
     def _raise_bad(self, bad: torch.Tensor, rows: np.ndarray) -> None:
         if bad.numel() and bool(bad.any()):
@@ -1168,52 +1308,77 @@ class TeacherCache:
                 f"{f' and {n_bad - 1} more of this batch' if n_bad > 1 else ''}: the file is "
                 f"corrupt; rebuild the cache")
 
-    def _result(self, att, hid, logit, mask, ids) -> TeacherBatch:
+    def _result(self, plan: _Plan, att, hid, logit, mask, qk, positions) -> TeacherBatch:
+        """The TeacherBatch from unpack's outputs (att: [n_att, Bs, H, P, P] for the examples
+        stored as scores, qk: [2, n_att, Bq, H, P, d_h] for the others; positions: the plan's
+        batch positions, on the outputs' device), forming the scores Q K^T / sqrt(d_h) of the
+        examples stored as Q and K when scores are wanted."""
         lay = self.layout
-        return TeacherBatch(att if lay.num_attention else None, hid if lay.num_hidden else None,
-                            logit if lay.num_logits else None, mask,
-                            torch.as_tensor(np.asarray(ids, dtype=np.int64)))
+        ids = torch.as_tensor(np.asarray(self._ids[plan.rows], dtype=np.int64))
+        query = key = None
+        Bs, B = plan.n_scores, len(plan.rows)
+        if not lay.num_attention:
+            att = None
+        elif plan.attention == "qk":
+            att, query, key = None, qk[0], qk[1]
+        elif Bs < B:  # some examples are stored as Q and K
+            from_qk = scores_from_qk(qk[0], qk[1])
+            if Bs == 0:
+                att = from_qk
+            else:
+                full = att.new_empty(lay.num_attention, B, *att.shape[2:])
+                full.index_copy_(1, positions[:Bs], att)
+                full.index_copy_(1, positions[Bs:], from_qk)
+                att = full
+        return TeacherBatch(att, hid if lay.num_hidden else None,
+                            logit if lay.num_logits else None, mask, ids, query, key)
 
     def fetch(self, example_ids, device: str | torch.device | None = None,
               pad_to: int | None = None, *, out_dtype: torch.dtype | None = None,
-              verify: bool = True, num_threads: int | None = None) -> TeacherBatch:
+              verify: bool = True, num_threads: int | None = None,
+              attention: str = "scores") -> TeacherBatch:
         """The teacher outputs of these examples, padded, on `device` (default CPU).
 
         example_ids: [B] ints (list, numpy array or tensor; any order, no need to be sorted).
         pad_to: pad to this length instead of the batch's longest example.
         out_dtype: for 8-bit caches, the float dtype to dequantize to (default bfloat16).
         verify: check each record's CRC32C (raises CacheCorruptionError naming file and example).
+        attention: "scores" (TeacherBatch.attention; examples stored as Q and K get
+            Q K^T / sqrt(d_h), one batched GEMM accumulated in fp32) or "qk" (TeacherBatch.query
+            and .key, for attention_mse_qk; every example of the batch must be stored as Q and K:
+            a cache built with attention_storage="qk").
         Shapes and padding: see TeacherBatch.  On CUDA the records are gathered into a pinned
         buffer, copied on a side stream and unpacked by a CUDA kernel; the current stream waits
         for that copy, and the result is safe to use on it.
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
-        rows, lens, P, out_dtype = self._plan(example_ids, pad_to, out_dtype)
-        ids = self._ids[rows]
+        plan = self._plan(example_ids, pad_to, out_dtype, attention)
         if device.type == "cuda" and HAS_CUDA_KERNELS:
             with self._lock:
                 slot = self._staging[self._staging_next]
                 self._staging_next = (self._staging_next + 1) % len(self._staging)
-                out, event = self._stage_cuda(rows, lens, P, out_dtype, device, slot, verify,
-                                              num_threads)
-            torch.cuda.current_stream(device).wait_event(event)
-            _record_stream(out, torch.cuda.current_stream(device))
-            return self._result(*out, ids)
-        out = self._unpack_cpu(rows, lens, P, out_dtype, verify, num_threads)
+                batch, event = self._stage_cuda(plan, device, slot, verify, num_threads)
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(event)
+            _record_stream(batch, stream)
+            return batch
+        batch = self._unpack_cpu(plan, verify, num_threads)
         if device.type != "cpu":  # CUDA without the CUDA kernels, or another device
             pin = device.type == "cuda"
-            out = tuple(t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
-                        for t in out)
-        return self._result(*out, ids)
+            move = (lambda t: t if t is None or t is batch.example_ids  # noqa: E731
+                    else t.pin_memory().to(device, non_blocking=True) if pin else t.to(device))
+            batch = TeacherBatch(*(move(t) for t in batch))
+        return batch
 
-    def _unpack_cpu(self, rows, lens, P, out_dtype, verify, num_threads):
+    def _unpack_cpu(self, plan: _Plan, verify, num_threads) -> TeacherBatch:
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
-        att, hid, logit, mask, bad = _ops().unpack(
-            self._sources, t(self._src[rows]), t(self._offs[rows]), t(lens),
-            t(self._crcs[rows]) if verify else None, self.layout.ints(), P, out_dtype,
-            num_threads or self.num_threads)
+        rows, pos, Bs = plan.rows, t(plan.positions), plan.n_scores
+        att, hid, logit, mask, bad, qk = _ops().unpack(
+            self._sources, t(self._src[rows]), t(self._offs[rows]), t(plan.lens),
+            t(self._crcs[rows]) if verify else None, self.layout.ints(), plan.P, plan.out_dtype,
+            num_threads or self.num_threads, pos[:Bs], pos[Bs:])
         self._raise_bad(bad, rows)
-        return att, hid, logit, mask
+        return self._result(plan, att, hid, logit, mask, qk, pos)
 
     def _side_stream(self, device: torch.device):
         key = device.index if device.index is not None else torch.cuda.current_device()
@@ -1221,53 +1386,58 @@ class TeacherCache:
             self._streams[key] = torch.cuda.Stream(device=key)
         return self._streams[key]
 
-    def _gather(self, rows, lens, slot: _Staging, verify, num_threads, pin: bool):
+    def _gather(self, plan: _Plan, slot: _Staging, verify, num_threads, pin: bool):
         """Host half of the CUDA path: the records back to back in a (pinned) staging buffer
-        (C++ threads, each record's CRC32C checked), then int64 [3, B] metadata (record offsets
-        in the buffer, lengths, source index 0) at byte `meta_at`, so one copy moves
-        everything: unpack([buffer[:meta_at]], meta[2], meta[0], meta[1], ...) reads it.
-        Returns (buffer[:used], meta_at, records' bytes)."""
+        (C++ threads, each record's CRC32C checked), then int64 [4, B] metadata (record offsets
+        in the buffer, lengths, source index 0, the plan's batch positions) at byte `meta_at`, so
+        one copy moves everything: unpack([buffer[:meta_at]], meta[2], meta[0], meta[1], ...)
+        reads it.  Returns (buffer[:used], meta_at, records' bytes)."""
+        rows = plan.rows
         nb = self._nbytes[rows]
         soff = np.zeros(len(rows), np.int64)
         np.cumsum(nb[:-1], out=soff[1:])
         total = int(nb.sum())
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
         meta_at = (total + 15) // 16 * 16
-        used = meta_at + 24 * len(rows)
+        used = meta_at + 32 * len(rows)
         staging = slot.get(used, pin=pin)
         bad = _ops().gather(self._sources, t(self._src[rows]), t(self._offs[rows]), t(nb),
                             t(self._crcs[rows]) if verify else None, staging, t(soff),
                             num_threads or self.num_threads)
         self._raise_bad(bad, rows)
-        meta = staging[meta_at:used].view(torch.int64).view(3, len(rows))
+        meta = staging[meta_at:used].view(torch.int64).view(4, len(rows))
         meta[0].copy_(t(soff))
-        meta[1].copy_(t(lens))
+        meta[1].copy_(t(plan.lens))
         meta[2].zero_()
+        meta[3].copy_(t(plan.positions))
         return staging[:used], meta_at, total
 
-    def _stage_cuda(self, rows, lens, P, out_dtype, device, slot: _Staging, verify, num_threads):
+    def _stage_cuda(self, plan: _Plan, device, slot: _Staging, verify, num_threads):
         """Gather into pinned memory, copy to the device on a side stream, unpack there with the
-        CUDA kernel.  Returns (outputs, event recorded after the unpack)."""
-        host, meta_at, total = self._gather(rows, lens, slot, verify, num_threads, pin=True)
-        B = len(rows)
+        CUDA kernel (and form the scores of examples stored as Q and K).  Returns (TeacherBatch,
+        event recorded after the last kernel)."""
+        host, meta_at, total = self._gather(plan, slot, verify, num_threads, pin=True)
+        B, Bs = len(plan.rows), plan.n_scores
         stream = self._side_stream(device)
         with torch.cuda.device(device), torch.cuda.stream(stream):
             dev = torch.empty(host.numel(), dtype=torch.uint8, device=device)
             dev.copy_(host, non_blocking=True)
             slot.event = torch.cuda.Event()  # the staging buffer is free again once it fires
             slot.event.record(stream)
-            meta = dev[meta_at:].view(torch.int64).view(3, B)
-            att, hid, logit, mask, _ = _ops().unpack(
-                [dev[:max(total, 1)]], meta[2], meta[0], meta[1], None, self.layout.ints(), P,
-                out_dtype, 1)
+            meta = dev[meta_at:].view(torch.int64).view(4, B)
+            att, hid, logit, mask, _, qk = _ops().unpack(
+                [dev[:max(total, 1)]], meta[2], meta[0], meta[1], None, self.layout.ints(),
+                plan.P, plan.out_dtype, 1, meta[3, :Bs], meta[3, Bs:])
+            batch = self._result(plan, att, hid, logit, mask, qk, meta[3])
             done = torch.cuda.Event()
             done.record(stream)
-        return (att, hid, logit, mask), done
+        return batch, done
 
     def prefetch(self, batches: Iterable, device: str | torch.device | None = None, *,
                  depth: int = 2, pad_to: int | None = None, out_dtype: torch.dtype | None = None,
                  batch_size: int | None = None, verify: bool = True,
-                 num_threads: int | None = None) -> Iterator[TeacherBatch]:
+                 num_threads: int | None = None,
+                 attention: str = "scores") -> Iterator[TeacherBatch]:
         """Iterate over TeacherBatch for each batch of example ids, `depth` batches ahead.
 
         batches: an iterable of id batches (e.g. a BatchSampler over example ids, or lists), or of
@@ -1275,14 +1445,15 @@ class TeacherCache:
         A background thread gathers batch i+1 (C++ threads; pinned buffer, copy on a side stream
         and the unpack kernel on CUDA) while the caller uses batch i.  Each yielded batch is ready
         to use on the current stream.  Errors (a corrupt record, an unknown id) are raised at the
-        batch they concern.
+        batch they concern.  attention: as for fetch.
         """
         if depth < 1:
             raise ValueError(f"depth must be >= 1; got {depth}")
         if batch_size is not None:
             batches = _batched(batches, batch_size)
         device = torch.device(device) if device is not None else torch.device("cpu")
-        return _Prefetcher(self, batches, device, depth, pad_to, out_dtype, verify, num_threads)
+        return _Prefetcher(self, batches, device, depth, pad_to, out_dtype, verify, num_threads,
+                           attention)
 
     def verify(self) -> None:
         """Check the CRC32C of every chunk of every data file; on a mismatch, find the example."""
@@ -1307,15 +1478,20 @@ class TeacherCache:
     def make_fingerprint(teacher=None, *, attention_layers: Sequence[int],
                          hidden_states: Sequence[int], dtype="bf16", logits: bool | None = None,
                          tokenizer=None, max_length: int | None = None, dataset=None,
-                         example_ids=None, fingerprint_extra=None) -> dict:
+                         example_ids=None, fingerprint_extra=None,
+                         attention_storage: str = "auto") -> dict:
         """The fingerprint `build` stores, for `open(..., expect_fingerprint=...)`.
 
         teacher_weights: sha256 of the state dict; teacher_config: the config (minus keys that
         do not change outputs); tokenizer: sha256 of its class, vocabulary and special tokens (or
-        the string given); max_length, attention_layers, hidden_states, fields, dtype; dataset:
+        the string given); max_length, attention_layers, hidden_states, fields, dtype,
+        attention_storage; dataset:
         whatever identifies the data (a name, a path and a checksum...); example_ids: count and
         sha256 of the sorted ids (only when given); extra: fingerprint_extra.
         """
+        if attention_storage not in ATTENTION_STORAGE:
+            raise ValueError(f"attention_storage must be one of {ATTENTION_STORAGE}; got "
+                             f"{attention_storage!r}")
         if logits is None:
             logits = _probe_logits(teacher) if teacher is not None else False
         fp = {"format_version": FORMAT_VERSION,
@@ -1328,6 +1504,7 @@ class TeacherCache:
               "fields": [f for f, on in (("logits", logits), ("hidden", len(hidden_states)),
                                          ("attention", len(attention_layers))) if on],
               "dtype": _storage_name(dtype),
+              "attention_storage": attention_storage if len(attention_layers) else None,
               "dataset": dataset,
               "extra": fingerprint_extra}
         if example_ids is not None:
@@ -1340,12 +1517,14 @@ class TeacherCache:
               logits: bool | None = None, tokenizer=None, max_length: int | None = None,
               dataset=None, fingerprint_extra=None, shard: tuple[int, int] | None = None,
               chunk_examples: int = 1024, overwrite: bool = False, fsync: bool = True,
-              num_threads: int | None = None, progress: bool = False) -> TeacherCache | None:
+              num_threads: int | None = None, progress: bool = False,
+              attention_storage: str = "auto") -> TeacherCache | None:
         """Run the teacher over `loader` once and store its outputs at `path`.
 
         teacher: a Hugging Face model (BertModel, BertForSequenceClassification, ...).  It runs in
             eval mode under inference_mode, with tinybert_fast.capture's attention (switched to
-            for the build and back) to record pre-softmax scores.
+            for the build and back) to record Q and K (SDPA attention on every layer), or, with
+            attention_storage="scores", the pre-softmax scores of the stored layers.
         loader: yields dicts with input_ids [B, L], attention_mask [B, L] (right padding: 1 for
             the first L_i positions), optionally token_type_ids / position_ids, and example_id
             [B] int64: a stable id per example (the key for fetch).  Other keys are ignored.
@@ -1354,6 +1533,9 @@ class TeacherCache:
         hidden_states: indices into output.hidden_states (0 = embeddings).
         logits: store out.logits (None: when the model has them).
         dtype: "fp32" | "bf16" | "fp16" | "int8" (see the module docstring for error bounds).
+        attention_storage: "auto" (Q and K for the examples where they are smaller than the
+            scores, about L > 2*d_h; scores, from Q and K, for the others), "qk" (Q and K for every
+            example: what fetch(..., attention="qk") and attention_mse_qk read), "scores".
         tokenizer, max_length, dataset, fingerprint_extra: go into the fingerprint.
         shard: (rank, world_size) (default: from torch.distributed, else (0, 1)); each rank
             builds its shard from its own loader; the last rank to finish writes the manifest.
@@ -1372,7 +1554,8 @@ class TeacherCache:
         fp = cls.make_fingerprint(teacher, attention_layers=attention_layers,
                                   hidden_states=hidden_states, dtype=dtype, logits=logits,
                                   tokenizer=tokenizer, max_length=max_length, dataset=dataset,
-                                  fingerprint_extra=fingerprint_extra)
+                                  fingerprint_extra=fingerprint_extra,
+                                  attention_storage=attention_storage)
         store_logits = "logits" in fp["fields"]
         if os.path.exists(os.path.join(path, MANIFEST)) and not overwrite:
             logger.info("%s: a complete cache exists; checking its fingerprint", path)
@@ -1382,7 +1565,8 @@ class TeacherCache:
                 raise CacheMismatchError(f"{exc}.  Pass overwrite=True to rebuild it") from None
         writer = CacheWriter(path, dtype, fingerprint=fp, shard=(rank, world),
                              chunk_examples=chunk_examples, overwrite=overwrite, fsync=fsync,
-                             num_threads=num_threads)
+                             num_threads=num_threads, attention_storage=attention_storage)
+        record = capture.record_scores if attention_storage == "scores" else capture.record_qk
         att_layers = [int(i) for i in attention_layers]
         hid_states = [int(i) for i in hidden_states]
         was_training = teacher.training
@@ -1409,16 +1593,21 @@ class TeacherCache:
                 if mask is None:
                     raise KeyError("loader batches must carry 'attention_mask' [B, L]")
                 lengths = _right_padded_lengths(mask, ids)
-                with torch.inference_mode(), capture.record_scores(att_layers) as rec:
+                with torch.inference_mode(), record(att_layers) as rec:
                     out = teacher(**inputs, output_hidden_states=bool(hid_states))
                 hidden = (torch.stack([out.hidden_states[i] for i in hid_states])
                           if hid_states else None)
-                attention = torch.stack(rec.layers) if att_layers else None
+                attention = query = key = None
+                if att_layers and rec.kind == "qk":
+                    query = torch.stack([q for q, _ in rec.layers])
+                    key = torch.stack([k for _, k in rec.layers])
+                elif att_layers:
+                    attention = torch.stack(rec.layers)
                 lg = getattr(out, "logits", None)
                 if store_logits and lg is None:
                     raise ValueError("logits=True but the teacher's output has no logits")
                 writer.append(ids, lengths, logits=lg if store_logits else None, hidden=hidden,
-                              attention=attention)
+                              attention=attention, query=query, key=key)
             complete = writer.close()
         except BaseException:
             writer.__exit__(RuntimeError, None, None)
@@ -1454,7 +1643,7 @@ def _right_padded_lengths(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
 
 def _record_stream(tensors, stream) -> None:
     for t in tensors:
-        if t is not None and t.is_cuda:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
             t.record_stream(stream)
 
 
@@ -1475,33 +1664,33 @@ class _Prefetcher:
     _DONE = object()
 
     def __init__(self, cache: TeacherCache, batches, device, depth, pad_to, out_dtype, verify,
-                 num_threads):
+                 num_threads, attention):
         self.cache, self.device = cache, device
         self.cuda = device.type == "cuda" and HAS_CUDA_KERNELS
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         # depth batches queued + one being built + one in use by the caller
         self.slots = [_Staging() for _ in range(depth + 2)]
-        self.args = (pad_to, out_dtype, verify, num_threads)
+        self.args = (pad_to, out_dtype, verify, num_threads, attention)
         self.thread = threading.Thread(target=self._produce, args=(iter(batches),), daemon=True,
                                        name="tinybert_fast-cache-prefetch")
         self.thread.start()
 
     def _produce(self, batches) -> None:
-        pad_to, out_dtype, verify, num_threads = self.args
+        pad_to, out_dtype, verify, num_threads, attention = self.args
         try:
             for k, ids in enumerate(batches):
                 if self.stop.is_set():
                     return
                 if self.cuda:
-                    rows, lens, P, odt = self.cache._plan(ids, pad_to, out_dtype)
-                    out, event = self.cache._stage_cuda(rows, lens, P, odt, self.device,
-                                                        self.slots[k % len(self.slots)], verify,
-                                                        num_threads)
-                    item = (self.cache._result(*out, self.cache._ids[rows]), event)
+                    plan = self.cache._plan(ids, pad_to, out_dtype, attention)
+                    item = self.cache._stage_cuda(plan, self.device,
+                                                  self.slots[k % len(self.slots)], verify,
+                                                  num_threads)
                 else:
                     item = (self.cache.fetch(ids, self.device, pad_to, out_dtype=out_dtype,
-                                             verify=verify, num_threads=num_threads), None)
+                                             verify=verify, num_threads=num_threads,
+                                             attention=attention), None)
                 self._put(item)
         except BaseException as exc:  # delivered to the consumer at the batch it concerns
             self._put(exc)
@@ -1533,7 +1722,7 @@ class _Prefetcher:
         if event is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(event)
-            _record_stream(batch[:4], stream)
+            _record_stream(batch, stream)
         return batch
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """`tinybert-fast cache`: build a teacher cache ahead of distillation.
 
 It stores exactly what `tinybert-fast distill --teacher-cache PATH` with the same teacher, data,
-student layer count, mapping and max length will ask for (the mapped attention scores and hidden
-states for step 1, the logits for step 2), so the distillation run opens it instead of building it.
+student layer count, mapping, max length and --attention-from will ask for (the mapped attention
+scores, or with --attention-from qk the teacher's queries and keys, and hidden states for step 1,
+the logits for step 2), so the distillation run opens it instead of building it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapping-layers", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--mapping-seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8"], default="bf16")
+    p.add_argument("--attention-from", choices=["scores", "qk"], default="scores",
+                   help="as for distill: qk stores every example's Q and K (what "
+                        "attention_mse_qk reads); scores stores scores, or Q and K where smaller")
     p.add_argument("--max-length", type=int)
     p.add_argument("--limit-train", type=int)
     p.add_argument("--batch-size", type=int, default=128)
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         task=args.task, data_dir=args.data_dir, train_file=args.train_file,
         mapping=args.mapping, mapping_layers=args.mapping_layers,
         mapping_seed=args.mapping_seed, teacher_cache=args.output, cache_dtype=args.dtype,
+        attention_from=args.attention_from,
         max_length=args.max_length, limit_train=args.limit_train,
         eval_batch_size=args.batch_size, device=args.device, progress=args.progress).resolved()
     device = train.resolve_device(cfg.device)

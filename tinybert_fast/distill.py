@@ -115,9 +115,6 @@ class DistillConfig:
         if self.attention_from not in ("scores", "qk"):
             raise ValueError(f"attention_from must be 'scores' or 'qk'; got "
                              f"{self.attention_from!r}")
-        if self.attention_from == "qk" and self.teacher_cache:
-            raise ValueError("attention_from 'qk' takes Q and K from the live teacher; the "
-                             "teacher cache stores scores: use one or the other")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be auto, on or off; got {self.bf16!r}")
         out = dataclasses.replace(self)
@@ -268,8 +265,12 @@ class Objective:
         """{teacher layer: scores [B, H, L, L] (or (Q, K))} and {state index: hidden state}."""
         lm = self.layer_map
         if cached is not None:
-            scores = dict(zip(lm.teacher_attention_layers, cached.attention.unbind(0))) \
-                if self.need_att else {}
+            scores = {}
+            if self.need_att and self.cfg.attention_from == "qk":  # a cache of Q and K
+                scores = dict(zip(lm.teacher_attention_layers,
+                                  zip(cached.query.unbind(0), cached.key.unbind(0))))
+            elif self.need_att:
+                scores = dict(zip(lm.teacher_attention_layers, cached.attention.unbind(0)))
             states = dict(zip(lm.teacher_hidden_states, cached.hidden.unbind(0))) \
                 if self.need_hid else {}
             return scores, states
@@ -379,12 +380,20 @@ def dataset_fingerprint(cfg: DistillConfig, train_set: data.TokenizedDataset) ->
             "data_dir": cfg.data_dir, "examples": len(train_set), "input_ids": h.hexdigest()}
 
 
+def cache_attention_storage(cfg: DistillConfig) -> str:
+    """How the teacher cache stores attention for this run: the queries and keys of every example
+    when the loss takes them (--attention-from qk), else "auto" (Q and K where they are smaller
+    than the scores, the scores elsewhere; fetched as scores either way)."""
+    return "qk" if cfg.attention_from == "qk" else "auto"
+
+
 def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, device,
                   dist_state: "train.Distributed"):
     """Open the teacher cache at cfg.teacher_cache, building it first if needed (each DDP rank
-    builds its shard).  A cache stores what step 1 needs (mapped scores and states) and the
-    logits step 2 needs, so `--stage all` builds it once; a cache built for other layers, another
-    teacher or other data is refused with the differences listed."""
+    builds its shard).  A cache stores what step 1 needs (mapped scores, or Q and K, and states)
+    and the logits step 2 needs, so `--stage all` builds it once; a cache built for other layers,
+    another attention storage, another teacher or other data is refused with the differences
+    listed."""
     from . import cache as cache_mod
     if not cache_mod.HAS_EXTENSION:
         raise RuntimeError(f"--teacher-cache needs the teacher-cache extension, which is not "
@@ -397,6 +406,9 @@ def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, 
               "teacher_weights": cache_mod.hash_state_dict(teacher)}
     if layer_map is not None:
         expect.update(attention_layers=att, hidden_states=hid)
+    storage = cache_attention_storage(cfg)
+    if att:
+        expect.update(attention_storage=storage)
     path = cfg.teacher_cache
     if os.path.isfile(os.path.join(path, cache_mod.MANIFEST)):
         opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
@@ -414,7 +426,7 @@ def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, 
             path, teacher, loader, attention_layers=att, hidden_states=hid,
             dtype=cfg.cache_dtype, tokenizer=tokenizer, max_length=cfg.max_length,
             dataset=dataset, shard=(dist_state.rank, dist_state.world_size),
-            progress=dist_state.is_main and cfg.progress)
+            progress=dist_state.is_main and cfg.progress, attention_storage=storage)
         dist_state.barrier()
         if opened is None:
             opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
@@ -622,7 +634,9 @@ class _Run:
             batches = data.batch_indices(len(self.train_set), cfg.batch_size, epoch, cfg.seed,
                                          rank=self.dist.rank, world_size=self.dist.world_size)
             todo = batches[done_in_epoch:]
-            cached = (self.cache.prefetch(todo, self.device, pad_to=pad_to)
+            cached = (self.cache.prefetch(todo, self.device, pad_to=pad_to,
+                                          attention="qk" if cfg.attention_from == "qk"
+                                          else "scores")
                       if self.cache is not None else None)
             for batch in data.iterate_batches(self.train_set, todo,
                                               self.tokenizer.pad_token_id, pad_to, regression):
@@ -757,7 +771,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--losses", choices=["fused", "eager"], default="fused")
     g.add_argument("--attention-from", choices=["scores", "qk"], default="scores",
                    help="qk: the attention loss from Q and K (tbf.attention_mse_qk); student and "
-                        "teacher then run SDPA attention on every layer")
+                        "teacher then run SDPA attention on every layer (with --teacher-cache, "
+                        "the cache stores the teacher's Q and K)")
     g.add_argument("--mask-padding", action="store_true",
                    help="exclude padded query rows and tokens from the intermediate losses "
                         "(TinyBERT keeps them; always on with --teacher-cache)")
