@@ -4,7 +4,8 @@
     loss = tbf.attention_mse(student_scores, teacher_scores, attention_mask)
 
 Public losses: attention_mse, hidden_mse, soft_cross_entropy, distillation_loss (and the modules
-AttentionMSELoss, HiddenMSELoss, SoftCrossEntropyLoss, TinyBertLoss).  tbf.reference holds the
+AttentionMSELoss, HiddenMSELoss, SoftCrossEntropyLoss, TinyBertLoss); from queries and keys,
+attention_mse_qk (TinyBERT's loss) and attention_kl (MiniLM's).  tbf.reference holds the
 eager implementations; tbf.set_backend picks "auto" | "triton" | "torch".
 tbf.TeacherCache stores a teacher's outputs once and serves them every epoch (tinybert_fast.cache).
 """
@@ -14,13 +15,13 @@ from ._backend import get_backend, set_backend
 from .cache import CacheWriter, TeacherBatch, TeacherCache
 from .losses import (AttentionMSELoss, DistillLoss, HiddenMSELoss, SoftCrossEntropyLoss,
                      TinyBertLoss, distillation_loss)
-from .ops import attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
+from .ops import attention_kl, attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention_mse", "hidden_mse", "soft_cross_entropy", "distillation_loss", "DistillLoss",
-    "attention_mse_qk",
+    "attention_mse_qk", "attention_kl",
     "AttentionMSELoss", "HiddenMSELoss", "SoftCrossEntropyLoss", "TinyBertLoss",
     "reference", "set_backend", "get_backend", "TeacherCache", "CacheWriter", "TeacherBatch",
 ]

@@ -118,3 +118,52 @@ def attention_mse_qk(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = N
 
     return attention_mse([scores(q, k) for q, k in zip(qs, ks)],
                          [scores(q, k) for q, k in zip(qt, kt)], attention_mask, reduction)
+
+
+def attention_kl(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = None,
+                 reduction: str = "mean") -> torch.Tensor:
+    """The eager form of tinybert_fast.attention_kl (MiniLM's attention-distribution KL): form
+    each model's scores, log_softmax over the tokens, KL(P_t || P_s) per query row.
+
+    S_x = Q_x K_x^T / sqrt(d_x); padded keys of attention_mask [B, L] (1 = token) are -inf before
+    the softmax (probability exactly 0); KL_i = sum_j P_t (log P_t - log P_s); padded query rows
+    are excluded.  "mean": per layer sum_{b,h,i valid} KL_i / (H * T), T = tokens of the batch
+    (B*L without a mask; a batch without tokens gives 0), summed over layers; "sum": no division.
+    q_s, k_s: [B, H, L, d_s], [n_layers, B, H, L, d_s] or a list of [B, H, L, d_s]; q_t, k_t: the
+    same with d_t.  Materialises four [B, H, L, L] tensors per layer; computes in the inputs'
+    dtype (promoted to a common one where they differ).
+    """
+    from .ops.attention_qk import qk_inputs
+    _checks.check_reduction(reduction, "attention")
+    (qs, ks, qt, kt), _, (B, H, L, _, _) = qk_inputs(q_s, k_s, q_t, k_t, attention_mask,
+                                                      fused=False)
+    keys = tokens = None
+    if attention_mask is not None:
+        tokens = attention_mask != 0
+        # a sequence without tokens keeps all its keys, so that no softmax row is empty (NaN):
+        # its query rows are all excluded below
+        keys = (tokens | ~tokens.any(-1, keepdim=True))[:, None, None, :]
+    denom = B * H * L if tokens is None else H * tokens.sum().clamp_min(1)
+
+    def log_probs(q, k):
+        dtype = torch.promote_types(q.dtype, k.dtype)
+        s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        return F.log_softmax(s if keys is None else s.masked_fill(~keys, -math.inf), dim=-1)
+
+    total = None
+    for q_s_, k_s_, q_t_, k_t_ in zip(qs, ks, qt, kt):
+        lp_s, lp_t = log_probs(q_s_, k_s_), log_probs(q_t_, k_t_)
+        dtype = torch.promote_types(lp_s.dtype, lp_t.dtype)
+        lp_s, lp_t = lp_s.to(dtype), lp_t.to(dtype)
+        if keys is not None:
+            # -inf -> 0 on padded keys, where P_t = 0: no NaN in 0 * (-inf + inf), nor in its
+            # gradient; the KL term there is exp(0) * (0 - 0) = 0
+            lp_s = torch.where(keys, lp_s, 0.0)
+            lp_t = torch.where(keys, lp_t, 0.0)
+        kl = F.kl_div(lp_s, lp_t, reduction="none", log_target=True).sum(-1)  # [B, H, L]
+        if tokens is not None:
+            kl = torch.where(tokens[:, None, :], kl, 0.0)
+        layer = kl.sum() if reduction == "sum" else kl.sum() / denom
+        layer = layer.float()
+        total = layer if total is None else total + layer
+    return total

@@ -103,7 +103,8 @@ def _layers(name: str, x) -> tuple[list[Tensor], Tensor | None]:
 
 
 def qk_inputs(q_s, k_s, q_t, k_t, attention_mask: Tensor | None, fused: bool):
-    """Check the inputs of attention_mse_qk (shapes, dtypes, devices; never values).
+    """Check the inputs of attention_mse_qk and attention_kl (shapes, dtypes, devices; never
+    values).
 
     Returns (layers, groups, (B, H, L, d_s, d_t)): layers = four lists of [B, H, L, d] views
     (q_s, k_s, q_t, k_t); groups = four lists of [n, B, H, L, d] views, one stacked tensor each
@@ -233,12 +234,17 @@ def _triton_backward(grad, grams, q_s, k_s, q_t, k_t, attention_mask, scale, met
     return tuple(out)
 
 
+def empty_grads(inputs, needs) -> tuple[list[Tensor], ...]:
+    """Fake gradients of the four input lists (q_s, k_s, q_t, k_t): empties like each list's
+    tensors where needed, [] where not (shared by the ops from Q and K)."""
+    return tuple([torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs] if need else []
+                 for xs, need in zip(inputs, needs))
+
+
 @_attention_mse_qk_backward_op.register_fake
 def _(grad, grams, q_s, k_s, q_t, k_t, attention_mask, scale, method, need_q_s, need_k_s,
       need_q_t, need_k_t):
-    needs = (need_q_s, need_k_s, need_q_t, need_k_t)
-    return tuple([torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs] if need else []
-                 for xs, need in zip((q_s, k_s, q_t, k_t), needs))
+    return empty_grads((q_s, k_s, q_t, k_t), (need_q_s, need_k_s, need_q_t, need_k_t))
 
 
 @_attention_mse_qk_backward_op.register_kernel("cpu")
@@ -271,30 +277,37 @@ def _(grad, grams, q_s, k_s, q_t, k_t, attention_mask, scale, method, need_q_s, 
     return tuple(out)
 
 
-def _setup_context(ctx, inputs, output):
-    q_s, k_s, q_t, k_t, attention_mask, scale, method = inputs
-    _, grams = output
-    ctx.n_groups = len(q_s)
-    ctx.scale = scale
-    ctx.method = method
-    ctx.has_mask = attention_mask is not None
-    ctx.mark_non_differentiable(grams)
-    # no zeros_like(grams) for the Grams' (absent) gradient: it would double their memory
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grams, *q_s, *k_s, *q_t, *k_t,
-                          *([attention_mask] if ctx.has_mask else []))
+def register_qk_autograd(op, backward_op) -> None:
+    """Autograd for an op from Q and K (attention_mse_qk, attention_kl):
+    op(q_s, k_s, q_t, k_t, attention_mask, *options) -> (loss, extra), `extra` non-differentiable
+    (Grams, row statistics) and kept for backward with the inputs; backward_op(grad, extra, q_s,
+    k_s, q_t, k_t, attention_mask, *options, need_q_s, need_k_s, need_q_t, need_k_t) -> the four
+    lists of gradients."""
+
+    def setup_context(ctx, inputs, output):
+        *groups, attention_mask = inputs[:5]
+        _, extra = output
+        ctx.options = inputs[5:]
+        ctx.n_groups = len(groups[0])
+        ctx.has_mask = attention_mask is not None
+        ctx.mark_non_differentiable(extra)
+        # no zeros_like(extra) for its (absent) gradient: it would double its memory
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(extra, *(x for xs in groups for x in xs),
+                              *([attention_mask] if ctx.has_mask else []))
+
+    def backward(ctx, grad, _grad_extra):
+        extra, *saved = ctx.saved_tensors
+        n = ctx.n_groups
+        groups = [saved[i * n:(i + 1) * n] for i in range(4)]
+        attention_mask = saved[4 * n] if ctx.has_mask else None
+        need = [any(ctx.needs_input_grad[i]) for i in range(4)]
+        grads = backward_op(grad, extra, *groups, attention_mask, *ctx.options, *need)
+        # list inputs take a list of gradients (None entries where none is needed)
+        return (*(g if needed else [None] * n for g, needed in zip(grads, need)),
+                None, *(None for _ in ctx.options))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad, _grad_grams):
-    grams, *saved = ctx.saved_tensors
-    n = ctx.n_groups
-    q_s, k_s, q_t, k_t = (saved[i * n:(i + 1) * n] for i in range(4))
-    attention_mask = saved[4 * n] if ctx.has_mask else None
-    need = [any(ctx.needs_input_grad[i]) for i in range(4)]
-    grads = torch.ops.tinybert_fast.attention_mse_qk_backward(
-        grad, grams, q_s, k_s, q_t, k_t, attention_mask, ctx.scale, ctx.method, *need)
-    # list inputs take a list of gradients (None entries where none is needed)
-    return (*(g if needed else [None] * n for g, needed in zip(grads, need)), None, None, None)
-
-
-_attention_mse_qk_op.register_autograd(_backward, setup_context=_setup_context)
+register_qk_autograd(_attention_mse_qk_op, _attention_mse_qk_backward_op)
