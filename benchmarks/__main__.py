@@ -14,13 +14,14 @@ import sys
 
 import torch
 
-from . import bench_attention_mse, bench_attention_qk, bench_hidden_mse, bench_soft_ce
+from . import bench_attention_kl, bench_attention_mse, bench_attention_qk, bench_hidden_mse, \
+    bench_soft_ce
 from ._providers import fused_backend_for
 from .common import MODES, PROVIDERS, add_ratios, device_info, device_slug, format_table, \
     run_case, write_results
 
 SUITES = {"attention": bench_attention_mse, "hidden": bench_hidden_mse, "soft_ce": bench_soft_ce,
-          "attention_qk": bench_attention_qk}
+          "attention_qk": bench_attention_qk, "attention_kl": bench_attention_kl}
 
 
 def main(argv=None) -> int:

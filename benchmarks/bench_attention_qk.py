@@ -45,7 +45,7 @@ import torch
 import tinybert_fast as tbf
 
 from .common import Case, add_ratios, benchmark_full_pass, device_info, device_slug, \
-    format_table, run_case, write_results
+    format_table, run_case, trainable, write_results
 from ._providers import fused_backend_for, providers
 
 DTYPE = torch.bfloat16
@@ -69,33 +69,47 @@ def score_path(q_s, k_s, q_t, k_t, attention_mask=None):
     return tbf.attention_mse(scores(q_s, k_s), scores(q_t, k_t), attention_mask)
 
 
+def make_qk_inputs(B: int, L: int, H: int, d_s: int, d_t: int, dtype, device) -> dict:
+    """q_s, k_s [B, H, L, d_s] requiring grad, q_t, k_t [B, H, L, d_t], and a bool mask [B, L]
+    with about 10% of the keys padded, varying over the batch (seeded)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = [torch.randn((B, H, L, d), generator=g, device=device, dtype=dtype)
+         for d in (d_s, d_s, d_t, d_t)]
+    pad = (torch.arange(B) * 37 + 11) % max(1, math.ceil(0.2 * L))
+    mask = (torch.arange(L)[None, :] < (L - pad)[:, None]).to(device)
+    return {"q_s": x[0].requires_grad_(), "k_s": x[1].requires_grad_(), "q_t": x[2], "k_t": x[3],
+            "mask": mask}
+
+
+def call_qk(impl, inp):
+    """impl(q_s, k_s, q_t, k_t, mask) on the inputs of make_qk_inputs."""
+    return impl(inp["q_s"], inp["k_s"], inp["q_t"], inp["k_t"], inp["mask"])
+
+
+def qk_traffic(B: int, L: int, H: int, d_s: int, d_t: int, dtype) -> dict:
+    """Bytes per mode of a loss from Q and K that never writes an L x L map: read Q, K (forward);
+    read them again, write dQ_s, dK_s (backward)."""
+    es = torch.tensor([], dtype=dtype).element_size()
+    qk_bytes = B * H * L * 2 * (d_s + d_t) * es
+    grads = B * H * L * 2 * d_s * es
+    return {"fwd": qk_bytes, "bwd": qk_bytes + grads, "full": 2 * qk_bytes + grads}
+
+
 def case(L: int, tokens: int = TOKENS, H: int = HEADS, d_s: int = D_S, d_t: int = D_T,
          dtype=DTYPE) -> Case:
     B = max(1, tokens // L)
-    es = torch.tensor([], dtype=dtype).element_size()
-    qk_bytes = B * H * L * 2 * (d_s + d_t) * es
 
     def make(device):
-        g = torch.Generator(device=device).manual_seed(0)
-        x = [torch.randn((B, H, L, d), generator=g, device=device, dtype=dtype)
-             for d in (d_s, d_s, d_t, d_t)]
-        # about 10% padding, varying over the batch
-        pad = (torch.arange(B) * 37 + 11) % max(1, math.ceil(0.2 * L))
-        mask = (torch.arange(L)[None, :] < (L - pad)[:, None]).to(device)
-        inputs = {"q_s": x[0].requires_grad_(), "k_s": x[1].requires_grad_(), "q_t": x[2],
-                  "k_t": x[3], "mask": mask}
-        call = lambda impl, inp: impl(inp["q_s"], inp["k_s"], inp["q_t"], inp["k_t"], inp["mask"])
-        fns = providers(tbf.reference.attention_mse_qk, tbf.attention_mse_qk, call)
-        fns["score"] = lambda inp: call(score_path, inp)
+        inputs = make_qk_inputs(B, L, H, d_s, d_t, dtype, device)
+        fns = providers(tbf.reference.attention_mse_qk, tbf.attention_mse_qk, call_qk)
+        fns["score"] = lambda inp: call_qk(score_path, inp)
         for method in ("gram", "tiled"):
-            fns[method] = lambda inp, m=method: call(
+            fns[method] = lambda inp, m=method: call_qk(
                 functools.partial(tbf.attention_mse_qk, method=m), inp)
         return inputs, fns
 
-    # traffic model of the QK path: read Q, K (forward); read them again, write dQ_s, dK_s
     return Case("attn_qk", f"B={B} L={L} H={H}", dict(B=B, L=L, H=H, d_s=d_s, d_t=d_t),
-                make, {"fwd": qk_bytes, "bwd": qk_bytes + B * H * L * 2 * d_s * es,
-                       "full": 2 * qk_bytes + B * H * L * 2 * d_s * es})
+                make, qk_traffic(B, L, H, d_s, d_t, dtype))
 
 
 def cases(quick: bool = False) -> list[Case]:
@@ -165,24 +179,23 @@ def cpu_peak_bytes(fn) -> int:
     return peak
 
 
-def cpu_memory_rows(max_measure_gb: float, lengths=LENGTHS, tokens=TOKENS, H=HEADS) -> list[dict]:
-    """Measured (profiler, kernels skipped) and analytic peak bytes of a full pass per provider."""
-    from tinybert_fast.kernels import attention_mse as k_mse, attention_qk as k_qk
+def memory_rows(make_case, providers, peak_bytes, kernel_modules, max_measure_gb: float,
+                lengths, tokens: int, H: int) -> list[dict]:
+    """Measured and analytic peak bytes of a full pass (forward + backward of the trainable
+    inputs) per length and provider, on CPU.  make_case(L, tokens=, H=) -> Case;
+    peak_bytes(provider, B, L, H) -> (analytic bytes or None, an estimate: measured only where it
+    is below max_measure_gb, by cpu_peak_bytes with the launches of kernel_modules skipped)."""
     rows = []
     for L in lengths:
-        c = case(L, tokens=tokens, H=H)
+        c = make_case(L, tokens=tokens, H=H)
         inputs, fns = c.make("cpu")
-        grads = [inputs["q_s"], inputs["k_s"]]
-        for provider in ("eager", "score", "fused", "gram", "tiled"):
-            B = c.params["B"]
-            analytic = analytic_peak_bytes(provider, B, L, H)
+        grads = trainable(inputs)
+        for provider in providers:
+            analytic, estimate = peak_bytes(provider, c.params["B"], L, H)
             row = {"op": c.op, "case": c.label, **c.params, "provider": provider, "mode": "full",
                    "analytic_peak_bytes": analytic, "peak_mem_bytes": None}
-            # eager holds about 3x the score path's bytes (measured)
-            estimate = analytic if analytic is not None else \
-                3 * analytic_peak_bytes("score", B, L, H)
             if estimate <= max_measure_gb * 2 ** 30:
-                with kernels_skipped(k_mse, k_qk):
+                with kernels_skipped(*kernel_modules):
                     row["peak_mem_bytes"] = cpu_peak_bytes(
                         lambda: torch.autograd.grad(fns[provider](inputs), grads))
             rows.append(row)
@@ -190,21 +203,65 @@ def cpu_memory_rows(max_measure_gb: float, lengths=LENGTHS, tokens=TOKENS, H=HEA
     return rows
 
 
-def format_memory(rows: list[dict]) -> str:
-    score = {r["L"]: r for r in rows if r["provider"] == "score"}
+def cpu_memory_rows(max_measure_gb: float, lengths=LENGTHS, tokens=TOKENS, H=HEADS) -> list[dict]:
+    """memory_rows of every provider but compile."""
+    from tinybert_fast.kernels import attention_mse as k_mse, attention_qk as k_qk
+
+    def peak_bytes(provider, B, L, H):
+        analytic = analytic_peak_bytes(provider, B, L, H)
+        # eager holds about 3x the score path's bytes (measured)
+        return analytic, analytic if analytic is not None else \
+            3 * analytic_peak_bytes("score", B, L, H)
+    return memory_rows(case, ("eager", "score", "fused", "gram", "tiled"), peak_bytes,
+                       (k_mse, k_qk), max_measure_gb, lengths, tokens, H)
+
+
+def format_memory(rows: list[dict], baseline: str = "score") -> str:
+    """Table of memory_rows, with each peak over the baseline provider's at the same L."""
+    ref_rows = {r["L"]: r for r in rows if r["provider"] == baseline}
     head = (f"{'L':>6}{'B':>5}  {'provider':<9}{'measured MiB':>13}{'analytic MiB':>13}"
-            f"{'x score':>9}")
+            f"{'x ' + baseline:>9}")
     lines = [head, "-" * len(head)]
     nan = float("nan")
     for r in rows:
         m, a = r["peak_mem_bytes"], r["analytic_peak_bytes"]
-        ref = score[r["L"]]["peak_mem_bytes"] or score[r["L"]]["analytic_peak_bytes"]
+        ref = ref_rows[r["L"]]["peak_mem_bytes"] or ref_rows[r["L"]]["analytic_peak_bytes"]
         mine = m if m is not None else a
         lines.append(f"{r['L']:>6}{r['B']:>5}  {r['provider']:<9}"
                      f"{(m / 2**20 if m is not None else nan):>13.1f}"
                      f"{(a / 2**20 if a is not None else nan):>13.1f}"
                      f"{(mine / ref if mine is not None else nan):>9.3f}")
     return "\n".join(lines)
+
+
+def write_memory(rows: list[dict], info: dict, out: str, name: str, baseline: str) -> str:
+    """Print memory_rows (full shapes, CPU) and write them to <out>/<device>/<name>.json."""
+    print("# peak memory of a full pass (fwd + bwd), one layer, H=12, d 26/64, bf16, "
+          "B*L=8192; measured = CPU allocations (torch.profiler), fused kernels skipped")
+    print(format_memory(rows, baseline))
+    info["memory_method"] = ("torch.profiler(profile_memory=True) running sum of CPU "
+                             "allocations during a full pass; @triton.jit launches skipped")
+    return write_results(rows, info, os.path.join(out, device_slug(info)), name)
+
+
+def time_lengths(make_case, lengths, device: str, providers, modes) -> list[dict]:
+    """run_case of make_case(L) for every length, with the ratios to eager."""
+    rows = []
+    for L in lengths:
+        rows += run_case(make_case(L), device, providers, modes)
+        print(f"  done L={L}", file=sys.stderr, flush=True)
+    add_ratios(rows)
+    return rows
+
+
+def print_ratios(rows: list[dict], baseline: str) -> None:
+    """Full-pass time and memory of each provider against the baseline's (speedup_vs_<baseline>,
+    mem_vs_<baseline> of the rows)."""
+    for r in rows:
+        if r.get(f"speedup_vs_{baseline}") and r["mode"] == "full":
+            print(f"  {r['case']:<22}{r['provider']:<9} {r[f'speedup_vs_{baseline}']:6.2f}x "
+                  f"{baseline} (time)  {r.get(f'mem_vs_{baseline}', float('nan')):8.4f}x "
+                  f"{baseline} (memory)")
 
 
 def add_score_ratios(rows: list[dict]) -> None:
@@ -279,26 +336,38 @@ def test_attention_qk_full(benchmark, bench_device, provider):
                         provider, bench_device)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention_qk",
-                                     description=__doc__,
+def bench_parser(prog: str, doc: str, providers) -> argparse.ArgumentParser:
+    """The options of the Q/K benchmarks (this file and bench_attention_kl)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--providers", default=",".join(providers))
     parser.add_argument("--modes", default="fwd,bwd,full")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--max-measure-gb", type=float, default=2.0,
                         help="CPU: measure a provider only where its analytic peak is below this")
-    parser.add_argument("--accuracy", action="store_true",
-                        help="only the accuracy sweep (student -> teacher), fp32 inputs")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    return parser
+
+
+def start_device(parser: argparse.ArgumentParser) -> tuple[str, dict]:
+    """(device, device_info) with the fused backend set for the device; prints the header.  The
+    CPU mode runs the fused launchers, so without a GPU TRITON_INTERPRET=1 is required."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         parser.error("no GPU: the CPU mode runs the fused launchers; set TRITON_INTERPRET=1")
     fused_backend_for(device)
     info = device_info(device)
     print(f"# {info['device']}  torch {info['torch']}  triton {info['triton']}", flush=True)
+    return device, info
+
+
+def main(argv=None) -> int:
+    parser = bench_parser("python -m benchmarks.bench_attention_qk", __doc__, PROVIDERS)
+    parser.add_argument("--accuracy", action="store_true",
+                        help="only the accuracy sweep (student -> teacher), fp32 inputs")
+    args = parser.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    device, info = start_device(parser)
     if args.accuracy:
         rows = accuracy_rows(device)
         print("# relative error vs float64 as the student approaches the teacher, "
@@ -307,26 +376,14 @@ def main(argv=None) -> int:
         path = write_results(rows, info, os.path.join(args.out, device_slug(info)),
                              "attention_qk_accuracy")
     elif device == "cpu":
-        rows = cpu_memory_rows(args.max_measure_gb, lengths)
-        print("# peak memory of a full pass (fwd + bwd), one layer, H=12, d 26/64, bf16, "
-              "B*L=8192; measured = CPU allocations (torch.profiler), fused kernels skipped")
-        print(format_memory(rows))
-        info["memory_method"] = ("torch.profiler(profile_memory=True) running sum of CPU "
-                                 "allocations during a full pass; @triton.jit launches skipped")
-        path = write_results(rows, info, os.path.join(args.out, device_slug(info)),
-                             "attention_qk_memory")
+        path = write_memory(cpu_memory_rows(args.max_measure_gb, lengths), info, args.out,
+                            "attention_qk_memory", "score")
     else:
-        rows = []
-        for L in lengths:
-            rows += run_case(case(L), device, args.providers.split(","), args.modes.split(","))
-            print(f"  done L={L}", file=sys.stderr, flush=True)
-        add_ratios(rows)
+        rows = time_lengths(case, lengths, device, args.providers.split(","),
+                            args.modes.split(","))
         add_score_ratios(rows)
         print(format_table(rows))
-        for r in rows:
-            if r.get("speedup_vs_score") and r["mode"] == "full":
-                print(f"  {r['case']:<22}{r['provider']:<9} {r['speedup_vs_score']:6.2f}x score "
-                      f"(time)  {r.get('mem_vs_score', float('nan')):8.4f}x score (memory)")
+        print_ratios(rows, "score")
         path = write_results(rows, info, os.path.join(args.out, device_slug(info)),
                              "attention_qk")
     print(f"# wrote {path}")

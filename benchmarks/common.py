@@ -33,6 +33,13 @@ class Case:
     bytes: dict         # {mode: bytes the fused implementation must move}
 
 
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """In place of a provider's fn in Case.make's dict: it does not run this case on this device
+    (e.g. its L x L maps would not fit), and why.  Reported as skipped, never run."""
+    reason: str
+
+
 def timeit(fn: Callable[[], object], device: str, quick: bool = False) -> dict:
     """median / p20 / p80 in milliseconds."""
     if device == "cuda":
@@ -124,6 +131,9 @@ def run_case(case: Case, device: str, providers=PROVIDERS, modes=MODES, quick=Fa
         for mode in modes:
             row = {"op": case.op, "case": case.label, **case.params, "provider": provider,
                    "mode": mode}
+            if isinstance(fn, Skipped):
+                rows.append({**row, "skipped": fn.reason})
+                continue
             try:
                 if mode == "fwd":
                     with torch.no_grad():
@@ -191,9 +201,10 @@ def format_table(rows: list[dict]) -> str:
            f"{'x eager':>8}{'GB/s':>8}{'%copy':>6}{'peak MB':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        if "error" in r:
+        if "error" in r or "skipped" in r:
+            what = f"ERROR {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
             lines.append(f"{r['op']:<12}{r['case']:<26}{r['mode']:<5}{r['provider']:<9}  "
-                         f"ERROR {r['error'][:60]}")
+                         f"{what[:66]}")
             continue
         mem = r.get("peak_mem_bytes")
         lines.append(
@@ -215,6 +226,9 @@ def benchmark_full_pass(benchmark, case: Case, provider: str, device: str) -> No
     if provider not in fns:
         import pytest
         pytest.skip(f"provider {provider!r} does not run {case.op} here (not installed, or no GPU)")
+    if isinstance(fns[provider], Skipped):
+        import pytest
+        pytest.skip(f"provider {provider!r} skips {case.op} {case.label}: {fns[provider].reason}")
     fn, grads = fns[provider], trainable(inputs)
 
     def step():

@@ -31,15 +31,17 @@ def _header(info: dict) -> str:
 
 
 def ops_table(doc: dict) -> str:
-    rows = [r for r in doc["results"] if r.get("mode") == "full" and "error" not in r]
+    # timed rows only: not a provider that failed ("error") or did not run ("skipped")
+    rows = [r for r in doc["results"] if r.get("mode") == "full" and "median_ms" in r]
     lines = [_header(doc["device_info"]), "",
              "| op | case | provider | median ms (p20–p80) | × eager | GB/s | % copy | peak MB |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = r.get("peak_mem_bytes")
+        x_eager = r.get("speedup_vs_eager", float("nan"))  # nan: no eager row (skipped there)
         lines.append(
             f"| {r['op']} | {r['case']} | {r['provider']} | {r['median_ms']:.3f} "
-            f"({r['p20_ms']:.3f}–{r['p80_ms']:.3f}) | {r.get('speedup_vs_eager', 1):.2f} | "
+            f"({r['p20_ms']:.3f}–{r['p80_ms']:.3f}) | {x_eager:.2f} | "
             f"{r.get('gbs', float('nan')):.0f} | {r.get('pct_copy_bw') or float('nan'):.0f} | "
             f"{mem / 2**20 if mem else float('nan'):.0f} |")
     return "\n".join(lines)
@@ -63,7 +65,7 @@ def plot_ops(doc: dict, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
-    rows = [r for r in doc["results"] if r.get("mode") == "full" and "error" not in r]
+    rows = [r for r in doc["results"] if r.get("mode") == "full" and "median_ms" in r]
     for op in sorted({r["op"] for r in rows}):
         cases = sorted({r["case"] for r in rows if r["op"] == op})
         fig, ax = plt.subplots(figsize=(7, 3.5))
