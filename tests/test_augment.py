@@ -319,6 +319,74 @@ def test_masked_lm_proposals_match_a_full_forward(mlm, tokenizer):
             assert not any(t.startswith("##") or t.startswith("[") and len(t) > 2 for t in toks)
 
 
+def test_masked_lm_output_layer_runs_on_the_allowed_rows_only(mlm, tokenizer):
+    """The head's output layer is cut to the allowed tokens ([b, V'] logits, V' < V); a head
+    that does more after that layer is detected and run whole, with the same proposals as the
+    full model."""
+    m = aug._MaskedLM(mlm, tokenizer, top_k=15, max_length=128, batch_size=4,
+                      device=torch.device("cpu"))
+    assert m.decoder is not None
+    assert len(m.decoder[1]) == m.n_allowed == int((~m.blocked).sum()) < mlm.config.vocab_size
+    predictions = mlm.cls.predictions
+    plain = predictions.forward
+    predictions.forward = lambda h: 2.0 * plain(h) + 1.0      # not decoder(...) last
+    try:
+        scaled = aug._MaskedLM(mlm, tokenizer, top_k=15, max_length=128, batch_size=4,
+                               device=torch.device("cpu"))
+        assert scaled.decoder is None
+        word_lists = [split_words(s) for s in SENTENCES[:3]]
+        queries = [scaled.query(ids, 1) for ids, _ in scaled.encode(word_lists)]
+        got = scaled.predict(queries)
+        with torch.inference_mode():
+            for (seq, pos), top in zip(queries, got):
+                logits = mlm(input_ids=torch.tensor([seq])).logits[0, pos]
+                logits[scaled.blocked] = float("-inf")
+                assert top == logits.topk(16).indices.tolist()
+    finally:
+        del predictions.forward                                # back to the class's forward
+    assert predictions.forward.__func__ is type(predictions).forward
+
+
+def test_masked_lm_bfloat16_keeps_most_proposals(mlm, tokenizer, tmp_path, sst2_file, glove):
+    """mlm_dtype: bfloat16 autocast proposes mostly the float32 tokens; augment runs with each
+    dtype and stays deterministic."""
+    kw = dict(top_k=15, max_length=128, batch_size=8, device=torch.device("cpu"))
+    fp32 = aug._MaskedLM(mlm, tokenizer, **kw)
+    bf16 = aug._MaskedLM(mlm, tokenizer, dtype=torch.bfloat16, **kw)
+    assert bf16.decoder[1].dtype == torch.bfloat16
+    word_lists = [split_words(s) for s in SENTENCES]
+    queries = [fp32.query(ids, t) for ids, _ in fp32.encode(word_lists)
+               for t in range(0, len(ids), 2)]
+    a, b = fp32.predict(queries), bf16.predict(queries)
+    overlap = np.mean([len(set(x[:15]) & set(y[:15])) / 15 for x, y in zip(a, b)])
+    assert 0.8 <= overlap <= 1.0, overlap
+    for dtype in ("float32", "bfloat16"):
+        outs = []
+        for i in range(2):
+            out = tmp_path / f"{dtype}{i}.tsv"
+            augment(sst2_file, out, mlm=mlm, tokenizer=tokenizer, glove=glove, n_aug=4,
+                    mlm_dtype=dtype, progress=False)
+            outs.append(out.read_text())
+        assert outs[0] == outs[1] and len(outs[0].splitlines()) > len(SENTENCES) + 1
+    assert aug._resolve_mlm_dtype("auto", torch.device("cuda")) == torch.float16
+    assert aug._resolve_mlm_dtype("float32", torch.device("cpu")) is None
+    assert aug._resolve_mlm_dtype("auto", torch.device("cpu")) == (
+        torch.bfloat16 if aug._cpu_has_bf16_dot() else None)
+
+
+def test_topk_by_blocks_matches_topk():
+    """The blocked top-k returns topk's values (ties aside) with indices that point at them."""
+    g = torch.Generator().manual_seed(0)
+    for rows, blocks, block, k in ((3, 64, 16, 5), (5, 300, 32, 64), (2, 10, 8, 4)):
+        x = torch.randn(rows, blocks * block, generator=g)
+        x[0, :block] = 10.0 + torch.arange(block, dtype=x.dtype)   # a whole block of winners
+        values, index = aug._topk_by_blocks(x, k, block)
+        want = x.topk(k, dim=1)
+        assert torch.equal(values, want.values)
+        assert torch.equal(x.gather(1, index), values)
+    assert torch.equal(aug._topk_by_blocks(x, 4, 7)[0], x.topk(4, dim=1).values)  # not blocked
+
+
 def test_long_sentence_keeps_the_masked_word(mlm, tokenizer):
     m = aug._MaskedLM(mlm, tokenizer, top_k=15, max_length=10, batch_size=4,
                       device=torch.device("cpu"))
@@ -392,6 +460,8 @@ def test_bad_input_errors(tmp_path, glove):
             augment(ok, out, glove=glove, progress=False, **kw)
     with pytest.raises(ValueError, match="nothing"):
         augment(ok, out, glove=False, progress=False)
+    with pytest.raises(ValueError, match="mlm_dtype"):
+        augment(ok, out, glove=glove, mlm_dtype="int8", progress=False)
     assert not os.path.exists(out)                       # nothing half-written
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
@@ -478,7 +548,7 @@ def test_glove_bf16_shortlist_is_exact(glove):
     exact.emb_bf16 = None
     exact.rows = 64
     short = aug._GloveNeighbours(glove, 15, torch.device("cpu"))
-    short.emb_bf16 = short.emb.to(torch.bfloat16)     # forced, whatever this CPU is
+    short.emb_bf16 = short.unit.to(torch.bfloat16)    # forced, whatever this CPU is
     short.rows = 64
     exact.fill(words)
     short.fill(words)

