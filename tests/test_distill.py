@@ -281,3 +281,27 @@ def test_attention_from_qk_with_a_teacher_cache(models, tmp_path):
     distill.distill(_cfg(models, tmp_path / "s", teacher_cache=str(scores_store), max_steps=1))
     with pytest.raises(cache.CacheMismatchError, match='attention_storage: cache has "auto", expected "qk"'):
         distill.distill(_cfg(models, tmp_path / "q", teacher_cache=str(scores_store), **kw))
+
+
+def test_half_precision_checkpoints_train_and_evaluate_in_float32(models, tmp_path):
+    """A teacher or student checkpoint saved in float16 (common on the hub) is loaded in float32:
+    the student's weights are what AdamW updates, and CPU kernels lack float16 for some ops."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tinybert_fast import evaluate
+    half = tmp_path / "teacher_fp16"
+    AutoModelForSequenceClassification.from_pretrained(
+        models["teacher"], dtype=torch.float16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(models["teacher"]).save_pretrained(half)
+    task = distill.data.get_task("sst2")
+    teacher = distill.load_teacher(str(half), "task1", task, "cpu")
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    student = distill.build_student(str(half), "finetune", task, teacher.config, "auto")
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    out = tmp_path / "finetune"
+    summary = distill.distill(_cfg(models, out, stage="finetune", student=str(half), teacher=None,
+                                   max_steps=2))
+    assert summary["steps"] == 2 and summary["dev"] is not None
+    metrics = evaluate.evaluate_checkpoint(str(half), "sst2", data_dir=SST2, limit=32,
+                                           device="cpu")
+    assert 0.0 <= metrics["dev"]["accuracy"] <= 1.0

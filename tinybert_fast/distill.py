@@ -138,17 +138,24 @@ def _is_checkpoint(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
 
 
+# Checkpoints load in float32 whatever dtype they were saved in (`from_pretrained` keeps a
+# float16 or bfloat16 checkpoint's dtype): a student's weights are what AdamW updates, and bf16
+# autocast on a GPU gives the speed; evaluation and the teacher follow the same rule.
+LOAD_DTYPE = torch.float32
+
+
 def load_teacher(name: str, stage: str, task: data.Task | None, device):
-    """The teacher in eval mode, with the capturing attention.  Task stages need a fine-tuned
-    sequence-classification head; general distillation takes a bare encoder."""
+    """The teacher in eval mode, in float32 (LOAD_DTYPE), with the capturing attention.  Task
+    stages need a fine-tuned sequence-classification head; general distillation takes a bare
+    encoder."""
     from transformers import AutoModel, AutoModelForSequenceClassification
     attn = capture.register()
     if stage == "general":
-        model = AutoModel.from_pretrained(name, attn_implementation=attn)
+        model = AutoModel.from_pretrained(name, attn_implementation=attn, dtype=LOAD_DTYPE)
     else:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             name, attn_implementation=attn, output_loading_info=True,
-            num_labels=task.num_labels)
+            num_labels=task.num_labels, dtype=LOAD_DTYPE)
         if stage == "task2" and any("classifier" in k for k in info["missing_keys"]):
             raise ValueError(f"teacher {name!r} has no trained classification head, which task "
                              f"step 2 distils from: fine-tune it first (tinybert-fast "
@@ -160,7 +167,7 @@ def build_student(spec: str, stage: str, task: data.Task | None, base_config, in
                   layer_map_for_init=None, teacher=None):
     """The student: a preset name (tinybert4, tinybert6; vocabulary, positions and token types
     from `base_config`, the teacher's), a config.json (random weights) or a checkpoint
-    directory (its weights: a general-distilled or previous-stage student)."""
+    directory (its weights, loaded in float32: a general-distilled or previous-stage student)."""
     from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
                               BertConfig)
     attn = capture.register()
@@ -171,7 +178,7 @@ def build_student(spec: str, stage: str, task: data.Task | None, base_config, in
             raise ValueError("init 'teacher-layers' builds a new student from the teacher; "
                              "--student is already a checkpoint")
         cls = AutoModelForSequenceClassification if head else AutoModel
-        return cls.from_pretrained(spec, attn_implementation=attn, **kwargs)
+        return cls.from_pretrained(spec, attn_implementation=attn, dtype=LOAD_DTYPE, **kwargs)
     if spec in PRESETS:
         config = BertConfig(vocab_size=base_config.vocab_size,
                             max_position_embeddings=base_config.max_position_embeddings,
