@@ -305,3 +305,39 @@ def test_half_precision_checkpoints_train_and_evaluate_in_float32(models, tmp_pa
     metrics = evaluate.evaluate_checkpoint(str(half), "sst2", data_dir=SST2, limit=32,
                                            device="cpu")
     assert 0.0 <= metrics["dev"]["accuracy"] <= 1.0
+
+
+def test_hub_model_ids_load_from_the_hub_cache(models, tmp_path):
+    """A hub id (the `bert-base-uncased` path) goes to `from_pretrained` for the teacher, the
+    student / finetune-teacher's --model and the tokenizer: here a model placed in a Hugging Face
+    hub cache, offline.  An id that cannot be loaded is one error line naming the argument and
+    exit status 2, before training."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--tiny-bert"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    AutoModelForSequenceClassification.from_pretrained(models["teacher"]).save_pretrained(snapshot)
+    AutoTokenizer.from_pretrained(models["teacher"]).save_pretrained(snapshot)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    common = ["--task", "sst2", "--data-dir", SST2, "--limit-train", "32", "--limit-eval", "16",
+              "--max-steps", "2", "--batch-size", "16", "--no-progress", "--device", "cpu"]
+    out = tmp_path / "finetune"
+    assert _cli(["finetune-teacher", "--model", "tiny-org/tiny-bert", *common, "--output-dir",
+                 str(out)], env=env).wait(timeout=300) == 0
+    assert json.load(open(out / "summary.json"))["steps"] == 2
+    out = tmp_path / "distill"
+    assert _cli(["distill", "--stage", "task1", "--teacher", "tiny-org/tiny-bert", "--student",
+                 models["student"], *common, "--output-dir", str(out)],
+                env=env).wait(timeout=300) == 0
+    assert json.load(open(out / "summary.json"))["steps"] == 2
+    for args, argument in ((["finetune-teacher", "--model", "tiny-org/missing"], "--model"),
+                           (["distill", "--stage", "task1", "--teacher", "tiny-org/missing",
+                             "--student", models["student"]], "teacher")):
+        out = tmp_path / "missing"
+        p = _cli([*args, *common, "--output-dir", str(out)], env=env, stderr=subprocess.PIPE)
+        err = p.communicate(timeout=300)[1].decode()
+        assert p.returncode == 2, err
+        assert "'tiny-org/missing': cannot load it" in err and argument in err, err
+        assert "Traceback" not in err and not os.path.exists(out / "log.jsonl")

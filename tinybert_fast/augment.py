@@ -1136,17 +1136,12 @@ def run(args: argparse.Namespace) -> int:
     if args.text_columns:
         parts = [c.strip() for c in args.text_columns.split(",")]
         text_columns = [int(c) for c in parts] if all(c.isdigit() for c in parts) else parts
-    try:
-        result = augment(args.input, args.output, task=args.task, mlm=args.mlm,
-                         tokenizer=args.tokenizer, glove=args.glove, n_aug=args.n_aug,
-                         p_replace=args.p_replace, top_k=args.top_k, seed=args.seed,
-                         batch_size=args.batch_size, max_length=args.max_length,
-                         device=args.device, mlm_dtype=args.mlm_dtype, limit=args.limit,
-                         text_columns=text_columns,
-                         progress=not args.no_progress)
-    except (ValueError, TypeError, ImportError) as exc:
-        logger.error("%s", exc)
-        return 2
+    result = augment(args.input, args.output, task=args.task, mlm=args.mlm,
+                     tokenizer=args.tokenizer, glove=args.glove, n_aug=args.n_aug,
+                     p_replace=args.p_replace, top_k=args.top_k, seed=args.seed,
+                     batch_size=args.batch_size, max_length=args.max_length,
+                     device=args.device, mlm_dtype=args.mlm_dtype, limit=args.limit,
+                     text_columns=text_columns, progress=not args.no_progress)
     logger.info("wrote %s: %d rows from %d examples (mode %s%s)", result.output, result.rows,
                 result.examples, result.mode,
                 ": no masked LM, GloVe neighbours for every word" if result.mode == "glove-only"

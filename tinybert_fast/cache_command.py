@@ -53,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
     device = train.resolve_device(cfg.device)
     dist_state = train.Distributed(device)
     task = data.get_task(cfg.task)
-    n_teacher = AutoConfig.from_pretrained(cfg.teacher).num_hidden_layers
+    n_teacher = distill.pretrained("teacher", AutoConfig.from_pretrained,
+                                   cfg.teacher).num_hidden_layers
     layer_map = mapping.layer_map(cfg.mapping, args.student_layers, n_teacher,
                                   seed=cfg.mapping_seed, layers=cfg.mapping_layers)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher)
+    tokenizer = distill.pretrained("teacher", AutoTokenizer.from_pretrained, cfg.teacher)
     examples = distill.load_training_examples(cfg, task)
     train_set = data.TokenizedDataset(examples, tokenizer, cfg.max_length)
     teacher = distill.load_teacher(cfg.teacher, "task1", task, device)

@@ -38,9 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand.  Bad input (a ValueError, or a missing optional package) is one error
+    line and exit status 2, with the traceback at --log-level DEBUG."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s")
-    return args._module.run(args)
+    try:
+        return args._module.run(args)
+    except (ValueError, ImportError) as exc:
+        log = logging.getLogger("tinybert_fast")
+        log.debug("traceback", exc_info=True)
+        log.error("%s: %s", args.command, exc)
+        return 2
 
 
 if __name__ == "__main__":

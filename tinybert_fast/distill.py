@@ -135,7 +135,28 @@ class DistillConfig:
 # --- models ----------------------------------------------------------------------------------
 
 def _is_checkpoint(path: str) -> bool:
+    """A local checkpoint folder (it holds a config.json)."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _is_pretrained(spec: str) -> bool:
+    """A local checkpoint folder or a hub model id ("bert-base-uncased", "org/name"): anything
+    that is not a preset, a .json config or another local path."""
+    return _is_checkpoint(spec) or (spec not in PRESETS and not spec.endswith(".json")
+                                    and not os.path.exists(spec))
+
+
+STUDENT_ARG = "student (--student; finetune-teacher: --model)"
+
+
+def pretrained(argument: str, load, name: str, **kwargs):
+    """load(name, **kwargs) (a `from_pretrained`), with the OSError that transformers raises for a
+    missing folder, an unknown hub id or an unreachable hub turned into a ValueError that names
+    the argument."""
+    try:
+        return load(name, **kwargs)
+    except OSError as exc:
+        raise ValueError(f"{argument} {name!r}: cannot load it: {exc}") from exc
 
 
 # Checkpoints load in float32 whatever dtype they were saved in (`from_pretrained` keeps a
@@ -151,11 +172,13 @@ def load_teacher(name: str, stage: str, task: data.Task | None, device):
     from transformers import AutoModel, AutoModelForSequenceClassification
     attn = capture.register()
     if stage == "general":
-        model = AutoModel.from_pretrained(name, attn_implementation=attn, dtype=LOAD_DTYPE)
+        model = pretrained("teacher", AutoModel.from_pretrained, name,
+                           attn_implementation=attn, dtype=LOAD_DTYPE)
     else:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, attn_implementation=attn, output_loading_info=True,
-            num_labels=task.num_labels, dtype=LOAD_DTYPE)
+        model, info = pretrained(
+            "teacher", AutoModelForSequenceClassification.from_pretrained, name,
+            attn_implementation=attn, output_loading_info=True, num_labels=task.num_labels,
+            dtype=LOAD_DTYPE)
         if stage == "task2" and any("classifier" in k for k in info["missing_keys"]):
             raise ValueError(f"teacher {name!r} has no trained classification head, which task "
                              f"step 2 distils from: fine-tune it first (tinybert-fast "
@@ -173,12 +196,13 @@ def build_student(spec: str, stage: str, task: data.Task | None, base_config, in
     attn = capture.register()
     head = stage != "general"
     kwargs = dict(num_labels=task.num_labels) if head else {}
-    if _is_checkpoint(spec):
+    if _is_pretrained(spec):
         if init == "teacher-layers":
             raise ValueError("init 'teacher-layers' builds a new student from the teacher; "
                              "--student is already a checkpoint")
         cls = AutoModelForSequenceClassification if head else AutoModel
-        return cls.from_pretrained(spec, attn_implementation=attn, dtype=LOAD_DTYPE, **kwargs)
+        return pretrained(STUDENT_ARG, cls.from_pretrained, spec, attn_implementation=attn,
+                          dtype=LOAD_DTYPE, **kwargs)
     if spec in PRESETS:
         config = BertConfig(vocab_size=base_config.vocab_size,
                             max_position_embeddings=base_config.max_position_embeddings,
@@ -187,8 +211,8 @@ def build_student(spec: str, stage: str, task: data.Task | None, base_config, in
     elif spec.endswith(".json") and os.path.isfile(spec):
         config = AutoConfig.from_pretrained(spec, **kwargs)
     else:
-        raise ValueError(f"student must be a preset {sorted(PRESETS)}, a config.json or a "
-                         f"checkpoint directory; got {spec!r}")
+        raise ValueError(f"student must be a preset {sorted(PRESETS)}, a config.json, a "
+                         f"checkpoint directory or a hub model id; got {spec!r}")
     config._attn_implementation = attn
     cls = AutoModelForSequenceClassification if head else AutoModel
     model = cls.from_config(config, attn_implementation=attn)
@@ -494,13 +518,17 @@ class _Run:
             raise ValueError(f"stage {cfg.stage!r} needs --teacher")
 
         # Everything a bad argument can break is checked before the data and models load fully.
-        teacher_config = AutoConfig.from_pretrained(cfg.teacher) if cfg.teacher else None
-        tok_source = cfg.tokenizer or cfg.teacher or (cfg.student if _is_checkpoint(cfg.student)
-                                                      else None)
+        teacher_config = pretrained("teacher", AutoConfig.from_pretrained, cfg.teacher) \
+            if cfg.teacher else None
+        # the tokenizer: --tokenizer, else the teacher's, else a pretrained student's
+        tok_arg, tok_source = next(
+            ((arg, name) for arg, name in (("tokenizer (--tokenizer)", cfg.tokenizer),
+                                           ("teacher", cfg.teacher), (STUDENT_ARG, cfg.student))
+             if name and (arg != STUDENT_ARG or _is_pretrained(name))), (None, None))
         if tok_source is None:
             raise ValueError("no tokenizer: pass --tokenizer (or a --teacher / checkpoint "
                              "--student that has one)")
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_source)
+        self.tokenizer = pretrained(tok_arg, AutoTokenizer.from_pretrained, tok_source)
         if self.tokenizer.pad_token_id is None:
             raise ValueError(f"tokenizer {tok_source!r} has no pad token")
         # presets take vocabulary and position sizes from the teacher (or the tokenizer)
@@ -570,12 +598,12 @@ class _Run:
     def _student_config(self):
         from transformers import AutoConfig, BertConfig
         spec = self.cfg.student
-        if _is_checkpoint(spec) or (spec.endswith(".json") and os.path.isfile(spec)):
-            return AutoConfig.from_pretrained(spec)
+        if _is_pretrained(spec) or (spec.endswith(".json") and os.path.isfile(spec)):
+            return pretrained(STUDENT_ARG, AutoConfig.from_pretrained, spec)
         if spec in PRESETS:
             return BertConfig(vocab_size=self.base_config.vocab_size, **PRESETS[spec])
-        raise ValueError(f"student must be a preset {sorted(PRESETS)}, a config.json or a "
-                         f"checkpoint directory; got {spec!r}")
+        raise ValueError(f"student must be a preset {sorted(PRESETS)}, a config.json, a "
+                         f"checkpoint directory or a hub model id; got {spec!r}")
 
     # checkpoints
     def save_checkpoint(self) -> None:
@@ -759,7 +787,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", required=True, choices=["general", "task1", "task2", "all"])
     p.add_argument("--teacher", required=True, help="teacher checkpoint dir or hub name")
     p.add_argument("--student", required=True,
-                   help=f"preset {sorted(PRESETS)}, a config.json, or a checkpoint dir")
+                   help=f"preset {sorted(PRESETS)}, a config.json, a checkpoint dir or a hub name")
     p.add_argument("--tokenizer", help="default: the teacher's")
     p.add_argument("--init", choices=["auto", "random", "teacher-layers"], default="auto")
     p.add_argument("--corpus", help="general distillation text (one passage per line)")

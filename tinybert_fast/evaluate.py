@@ -23,9 +23,9 @@ def evaluate_checkpoint(model_dir: str, task_name: str, data_dir: str | None = N
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     task = data.get_task(task_name)
     dev = train.resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, dtype=distill.LOAD_DTYPE).to(dev).eval()
+    tokenizer = distill.pretrained("model", AutoTokenizer.from_pretrained, model_dir)
+    model = distill.pretrained("model", AutoModelForSequenceClassification.from_pretrained,
+                               model_dir, dtype=distill.LOAD_DTYPE).to(dev).eval()
     if model.config.num_labels != task.num_labels:
         raise ValueError(f"{model_dir} predicts {model.config.num_labels} labels but {task.name} "
                          f"has {task.num_labels}")
