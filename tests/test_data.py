@@ -110,3 +110,50 @@ def test_metrics_against_hand_computed_values():
     assert ties["spearman"] == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
     with pytest.raises(ValueError, match="equal length"):
         data.compute_metrics(t, [1], [1, 0])
+
+
+def _hub_layout_copy(root, tasks):
+    """A local folder laid out like the hub's nyu-mll/glue repository (README.md configs and
+    <task>/<split>-00000-of-00001.parquet), made from the GLUE TSV files with the hub's columns
+    and label ids (RTE: 0 entailment, 1 not_entailment)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    configs = []
+    for name, cols, label_of in tasks:
+        t = data.get_task(name)
+        lines = [f"- config_name: {name}", "  data_files:"]
+        for split, hf_split in (("train", "train"), ("dev", "validation")):
+            with open(os.path.join(GLUE, t.glue_dir, f"{split}.tsv"), encoding="utf-8-sig") as f:
+                header, *rows = [line.rstrip("\n").split("\t") for line in f]
+            table = {c: [r[header.index(src)] for r in rows] for c, src in cols.items()}
+            table["label"] = [label_of(r[header.index("label")]) for r in rows]
+            table["idx"] = list(range(len(rows)))
+            (root / name).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table(table), root / name / f"{hf_split}-00000-of-00001.parquet")
+            lines += [f"  - split: {hf_split}", f"    path: {name}/{hf_split}-*.parquet"]
+        configs += lines
+    (root / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")
+
+
+@needs_glue
+def test_task_names_load_through_datasets_like_the_tsv_files(tmp_path, monkeypatch):
+    """Without data_dir, a split comes from `datasets` (GLUE_DATASET = "nyu-mll/glue"; the hub
+    no longer resolves "glue"): here from a local copy in that repository's layout, named by
+    TINYBERT_FAST_GLUE_DATASET, which must give the TSV files' examples and labels."""
+    pytest.importorskip("datasets")
+    assert data.GLUE_DATASET == "nyu-mll/glue"
+    _hub_layout_copy(tmp_path / "glue", [
+        ("sst2", {"sentence": "sentence"}, int),
+        ("rte", {"sentence1": "sentence1", "sentence2": "sentence2"},
+         ("entailment", "not_entailment").index)])
+    monkeypatch.setenv("TINYBERT_FAST_GLUE_DATASET", str(tmp_path / "glue"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    for name in ("sst2", "rte"):
+        t = data.get_task(name)
+        for split in ("train", "dev"):
+            via_hub = data.load_examples(t, split)
+            via_tsv = data.load_examples(t, split, os.path.join(GLUE, t.glue_dir))
+            assert via_hub == via_tsv and len(via_hub) == COUNTS[(name, split)]
+    monkeypatch.setenv("TINYBERT_FAST_GLUE_DATASET", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="could not load.*--data-dir"):
+        data.load_examples(data.get_task("sst2"), "dev")

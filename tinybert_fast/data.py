@@ -66,6 +66,10 @@ _TSV_COLUMNS = {
     "mnli": (("sentence1", "sentence2"), "gold_label"),
 }
 _COLA_COLUMNS = ("source", "label", "original_mark", "sentence")
+# The `datasets` GLUE repository: the hub no longer resolves the namespace-free "glue".  A mirror,
+# or a local folder in its layout (README.md configs, <task>/<split>-*.parquet), can be named with
+# the environment variable TINYBERT_FAST_GLUE_DATASET.
+GLUE_DATASET = "nyu-mll/glue"
 # `datasets` GLUE column names
 _HF_COLUMNS = {"sst2": ("sentence",), "cola": ("sentence",), "mrpc": ("sentence1", "sentence2"),
                "rte": ("sentence1", "sentence2"), "stsb": ("sentence1", "sentence2"),
@@ -170,8 +174,8 @@ def load_examples(task: Task, split: str, data_dir: str | None = None,
     """Examples of a split ("train", "dev", "dev_matched", ...).
 
     data_dir: a GLUE TSV folder (../shared/data/glue/SST-2); without it the split comes from
-    `datasets.load_dataset("glue", task)` (needs the hub or its cache).  train_file overrides the
-    train split's file (an augmented TSV in the same layout).
+    `datasets.load_dataset(GLUE_DATASET, task)` ("nyu-mll/glue"; needs the hub or its cache).
+    train_file overrides the train split's file (an augmented TSV in the same layout).
     """
     if split == "train" and train_file:
         path = train_file
@@ -189,15 +193,17 @@ def _load_hf(task: Task, split: str) -> list[Example]:
     try:
         import datasets
     except ImportError as exc:
-        raise RuntimeError("loading GLUE by task name needs `datasets` (pip install datasets), "
-                           "or pass a local GLUE TSV folder as data_dir") from exc
+        raise ImportError("loading GLUE by task name needs `datasets` (pip install datasets), "
+                          "or pass a local GLUE TSV folder as data_dir (--data-dir)") from exc
     hf_split = {"dev": "validation", "dev_matched": "validation_matched",
                 "dev_mismatched": "validation_mismatched"}.get(split, split)
+    source = os.environ.get("TINYBERT_FAST_GLUE_DATASET", GLUE_DATASET)
     try:
-        ds = datasets.load_dataset("glue", task.name, split=hf_split)
+        ds = datasets.load_dataset(source, task.name, split=hf_split)
     except Exception as exc:
-        raise RuntimeError(f"could not load GLUE {task.name}/{hf_split} with datasets ({exc}); "
-                           f"pass a local GLUE TSV folder as data_dir instead") from exc
+        raise ValueError(f"task {task.name!r}: could not load {source} {task.name}/{hf_split} "
+                         f"with datasets ({type(exc).__name__}: {exc}); pass a local GLUE TSV "
+                         f"folder as data_dir (--data-dir) instead") from exc
     cols = _HF_COLUMNS[task.name]
     return [Example(tuple(r[c] for c in cols),
                     (float(r["label"]) if task.is_regression else int(r["label"]))
