@@ -330,7 +330,8 @@ class _GloveNeighbours:
     top K: with unit vectors the bf16 score of a word is within EPS of its fp32 score (inputs
     rounded to 8 significant bits, fp32 accumulation, the output rounded to 8 bits: error at most
     2^-8 + 2^-9 < 0.006), so every exact top-K word scores at least (the K-th bf16 score - 2·EPS)
-    in bf16; a row whose M-th bf16 score is not below that bound is recomputed in fp32.
+    in bf16; a row whose M-th bf16 score is not below that bound gets a shortlist 8 times longer
+    (from the same bf16 scores), and past M = 4096 is recomputed in fp32.
     """
 
     EPS = 0.015      # > 0.006: room for a bf16 product that rounds more than assumed
@@ -388,9 +389,8 @@ class _GloveNeighbours:
                                self.BLOCK)[1]
 
     def _shortlisted(self, rows):
-        """The exact top k from bf16 scores: shortlists of M words re-ranked in fp32, M growing
-        8-fold for the rows whose shortlist might miss one (see the class docstring), the whole
-        vocabulary in fp32 past M = 4096."""
+        """The exact top k from bf16 scores: shortlists of M words re-ranked in fp32 (see the
+        class docstring)."""
         import torch
         sims = self._scores(self.emb_bf16, rows)
         top = torch.empty(len(rows), self.k, dtype=torch.long, device=rows.device)
@@ -398,7 +398,7 @@ class _GloveNeighbours:
         m = self.shortlist
         while todo.numel():
             if m > 4096 or m >= self.n_words - 1:
-                top[todo] = self._exact(rows[todo])  # overwrites sims: the last use
+                top[todo] = self._exact(rows[todo])
                 break
             approx, cand = _topk_by_blocks(sims if len(todo) == len(rows) else sims[todo], m,
                                            self.BLOCK)
