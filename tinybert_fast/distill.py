@@ -521,11 +521,13 @@ class _Run:
         teacher_config = pretrained("teacher", AutoConfig.from_pretrained, cfg.teacher) \
             if cfg.teacher else None
         # the tokenizer: --tokenizer, else the teacher's, else a pretrained student's
-        tok_arg, tok_source = next(
-            ((arg, name) for arg, name in (("tokenizer (--tokenizer)", cfg.tokenizer),
-                                           ("teacher", cfg.teacher), (STUDENT_ARG, cfg.student))
-             if name and (arg != STUDENT_ARG or _is_pretrained(name))), (None, None))
-        if tok_source is None:
+        if cfg.tokenizer:
+            tok_arg, tok_source = "tokenizer (--tokenizer)", cfg.tokenizer
+        elif cfg.teacher:
+            tok_arg, tok_source = "teacher", cfg.teacher
+        elif _is_pretrained(cfg.student):
+            tok_arg, tok_source = STUDENT_ARG, cfg.student
+        else:
             raise ValueError("no tokenizer: pass --tokenizer (or a --teacher / checkpoint "
                              "--student that has one)")
         self.tokenizer = pretrained(tok_arg, AutoTokenizer.from_pretrained, tok_source)
