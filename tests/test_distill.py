@@ -96,7 +96,9 @@ def test_weights_and_mappings_change_the_objective(models, tmp_path):
     distill.distill(_cfg(models, tmp_path / "b", max_steps=1, embedding_weight=0.5,
                          mapping="mean"))
     a, b = _log(tmp_path / "a")[0], _log(tmp_path / "b")[0]
-    assert "embedding" in b and "embedding" not in a
+    # every term under its own name, whatever the weights (the embedding term apart from hidden)
+    assert "embedding" in b and "embedding" in a
+    assert a["total"] == pytest.approx(a["attention"] + a["hidden"] + a["embedding"], rel=1e-5)
     assert b["total"] == pytest.approx(b["attention"] + b["hidden"] + 0.5 * b["embedding"],
                                        rel=1e-5)
 
@@ -341,3 +343,74 @@ def test_hub_model_ids_load_from_the_hub_cache(models, tmp_path):
         assert p.returncode == 2, err
         assert "'tiny-org/missing': cannot load it" in err and argument in err, err
         assert "Traceback" not in err and not os.path.exists(out / "log.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI as a user meets it: help, warnings, what a run reports and leaves behind
+
+def test_help_lists_effective_defaults_and_the_stage_table(capsys):
+    from tinybert_fast import cli
+    for command in ("distill", "finetune-teacher"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        assert "see STAGE_DEFAULTS" not in text
+        assert "clip the gradient norm to this (0: no clipping) (default: 1.0)" in text
+        assert "--bf16 {auto,on,off} bfloat16 autocast (auto: on CUDA only) (default: auto)" in text
+        for stage, values in distill.STAGE_DEFAULTS.items():  # one table row per stage
+            row = [stage, f"{values['epochs']:g}", str(values["batch_size"]), f"{values['lr']:g}",
+                   f"{values['warmup_ratio']:g}", values["schedule"]]
+            assert " ".join(row) in text, (stage, text[-600:])
+        assert "cola 50" in text
+
+
+def test_ineffective_flags_are_named():
+    base = dict(output_dir="o", student="tinybert4", teacher="t")
+    cfg = distill.DistillConfig(stage="task2", task="stsb", temperature=2.0, **base).resolved()
+    notes = distill.ineffective_settings(cfg, distill.data.get_task("stsb"))
+    assert any(n.startswith("--temperature has no effect on the regression task") for n in notes)
+    cfg = distill.DistillConfig(stage="task1", task="sst2", temperature=2.0,
+                                attention_weight=0.5, cache_dtype="int8", **base).resolved()
+    notes = distill.ineffective_settings(cfg, distill.data.get_task("sst2"))
+    assert {n.split()[0] for n in notes} == {"--temperature", "--cache-dtype"}
+    cfg = distill.DistillConfig(stage="task2", task="sst2", attention_weight=2.0, **base)
+    notes = distill.ineffective_settings(cfg.resolved(), distill.data.get_task("sst2"))
+    assert [n.split()[0] for n in notes] == ["--attention-weight"]
+    for stage in ("task1", "task2"):  # defaults: nothing to say
+        cfg = distill.DistillConfig(stage=stage, task="sst2", **base).resolved()
+        assert distill.ineffective_settings(cfg, distill.data.get_task("sst2")) == []
+
+
+def test_a_finished_run_reports_and_cleans_up(models, tmp_path, caplog):
+    """Step 1 with a teacher cache: the cache's build time and size in summary.json and log.jsonl,
+    dev loss terms (the head is untrained), the resume checkpoint deleted at the end unless
+    --keep-checkpoint, files with the usual modes, and `eval` warning on the step-1 model."""
+    import stat
+
+    from tinybert_fast import cache as cache_mod
+    from tinybert_fast import evaluate
+    if not cache_mod.HAS_EXTENSION:
+        pytest.skip(f"the teacher cache needs the extension: {cache_mod.EXTENSION_ERROR}")
+    out = tmp_path / "task1"
+    summary = distill.distill(_cfg(models, out, save_steps=1, teacher_cache=str(tmp_path / "c")))
+    info = summary["teacher_cache"]
+    assert info["built"] is True and info["seconds"] > 0 and info["bytes"] > 0
+    assert [r for r in _log(out, "teacher_cache")][0]["bytes"] == info["bytes"]
+    dev = summary["dev"]["dev"]
+    assert {"dev_attention", "dev_hidden", "dev_embedding", "dev_total"} <= set(dev)
+    assert dev["dev_total"] == pytest.approx(dev["dev_attention"] + dev["dev_hidden"]
+                                             + dev["dev_embedding"], rel=1e-5)
+    assert not os.path.exists(out / "checkpoint"), "a finished run keeps no resume checkpoint"
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("model.safetensors", "config.json", distill.TRAINING_FILE):
+        assert stat.S_IMODE(os.stat(out / "model" / name).st_mode) == 0o666 & ~mask, name
+    with caplog.at_level("WARNING", logger="tinybert_fast.evaluate"):
+        evaluate.evaluate_checkpoint(str(out / "model"), "sst2", data_dir=SST2, limit=16,
+                                     device="cpu")
+    assert "does not train the prediction head" in caplog.text
+    # the cache is opened, not rebuilt, by the next run; --keep-checkpoint keeps the state
+    kept = distill.distill(_cfg(models, tmp_path / "kept", save_steps=1, keep_checkpoint=True,
+                                teacher_cache=str(tmp_path / "c")))
+    assert kept["teacher_cache"]["built"] is False
+    assert os.path.isfile(tmp_path / "kept" / "checkpoint" / "trainer_state.pt")

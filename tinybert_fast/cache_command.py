@@ -61,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
     examples = distill.load_training_examples(cfg, task)
     train_set = data.TokenizedDataset(examples, tokenizer, cfg.max_length)
     teacher = distill.load_teacher(cfg.teacher, "task1", task, device)
-    cache = distill.teacher_cache(cfg, teacher, tokenizer, train_set, layer_map, device,
-                                  dist_state)
-    log.info("teacher cache %s: %d examples, %.1f MB, fields %s", args.output, len(train_set),
-             cache.nbytes / 1e6, cache.layout.fields)
+    cache, info = distill.teacher_cache(cfg, teacher, tokenizer, train_set, layer_map, device,
+                                        dist_state)
+    log.info("teacher cache %s: %d examples, %.1f MB, fields %s, %s in %.1f s", args.output,
+             len(train_set), cache.nbytes / 1e6, cache.layout.fields,
+             "built" if info["built"] else "opened", info["seconds"])
     return 0

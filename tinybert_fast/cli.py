@@ -24,6 +24,37 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help text (where the flag has a value and its help does not
+    already say it); descriptions and epilogs (the stage-defaults table) printed as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is not None and not isinstance(action.default, bool)
+                and action.default is not argparse.SUPPRESS and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def quiet_libraries(level: str) -> None:
+    """Hugging Face's load reports ("some weights were not initialized ...") and loading bars
+    only at --log-level DEBUG."""
+    if level == "DEBUG":
+        return
+    try:
+        import transformers
+    except ImportError:
+        return
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        import huggingface_hub.utils
+        huggingface_hub.utils.disable_progress_bars()
+    except (ImportError, AttributeError):
+        pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinybert-fast", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO",
@@ -31,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name, __package__)
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP,
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
@@ -42,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     line and exit status 2, with the traceback at --log-level DEBUG."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s")
+    quiet_libraries(args.log_level)
     try:
         return args._module.run(args)
     except (ValueError, ImportError) as exc:

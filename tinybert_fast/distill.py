@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -53,6 +54,14 @@ PRESETS = {
                       intermediate_size=3072),
 }
 PROJECTION_FILE = "projection.pt"
+TRAINING_FILE = "tinybert_fast.json"   # in an exported model: {"stage", "task", "head_trained"}
+
+
+def head_trained(cfg: "DistillConfig", task) -> bool:
+    """Whether a stage trains the prediction head: task step 2 (with a prediction or hard-label
+    loss) and fine-tuning do; general distillation and task step 1 train the encoder only."""
+    return cfg.stage == "finetune" or (cfg.stage == "task2" and (
+        cfg.prediction_weight != 0 or cfg.hard_label_weight != 0))
 
 
 @dataclasses.dataclass
@@ -100,6 +109,7 @@ class DistillConfig:
     eval_batch_size: int = 128
     eval: bool = True
     resume: bool = False
+    keep_checkpoint: bool = False      # keep <output>/checkpoint after a finished run
     limit_train: int | None = None
     limit_eval: int | None = None
     progress: bool = True
@@ -130,6 +140,33 @@ class DistillConfig:
             if not getattr(out, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(out, name)}")
         return out
+
+
+def ineffective_settings(cfg: DistillConfig, task: data.Task | None) -> list[str]:
+    """What a resolved config sets away from its default that has no effect in this stage or on
+    this task (each a sentence naming the flag); the loop logs each as a warning."""
+    defaults = DistillConfig(stage=cfg.stage, output_dir="", student="")
+    changed = {f.name for f in dataclasses.fields(DistillConfig)
+               if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    intermediate = cfg.stage in ("general", "task1")
+    notes = []
+    def note(name, why):
+        if name in changed:
+            notes.append(f"--{name.replace('_', '-')} has no effect {why}")
+    for name in ("attention_weight", "hidden_weight", "embedding_weight", "mapping",
+                 "mapping_layers", "mapping_seed", "attention_from", "mask_padding"):
+        if not intermediate:
+            note(name, f"in stage {cfg.stage!r} (it applies to the intermediate-layer losses of "
+                       f"stages general and task1)")
+    for name in ("prediction_weight", "temperature", "hard_label_weight"):
+        if cfg.stage != "task2":
+            note(name, f"in stage {cfg.stage!r} (it applies to task step 2's prediction loss)")
+    if cfg.stage == "task2" and task is not None and task.is_regression:
+        note("temperature", f"on the regression task {task.name!r}: step 2 is the mean squared "
+                            f"error of the teacher's outputs there, not a softmax")
+    if cfg.teacher_cache is None:
+        note("cache_dtype", "without --teacher-cache")
+    return notes
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -352,15 +389,11 @@ class Objective:
             t_states = [_mean([t_hidden[i] for i in group]) for group in lm.hidden]
             s_states = list(s_out.hidden_states)
             tm = {"token_mask": mask}
-            if cfg.embedding_weight == cfg.hidden_weight:
-                both = self.impl.hidden_mse(s_states, t_states, w, b, **tm)
-                total = total + cfg.hidden_weight * both
-                terms["hidden"] = both
-            else:
-                terms["embedding"] = self.impl.hidden_mse(s_states[0], t_states[0], w, b, **tm)
-                terms["hidden"] = self.impl.hidden_mse(s_states[1:], t_states[1:], w, b, **tm)
-                total = (total + cfg.embedding_weight * terms["embedding"]
-                         + cfg.hidden_weight * terms["hidden"])
+            # each term under its own name (the log shows them apart whatever the weights)
+            terms["embedding"] = self.impl.hidden_mse(s_states[0], t_states[0], w, b, **tm)
+            terms["hidden"] = self.impl.hidden_mse(s_states[1:], t_states[1:], w, b, **tm)
+            total = (total + cfg.embedding_weight * terms["embedding"]
+                     + cfg.hidden_weight * terms["hidden"])
         terms["total"] = total
         return terms
 
@@ -420,8 +453,9 @@ def cache_attention_storage(cfg: DistillConfig) -> str:
 
 def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, device,
                   dist_state: "train.Distributed"):
-    """Open the teacher cache at cfg.teacher_cache, building it first if needed (each DDP rank
-    builds its shard).  A cache stores what step 1 needs (mapped scores, or Q and K, and states)
+    """(cache, info): open the teacher cache at cfg.teacher_cache, building it first if needed
+    (each DDP rank builds its shard); info = {"path", "built" (this run built it), "seconds"
+    (building or opening it, the teacher's pass included), "bytes" (on disk)}.  A cache stores what step 1 needs (mapped scores, or Q and K, and states)
     and the logits step 2 needs, so `--stage all` builds it once; a cache built for other layers,
     another attention storage, another teacher or other data is refused with the differences
     listed."""
@@ -441,7 +475,9 @@ def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, 
     if att:
         expect.update(attention_storage=storage)
     path = cfg.teacher_cache
-    if os.path.isfile(os.path.join(path, cache_mod.MANIFEST)):
+    t0 = time.perf_counter()
+    built = not os.path.isfile(os.path.join(path, cache_mod.MANIFEST))
+    if not built:
         opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
     else:
         # batches of similar lengths: the teacher runs once, on as little padding as possible
@@ -464,7 +500,11 @@ def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, 
     fields = opened.layout.fields if opened.layout else []
     if cfg.stage == "task2" and "logits" not in fields:
         raise ValueError(f"teacher cache {path} stores no logits, which step 2 distils from")
-    return opened
+    info = {"path": path, "built": built, "seconds": time.perf_counter() - t0,
+            "bytes": opened.nbytes}
+    log.info("teacher cache %s: %s in %.1f s, %.1f MB", path, "built" if built else "opened",
+             info["seconds"], info["bytes"] / 1e6)
+    return opened, info
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -551,7 +591,7 @@ class _Run:
         examples = load_training_examples(cfg, self.task)
         self.train_set = data.TokenizedDataset(examples, self.tokenizer, cfg.max_length)
         self.dev_sets = {}
-        if cfg.eval and self.task is not None and cfg.stage in ("task2", "finetune", "all"):
+        if cfg.eval and self.task is not None:
             for split in self.task.dev_splits:
                 dev = data.load_examples(self.task, split, cfg.data_dir)
                 dev = dev[:cfg.limit_eval] if cfg.limit_eval else dev
@@ -572,9 +612,11 @@ class _Run:
             projection = projection.to(self.device)
         self.model = StudentWithProjection(self.student, projection)
         self.objective = Objective(cfg, self.task, self.layer_map, self.teacher)
-        self.cache = (teacher_cache(cfg, self.teacher, self.tokenizer, self.train_set,
-                                    self.layer_map, self.device, self.dist)
-                      if cfg.teacher_cache else None)
+        self.cache, self.cache_info = None, None
+        if cfg.teacher_cache:
+            self.cache, self.cache_info = teacher_cache(cfg, self.teacher, self.tokenizer,
+                                                        self.train_set, self.layer_map,
+                                                        self.device, self.dist)
         self.ddp = self.model
         if self.dist.enabled:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -596,6 +638,10 @@ class _Run:
         self.checkpoint_dir = os.path.join(cfg.output_dir, "checkpoint")
         self.log = train.JsonlLog(os.path.join(cfg.output_dir, "log.jsonl")
                                   if self.dist.is_main else None)
+        if self.cache_info is not None:
+            self.log.write(event="teacher_cache", stage=cfg.stage, **self.cache_info)
+        for note in ineffective_settings(cfg, self.task):
+            log.warning("%s", note)
 
     def _student_config(self):
         from transformers import AutoConfig, BertConfig
@@ -635,7 +681,9 @@ class _Run:
         log.info("resumed from %s at step %d", path, self.step)
 
     def export(self) -> str:
-        """The trained student (save_pretrained + tokenizer + projection) in <output>/model."""
+        """The trained student (save_pretrained + tokenizer + projection) in <output>/model, with
+        TRAINING_FILE saying which stage trained it and whether its prediction head was trained
+        (step 1 and general distillation train the encoder only; `eval` warns on such a model)."""
         model_dir = os.path.join(self.cfg.output_dir, "model")
         if self.dist.is_main:
             def write(d):
@@ -643,16 +691,43 @@ class _Run:
                 self.tokenizer.save_pretrained(d)
                 if self.model.projection is not None:
                     torch.save(self.model.projection.state_dict(), os.path.join(d, PROJECTION_FILE))
+                train.write_json_atomic(os.path.join(d, TRAINING_FILE), {
+                    "stage": self.cfg.stage, "task": self.cfg.task,
+                    "head_trained": head_trained(self.cfg, self.task)})
             train.atomic_save_dir(model_dir, write)
         self.dist.barrier()
         return model_dir
 
     def evaluate(self) -> dict:
+        """{split: metrics} on the dev sets: the task's metrics once the head is trained; in the
+        intermediate stages (task1), whose head is untrained, the stage's loss terms on dev
+        ("dev_attention", "dev_hidden", ...; the teacher runs on the dev batches)."""
         if not self.dist.is_main or not self.dev_sets:
             return {}
+        if self.objective.intermediate:
+            return {split: self._dev_losses(ds) for split, ds in self.dev_sets.items()}
         return {split: train.evaluate(self.student, ds, self.task, self.cfg.eval_batch_size,
                                       self.device, self.tokenizer.pad_token_id, self.bf16)
                 for split, ds in self.dev_sets.items()}
+
+    @torch.no_grad()
+    def _dev_losses(self, dataset) -> dict:
+        """The mean over dev batches of each loss term of the stage's objective."""
+        was_training = self.student.training
+        self.student.eval()
+        sums, n = {}, 0
+        batches = data.batch_indices(len(dataset), self.cfg.eval_batch_size, 0, 0, shuffle=False)
+        for batch in data.iterate_batches(dataset, batches, self.tokenizer.pad_token_id, None,
+                                          False):
+            inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask",
+                                                            "token_type_ids")}
+            with train.autocast(self.device, self.bf16):
+                terms = self.objective(self.model, inputs, None)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            n += 1
+        self.student.train(was_training)
+        return {f"dev_{k}": float(v) / max(n, 1) for k, v in sums.items()}
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -666,6 +741,7 @@ class _Run:
                        dynamic_ncols=True)
         evals = []
         window = {"loss": 0.0, "n": 0, "examples": 0, "tokens": 0, "t0": time.perf_counter()}
+        window_start = self.step
         while self.step < self.total_steps:
             epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
             batches = data.batch_indices(len(self.train_set), cfg.batch_size, epoch, cfg.seed,
@@ -689,6 +765,10 @@ class _Run:
                 window["tokens"] += int(batch["attention_mask"].sum()) * self.dist.world_size
                 if bar is not None:
                     bar.update(1)
+                    if self.step % cfg.log_steps and self.step - window_start <= cfg.log_steps:
+                        # before the first log step: the throughput so far (no device sync)
+                        elapsed = time.perf_counter() - window["t0"]
+                        bar.set_postfix(ex_s=f"{window['examples'] / max(elapsed, 1e-9):.0f}")
                 if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
                     self._log_window(window, terms, epoch, bar)
                 if self.step % cfg.save_steps == 0 and self.step < self.total_steps:
@@ -712,10 +792,13 @@ class _Run:
                    "examples_per_second": self.examples_seen / max(self.train_seconds, 1e-9),
                    "dev": evals[-1] if evals else None, "evals": evals, "model_dir": model_dir,
                    "losses": cfg.losses, "device": str(self.device),
-                   "world_size": self.dist.world_size}
+                   "world_size": self.dist.world_size, "teacher_cache": self.cache_info}
         if self.dist.is_main:
             train.write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), summary)
             self.log.write(event="summary", **summary)
+            if not cfg.keep_checkpoint:  # the model is exported: the resume state has done its job
+                for path in (self.checkpoint_dir, f"{self.checkpoint_dir}.old"):
+                    shutil.rmtree(path, ignore_errors=True)
         return summary
 
     def _train_step(self, batch, cached) -> dict:
@@ -754,7 +837,9 @@ HELP = "distil a student from a teacher (TinyBERT general / task step 1 / step 2
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """Data, optimisation and run flags shared by distill and finetune-teacher."""
+    """Data, optimisation and run flags shared by distill and finetune-teacher (whose --help
+    ends with the table of the per-stage defaults)."""
+    p.epilog = stage_defaults_table()
     g = p.add_argument_group("data")
     g.add_argument("--task", choices=sorted(data.TASKS))
     g.add_argument("--data-dir", help="local GLUE TSV folder (default: `datasets` by task name)")
@@ -763,49 +848,94 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pad-to-max-length", action="store_true")
     g.add_argument("--limit-train", type=int, help="use the first N training examples")
     g.add_argument("--limit-eval", type=int, help="use the first N dev examples")
-    g = p.add_argument_group("optimisation (defaults per stage: see STAGE_DEFAULTS)")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--warmup-ratio", type=float)
-    g.add_argument("--schedule", choices=["linear", "constant"])
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--max-steps", type=int)
+    g = p.add_argument_group("optimisation", "The first five default per stage (table below).")
+    per_stage = "default: per stage, see the table below"
+    g.add_argument("--epochs", type=float, help=f"passes over the training data ({per_stage})")
+    g.add_argument("--batch-size", type=int, help=f"examples per step over all ranks ({per_stage})")
+    g.add_argument("--lr", type=float, help=f"peak AdamW learning rate ({per_stage})")
+    g.add_argument("--warmup-ratio", type=float,
+                   help=f"fraction of the steps with a linear warm-up ({per_stage})")
+    g.add_argument("--schedule", choices=["linear", "constant"],
+                   help=f"after the warm-up: linear decay to 0, or constant ({per_stage})")
+    g.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay (none on biases and LayerNorm weights)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the gradient norm to this (0: no clipping)")
+    g.add_argument("--max-steps", type=int, help="stop after this many steps (default: epochs)")
     g = p.add_argument_group("run")
-    g.add_argument("--output-dir", required=True)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
-    g.add_argument("--save-steps", type=int, default=500)
-    g.add_argument("--log-steps", type=int, default=50)
-    g.add_argument("--eval-batch-size", type=int, default=128)
-    g.add_argument("--no-eval", dest="eval", action="store_false")
+    g.add_argument("--output-dir", required=True,
+                   help="model/, summary.json, log.jsonl and the resume checkpoint go here")
+    g.add_argument("--seed", type=int, default=42, help="data order, initialisation, dropout")
+    g.add_argument("--device", default="auto", help="auto: this rank's GPU if any, else CPU")
+    g.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bfloat16 autocast (auto: on CUDA only)")
+    g.add_argument("--save-steps", type=int, default=500,
+                   help="write the resume checkpoint every N steps (and at each epoch's end)")
+    g.add_argument("--log-steps", type=int, default=50, help="log.jsonl record every N steps")
+    g.add_argument("--eval-batch-size", type=int, default=128,
+                   help="batch size of evaluation and of the teacher-cache build")
+    g.add_argument("--no-eval", dest="eval", action="store_false",
+                   help="skip the dev evaluation at each epoch's end")
     g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep <output-dir>/checkpoint (optimizer state) after a finished run; by "
+                        "default it is deleted once the model is exported")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+
+
+def stage_defaults_table() -> str:
+    """The optimisation defaults of every stage, as `--help` prints them."""
+    keys = ("epochs", "batch_size", "lr", "warmup_ratio", "schedule")
+    rows = [("stage", "--epochs", "--batch-size", "--lr", "--warmup-ratio", "--schedule")]
+    for stage, values in STAGE_DEFAULTS.items():
+        rows.append((stage, *(f"{values[k]:g}" if isinstance(values[k], float) else
+                              str(values[k]) for k in keys)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    special = ", ".join(f"{t} {n:g}" for t, n in TASK1_EPOCHS.items())
+    return ("defaults per stage (finetune-teacher: the finetune row):\n  "
+            + "\n  ".join(lines)
+            + f"\n  task1 --epochs by task: {special}"
+            + "\n  --max-length: 64 for single-sentence tasks, 128 for sentence pairs")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stage", required=True, choices=["general", "task1", "task2", "all"])
+    p.add_argument("--stage", required=True, choices=["general", "task1", "task2", "all"],
+                   help="general: intermediate losses on a corpus; task1: the same on task data; "
+                        "task2: the prediction loss; all: task1 then task2")
     p.add_argument("--teacher", required=True, help="teacher checkpoint dir or hub name")
     p.add_argument("--student", required=True,
                    help=f"preset {sorted(PRESETS)}, a config.json, a checkpoint dir or a hub name")
     p.add_argument("--tokenizer", help="default: the teacher's")
-    p.add_argument("--init", choices=["auto", "random", "teacher-layers"], default="auto")
+    p.add_argument("--init", choices=["auto", "random", "teacher-layers"], default="auto",
+                   help="a new student's weights: random, or the teacher's embeddings and mapped "
+                        "layers (teacher-layers: equal widths); auto = random")
     p.add_argument("--corpus", help="general distillation text (one passage per line)")
-    g = p.add_argument_group("mapping and losses")
-    g.add_argument("--mapping", choices=mapping.STRATEGIES, default="uniform")
+    g = p.add_argument_group("mapping and losses (intermediate losses: stages general and task1; "
+                             "prediction loss: task2)")
+    g.add_argument("--mapping", choices=mapping.STRATEGIES, default="uniform",
+                   help="which teacher layers each student layer learns from")
     g.add_argument("--mapping-layers", type=lambda s: [int(x) for x in s.split(",")],
                    help="for --mapping list: teacher layers g(1..M), counted from 1, e.g. 3,6,9,12")
-    g.add_argument("--mapping-seed", type=int, default=0)
-    g.add_argument("--attention-weight", type=float, default=1.0)
-    g.add_argument("--hidden-weight", type=float, default=1.0)
-    g.add_argument("--embedding-weight", type=float, default=1.0)
-    g.add_argument("--prediction-weight", type=float, default=1.0)
+    g.add_argument("--mapping-seed", type=int, default=0, help="for --mapping random")
+    g.add_argument("--attention-weight", type=float, default=1.0,
+                   help="weight of the attention-score loss")
+    g.add_argument("--hidden-weight", type=float, default=1.0,
+                   help="weight of the hidden-state loss of the layers")
+    g.add_argument("--embedding-weight", type=float, default=1.0,
+                   help="weight of the embedding-layer loss")
+    g.add_argument("--prediction-weight", type=float, default=1.0,
+                   help="weight of step 2's loss on the teacher's outputs (soft cross-entropy; "
+                        "MSE on a regression task)")
     g.add_argument("--hard-label-weight", type=float, default=0.0,
                    help="mix hard-label cross-entropy into step 2 (classic soft+hard KD)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--losses", choices=["fused", "eager"], default="fused")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature of step 2's soft cross-entropy (no effect on a "
+                        "regression task)")
+    g.add_argument("--losses", choices=["fused", "eager"], default="fused",
+                   help="fused: the registered ops (Triton on CUDA tensors; on CPU tensors the "
+                        "eager reference, as backend 'auto' does); eager: tinybert_fast.reference")
     g.add_argument("--attention-from", choices=["scores", "qk"], default="scores",
                    help="qk: the attention loss from Q and K (tbf.attention_mse_qk); student and "
                         "teacher then run SDPA attention on every layer (with --teacher-cache, "
@@ -816,7 +946,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("teacher cache")
     g.add_argument("--teacher-cache", help="folder of cached teacher outputs: built on first "
                    "use, then the teacher runs no more (see tinybert_fast.cache)")
-    g.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="bf16")
+    g.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="bf16",
+                   help="storage of the cached outputs (int8: per-row scales)")
     add_common_arguments(p)
 
 

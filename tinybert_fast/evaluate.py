@@ -26,6 +26,14 @@ def evaluate_checkpoint(model_dir: str, task_name: str, data_dir: str | None = N
     tokenizer = distill.pretrained("model", AutoTokenizer.from_pretrained, model_dir)
     model = distill.pretrained("model", AutoModelForSequenceClassification.from_pretrained,
                                model_dir, dtype=distill.LOAD_DTYPE).to(dev).eval()
+    trained = os.path.join(model_dir, distill.TRAINING_FILE)
+    if os.path.isfile(trained):
+        with open(trained, encoding="utf-8") as f:
+            record = json.load(f)
+        if not record.get("head_trained", True):
+            log.warning("%s was trained by stage %r, which does not train the prediction head: "
+                        "its scores are those of an untrained head (evaluate the model of task "
+                        "step 2 or of a fine-tune)", model_dir, record.get("stage"))
     if model.config.num_labels != task.num_labels:
         raise ValueError(f"{model_dir} predicts {model.config.num_labels} labels but {task.name} "
                          f"has {task.num_labels}")

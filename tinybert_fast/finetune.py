@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = distill.config_from_args(args, stage="finetune", student=args.model, teacher=None)
     if cfg.task is None:
-        raise SystemExit("finetune-teacher: --task is required")
+        raise ValueError("--task is required")
     summary = distill.distill(cfg)
     log.info("summary: %s", json.dumps(summary))
     return 0

@@ -123,6 +123,23 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(path: str) -> None:
+    """Give every file and folder under path the mode a plain open/mkdir would (0666 / 0777 less
+    the umask): some writers (transformers' safetensors save) create private 0600 temp files and
+    rename them, so a saved model would otherwise be unreadable to the rest of a team."""
+    mask = _umask()
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def atomic_save_dir(final: str, write) -> None:
     """Write a directory atomically: `write(tmp_dir)` fills a temporary sibling, which then
     replaces `final`.  A crash leaves either the old directory (possibly renamed to final.old,
@@ -134,6 +151,7 @@ def atomic_save_dir(final: str, write) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
+    _usual_modes(tmp)
     _fsync_tree(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
