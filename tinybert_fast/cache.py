@@ -1580,7 +1580,9 @@ class TeacherCache:
             it = () if writer.done else loader
             if progress and not writer.done:
                 from tqdm.auto import tqdm
-                it = tqdm(loader, desc=f"teacher cache shard {rank}/{world}")
+                total = len(loader) if hasattr(loader, "__len__") else None  # total and ETA
+                it = tqdm(loader, desc=f"teacher cache shard {rank}/{world}", total=total,
+                          unit="batch", dynamic_ncols=True)
             for batch in it:
                 if "example_id" not in batch:
                     raise KeyError("loader batches must carry 'example_id' ([B] int64): the key "

@@ -451,6 +451,19 @@ def cache_attention_storage(cfg: DistillConfig) -> str:
     return "qk" if cfg.attention_from == "qk" else "auto"
 
 
+class _Sized:
+    """An iterable of known length (the cache build's progress bar shows a total and an ETA)."""
+
+    def __init__(self, iterable, length: int):
+        self.iterable, self.length = iterable, length
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __len__(self) -> int:
+        return self.length
+
+
 def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, device,
                   dist_state: "train.Distributed"):
     """(cache, info): open the teacher cache at cfg.teacher_cache, building it first if needed
@@ -485,9 +498,9 @@ def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, 
         size = cfg.eval_batch_size
         order = [by_length[i:i + size] for i in range(0, len(by_length), size)]
         mine = order[dist_state.rank::dist_state.world_size]
-        loader = ({k: v.to(device) if k != "example_id" else v for k, v in b.items()}
-                  for b in data.iterate_batches(train_set, mine, tokenizer.pad_token_id, None,
-                                                False))
+        loader = _Sized(({k: v.to(device) if k != "example_id" else v for k, v in b.items()}
+                         for b in data.iterate_batches(train_set, mine, tokenizer.pad_token_id,
+                                                       None, False)), len(mine))
         log.info("building the teacher cache at %s (%d examples)", path, len(train_set))
         opened = cache_mod.TeacherCache.build(
             path, teacher, loader, attention_layers=att, hidden_states=hid,
