@@ -54,6 +54,14 @@ def run_python(code: str, env: dict | None = None, timeout: float = 300) -> str:
     return run.stdout
 
 
+@pytest.fixture
+def cpu_builds(monkeypatch):
+    """Plans made in this process are CPU-only, as in clean_env()'s subprocesses."""
+    for k in ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def tiny_sources(folder: Path, text: str = TINY_SOURCE) -> Path:
     (folder / "cuda").mkdir(parents=True, exist_ok=True)
     (folder / "teacher_cache.cpp").write_text(text)
@@ -118,11 +126,8 @@ def test_extension_dir_setting(tmp_path, monkeypatch):
     assert E.extension_root() == tmp_path / "xdg" / "tinybert_fast" / "extensions"
 
 
-def test_cuda_flavour_rules(tmp_path, monkeypatch):
+def test_cuda_flavour_rules(tmp_path, monkeypatch, cpu_builds):
     src = tiny_sources(tmp_path / "src")
-    for k in ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     plan = E.plan_build(src=src, root=tmp_path)
     assert not plan.with_cuda and "no GPU is visible" in plan.notes[0]
 
@@ -165,7 +170,7 @@ BUILD_TWICE = '''
 '''
 
 
-def test_concurrent_cold_builds_compile_once_and_both_load(tmp_path):
+def test_concurrent_cold_builds_compile_once_and_both_load(tmp_path, cpu_builds):
     src, root = tiny_sources(tmp_path / "src"), tmp_path / "root"
     plan = E.plan_build(src=src, root=root)
     # the lock file a killed torch < 2.14 build leaves behind (its mere existence blocks torch)
