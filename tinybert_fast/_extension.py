@@ -76,8 +76,8 @@ _NVCC_FLAGS = ("-O3", "-DTBF_WITH_CUDA", "-lineinfo")
 _HOW_TO_FIX = (
     "a CPU build needs a C++17 compiler (g++ or clang++ on PATH, or CXX) and ninja (a dependency "
     "of tinybert-fast: `pip install ninja`); the CUDA kernels also need nvcc (CUDA_HOME).  "
-    "`tinybert-fast build-extension` builds it and reports what failed; TBF_NO_EXTENSION=1 "
-    "turns it off.  See README, 'Building the extension'")
+    "`tinybert-fast build-extension` builds it and reports what failed (--force compiles it "
+    "again); TBF_NO_EXTENSION=1 turns it off.  See README, 'Building the extension'")
 
 
 class ExtensionError(RuntimeError):
