@@ -7,12 +7,13 @@ Public losses: attention_mse, hidden_mse, soft_cross_entropy, distillation_loss 
 AttentionMSELoss, HiddenMSELoss, SoftCrossEntropyLoss, TinyBertLoss); from queries and keys,
 attention_mse_qk (TinyBERT's loss) and attention_kl (MiniLM's).  tbf.reference holds the
 eager implementations; tbf.set_backend picks "auto" | "triton" | "torch".
-tbf.TeacherCache stores a teacher's outputs once and serves them every epoch (tinybert_fast.cache).
+tbf.TeacherCache stores a teacher's outputs once and serves them every epoch (tinybert_fast.cache;
+imported on first use of these names, and its C++ extension compiled or loaded on first use of the
+cache, so importing tinybert_fast builds and loads nothing).
 """
 
 from . import reference
 from ._backend import get_backend, set_backend
-from .cache import CacheWriter, TeacherBatch, TeacherCache
 from .losses import (AttentionMSELoss, DistillLoss, HiddenMSELoss, SoftCrossEntropyLoss,
                      TinyBertLoss, distillation_loss)
 from .ops import attention_kl, attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
@@ -25,3 +26,12 @@ __all__ = [
     "AttentionMSELoss", "HiddenMSELoss", "SoftCrossEntropyLoss", "TinyBertLoss",
     "reference", "set_backend", "get_backend", "TeacherCache", "CacheWriter", "TeacherBatch",
 ]
+
+_CACHE_NAMES = ("TeacherCache", "CacheWriter", "TeacherBatch")
+
+
+def __getattr__(name: str):
+    if name in _CACHE_NAMES:
+        from . import cache
+        return getattr(cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

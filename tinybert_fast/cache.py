@@ -76,9 +76,11 @@ manifest.  Readers (any number of processes) map the files read-only.
 
 The C++ extension (csrc/) does the byte work: packing, a multithreaded gather from the mapped
 files (into a pinned staging buffer for CUDA), CRC32C, and unpacking (C++ on the CPU; a CUDA
-kernel after an asynchronous host-to-device copy on a side stream).  `HAS_EXTENSION` and
-`HAS_CUDA_KERNELS` say what was built; without the extension the cache API raises RuntimeError
-and the rest of tinybert_fast works.
+kernel after an asynchronous host-to-device copy on a side stream).  It is compiled on the first
+use of the cache, not at install or import (tinybert_fast._extension: cached per torch release,
+CUDA version and source hash; `tinybert-fast build-extension` builds it ahead).  `HAS_EXTENSION`
+and `HAS_CUDA_KERNELS` say what was built (reading them builds or loads it); without the extension
+the cache API raises RuntimeError and the rest of tinybert_fast works.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from . import _extension
 
 logger = logging.getLogger(__name__)
 
@@ -138,57 +142,27 @@ ATTENTION_STORAGE = ("auto", "scores", "qk")
 
 
 # --------------------------------------------------------------------------------------------
-# The extension
+# The extension: compiled on first use (tinybert_fast._extension), not when this module is imported
 
-_BUILD_MARKER = b"tinybert_fast_cache:torch="
-
-
-def _built_for_torch(origin: str) -> str | None:
-    """The torch version the extension at `origin` was compiled against (read from the file)."""
-    with open(origin, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        i = mm.find(_BUILD_MARKER)
-        if i < 0:
-            return None
-        j = mm.find(b";", i)
-        return mm[i + len(_BUILD_MARKER):j].decode("ascii", "replace")
+_EXTENSION_FLAGS = {"HAS_EXTENSION": lambda s: s.loaded,
+                    "HAS_CUDA_KERNELS": lambda s: s.cuda_kernels,
+                    "EXTENSION_ERROR": lambda s: s.error}
 
 
-def _load_extension() -> tuple[bool, bool, str | None]:
-    import importlib.util
-    try:
-        spec = importlib.util.find_spec(f"{__package__}._teacher_cache")
-        if spec is None or not spec.origin:
-            raise ImportError("tinybert_fast._teacher_cache is not built")
-        built = _built_for_torch(spec.origin)
-        running = torch.__version__.split("+")[0].split(".")[:2]
-        if built is None or built.split(".")[:2] != running:
-            raise ImportError(f"{spec.origin} was built for torch {built}, this is torch "
-                              f"{torch.__version__} (the C++ ABI differs between minor releases)")
-        from . import _teacher_cache  # noqa: F401  (registers torch.ops.tinybert_fast_cache)
-    except Exception as exc:  # ImportError, or OSError / undefined symbol on an ABI mismatch
-        reason = f"{type(exc).__name__}: {exc}"
-        if not os.environ.get("TBF_NO_EXTENSION"):
-            warnings.warn(
-                f"tinybert_fast: the teacher-cache C++ extension could not be loaded ({reason}); "
-                f"TeacherCache is unavailable (tinybert_fast.cache.HAS_EXTENSION is False), the "
-                f"rest of tinybert_fast works.  Build it with `pip install -e .` (a C++ compiler "
-                f"is needed; see README, 'Teacher cache'), against the installed torch with "
-                f"`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
-        return False, False, reason
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("tinybert_fast_cache::unpack",
-                                                              "CUDA")
-    return True, has_cuda, None
-
-
-HAS_EXTENSION, HAS_CUDA_KERNELS, EXTENSION_ERROR = _load_extension()
+def __getattr__(name: str):
+    """HAS_EXTENSION, HAS_CUDA_KERNELS, EXTENSION_ERROR: the first access builds (or loads from
+    the cache) and loads the extension."""
+    if name in _EXTENSION_FLAGS:
+        return _EXTENSION_FLAGS[name](_extension.state())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ops():
-    if not HAS_EXTENSION:
-        raise RuntimeError(f"the teacher cache needs the tinybert_fast C++ extension, which could "
-                           f"not be loaded ({EXTENSION_ERROR}); reinstall with `pip install -e .` "
-                           f"(see README, 'Teacher cache')")
-    return torch.ops.tinybert_fast_cache
+    return _extension.ops()
+
+
+def _has_cuda_kernels() -> bool:
+    return _extension.state().cuda_kernels
 
 
 def build_info() -> str:
@@ -1353,7 +1327,7 @@ class TeacherCache:
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
         plan = self._plan(example_ids, pad_to, out_dtype, attention)
-        if device.type == "cuda" and HAS_CUDA_KERNELS:
+        if device.type == "cuda" and _has_cuda_kernels():
             with self._lock:
                 slot = self._staging[self._staging_next]
                 self._staging_next = (self._staging_next + 1) % len(self._staging)
@@ -1668,7 +1642,7 @@ class _Prefetcher:
     def __init__(self, cache: TeacherCache, batches, device, depth, pad_to, out_dtype, verify,
                  num_threads, attention):
         self.cache, self.device = cache, device
-        self.cuda = device.type == "cuda" and HAS_CUDA_KERNELS
+        self.cuda = device.type == "cuda" and _has_cuda_kernels()
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         # depth batches queued + one being built + one in use by the caller

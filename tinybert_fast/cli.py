@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": ".evaluate",
     "cache": ".cache_command",
     "augment": ".augment",
+    "build-extension": ".extension_command",
 }
 
 
