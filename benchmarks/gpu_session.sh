@@ -143,9 +143,11 @@ fi
 export PY
 
 build_extension_bg() {  # the teacher-cache extension, for this GPU, while other steps run
-    [ "$GPU" = 1 ] && export FORCE_CUDA=1
+    local cuda=()
+    [ "$GPU" = 1 ] && cuda=(--cuda)  # the visible GPU's arch; fail unless the kernels build
     log "extension build started in the background (log: ext_build.log)"
-    ( timeout 300 "$PY" -m tinybert_fast.cli build-extension >"$WORK/ext_build.log" 2>&1
+    ( timeout 300 "$PY" -m tinybert_fast.cli build-extension "${cuda[@]}" \
+          >"$WORK/ext_build.log" 2>&1
       echo "rc=$?" >>"$WORK/ext_build.log" ) &
     EXT_PID=$!
 }

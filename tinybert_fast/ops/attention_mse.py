@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import _backend, _checks, reference
 from ..kernels import attention_mse as kernels
 from ..kernels._utils import MASK_THRESHOLD
+from ._autograd import register_autograd
 
 
 def attention_mse(student, teacher, attention_mask: Tensor | None = None,
@@ -154,4 +155,4 @@ def _backward(ctx, grad):
     return (gs if need_s else [None] * n), (gt if need_t else [None] * n), None, None, None
 
 
-_attention_mse_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_attention_mse_op, _backward, _setup_context)

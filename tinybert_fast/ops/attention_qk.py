@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, reference
 from ..kernels import attention_qk as kernels
+from ._autograd import register_autograd
 
 METHODS = ("auto", "gram", "tiled")
 # "auto" takes the Gram form from this length on.  Per head the tiled path costs ~L^2 (d_s+d_t)
@@ -307,7 +308,7 @@ def register_qk_autograd(op, backward_op) -> None:
         return (*(g if needed else [None] * n for g, needed in zip(grads, need)),
                 None, *(None for _ in ctx.options))
 
-    op.register_autograd(backward, setup_context=setup_context)
+    register_autograd(op, backward, setup_context)
 
 
 register_qk_autograd(_attention_mse_qk_op, _attention_mse_qk_backward_op)

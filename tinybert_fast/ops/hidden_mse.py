@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, reference
 from ..kernels import hidden_mse as kernels
+from ._autograd import register_autograd
 
 
 def hidden_mse(student, teacher, weight: Tensor, bias: Tensor | None = None,
@@ -141,4 +142,4 @@ def _backward(ctx, grad, _grad_residual, _grad_colsum):
     return dx, dy, dw, db, None, None, None
 
 
-_hidden_mse_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_hidden_mse_op, _backward, _setup_context)

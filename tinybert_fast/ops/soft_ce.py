@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, reference
 from ..kernels import soft_ce as kernels
+from ._autograd import register_autograd
 
 
 def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
@@ -121,4 +122,4 @@ def _backward(ctx, grad, _grad_stats):
     return (ds if need_s else None), (dt if need_t else None), None, None
 
 
-_soft_ce_op.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(_soft_ce_op, _backward, _setup_context)
