@@ -387,10 +387,9 @@ def test_a_finished_run_reports_and_cleans_up(models, tmp_path, caplog):
     --keep-checkpoint, files with the usual modes, and `eval` warning on the step-1 model."""
     import stat
 
-    from tinybert_fast import cache as cache_mod
+    from conftest import require_cache_extension
     from tinybert_fast import evaluate
-    if not cache_mod.HAS_EXTENSION:
-        pytest.skip(f"the teacher cache needs the extension: {cache_mod.EXTENSION_ERROR}")
+    require_cache_extension()  # skips without the extension, an error under TBF_REQUIRE_EXTENSION=1
     out = tmp_path / "task1"
     summary = distill.distill(_cfg(models, out, save_steps=1, teacher_cache=str(tmp_path / "c")))
     info = summary["teacher_cache"]
