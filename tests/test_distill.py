@@ -413,3 +413,23 @@ def test_a_finished_run_reports_and_cleans_up(models, tmp_path, caplog):
                                 teacher_cache=str(tmp_path / "c")))
     assert kept["teacher_cache"]["built"] is False
     assert os.path.isfile(tmp_path / "kept" / "checkpoint" / "trainer_state.pt")
+
+
+def test_teacher_layers_init_copies_the_mapped_layers_and_starts_the_projection_at_identity(
+        models, tmp_path):
+    """A student of the teacher's width built from the teacher: its embeddings and the mapped
+    layers are the teacher's, and the hidden projection starts at the identity, so the first
+    step's embedding term is zero (a random projection would make it large and pull the copied
+    layers away from the teacher's)."""
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps(_tiny_config(32, 2, 4)))
+    out = tmp_path / "run"
+    distill.distill(_cfg(models, out, student=str(wide), init="teacher-layers", max_steps=1,
+                         mapping="list", mapping_layers=[2, 4]))
+    first = _log(out)[0]
+    assert first["embedding"] == pytest.approx(0.0, abs=1e-10)
+    assert first["hidden"] > 0  # student layer 1 sees embeddings, teacher layer 2 sees layer 1
+    # the run with a random student projection for comparison: the embedding term is not zero
+    distill.distill(_cfg(models, tmp_path / "random", student=str(wide), max_steps=1,
+                         mapping="list", mapping_layers=[2, 4]))
+    assert _log(tmp_path / "random")[0]["embedding"] > 1e-3

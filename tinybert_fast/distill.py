@@ -622,6 +622,13 @@ class _Run:
             saved = os.path.join(cfg.student, PROJECTION_FILE)
             if _is_checkpoint(cfg.student) and os.path.isfile(saved):
                 projection.load_state_dict(torch.load(saved, map_location="cpu"))
+            elif init == "teacher-layers":
+                # The student's layers are the teacher's: start the projection at the identity,
+                # so the hidden loss starts at what the copied layers give (a random W would make
+                # step 1's first updates pull the copied layers away from the teacher's).
+                with torch.no_grad():
+                    projection.weight.copy_(torch.eye(d_t, d_s))
+                    projection.bias.zero_()
             projection = projection.to(self.device)
         self.model = StudentWithProjection(self.student, projection)
         self.objective = Objective(cfg, self.task, self.layer_map, self.teacher)
