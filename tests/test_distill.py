@@ -433,3 +433,25 @@ def test_teacher_layers_init_copies_the_mapped_layers_and_starts_the_projection_
     distill.distill(_cfg(models, tmp_path / "random", student=str(wide), max_steps=1,
                          mapping="list", mapping_layers=[2, 4]))
     assert _log(tmp_path / "random")[0]["embedding"] > 1e-3
+
+
+def test_teacher_layers_init_in_task_step_2_takes_the_mapping(models, tmp_path):
+    """A hard-label (or logit-only) student of the teacher's width built from the teacher
+    directly in step 2: the mapping picks the copied layers (and is not called ineffective)."""
+    wide = tmp_path / "wide.json"
+    wide.write_text(json.dumps(_tiny_config(32, 2, 4)))
+    cfg = _cfg(models, tmp_path / "run", stage="task2", student=str(wide), init="teacher-layers",
+               mapping="list", mapping_layers=[1, 3], prediction_weight=0.0,
+               hard_label_weight=1.0, max_steps=1, eval=False)
+    assert not any("mapping" in n for n in distill.ineffective_settings(cfg, None))
+    distill.distill(cfg)
+    from transformers import AutoModelForSequenceClassification
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    teacher = AutoModelForSequenceClassification.from_pretrained(models["teacher"])
+    # one step of AdamW at the step-2 learning rate moves each weight by about lr
+    for s_i, t_i in ((0, 0), (1, 2)):
+        s_w = student.bert.encoder.layer[s_i].attention.self.query.weight
+        t_w = teacher.bert.encoder.layer[t_i].attention.self.query.weight
+        assert (s_w - t_w).abs().max() < 1e-3
+    assert (student.bert.encoder.layer[1].attention.self.query.weight
+            - teacher.bert.encoder.layer[1].attention.self.query.weight).abs().max() > 1e-2

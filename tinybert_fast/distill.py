@@ -153,8 +153,11 @@ def ineffective_settings(cfg: DistillConfig, task: data.Task | None) -> list[str
     def note(name, why):
         if name in changed:
             notes.append(f"--{name.replace('_', '-')} has no effect {why}")
+    builds_from_teacher = cfg.init == "teacher-layers"   # the mapping picks the copied layers
     for name in ("attention_weight", "hidden_weight", "embedding_weight", "mapping",
                  "mapping_layers", "mapping_seed", "attention_from", "mask_padding"):
+        if name.startswith("mapping") and builds_from_teacher:
+            continue
         if not intermediate:
             note(name, f"in stage {cfg.stage!r} (it applies to the intermediate-layer losses of "
                        f"stages general and task1)")
@@ -601,6 +604,14 @@ class _Run:
                                  f"attention_from 'qk' does not form; use --attention-from "
                                  f"scores with it")
 
+        # the teacher layers a new student is built from (--init teacher-layers): the stage's
+        # mapping, or in task step 2 (no intermediate losses) the mapping the flags give
+        self.init_map = self.layer_map
+        if cfg.init == "teacher-layers" and self.init_map is None and teacher_config is not None:
+            self.init_map = mapping.layer_map(cfg.mapping, student_config.num_hidden_layers,
+                                              teacher_config.num_hidden_layers,
+                                              seed=cfg.mapping_seed, layers=cfg.mapping_layers)
+
         examples = load_training_examples(cfg, self.task)
         self.train_set = data.TokenizedDataset(examples, self.tokenizer, cfg.max_length)
         self.dev_sets = {}
@@ -614,7 +625,7 @@ class _Run:
                         if cfg.stage != "finetune" else None)
         init = "random" if cfg.init == "auto" else cfg.init
         self.student = build_student(cfg.student, cfg.stage, self.task, self.base_config, init,
-                                     self.layer_map, self.teacher).to(self.device).train()
+                                     self.init_map, self.teacher).to(self.device).train()
         projection = None
         if self.layer_map is not None and (cfg.hidden_weight or cfg.embedding_weight):
             d_s, d_t = self.student.config.hidden_size, teacher_config.hidden_size
