@@ -34,8 +34,9 @@ Strides are passed as one tuple per tensor (5 for an [n, B, H, L, d] tensor, 2 f
 
 Numerics: the KL of a row is a difference of O(|S|) terms (lse_s - lse_t against w / l_t), so its
 absolute error is ~eps_fp32 * max|S| (a student equal to its teacher gives exactly 0).  Products
-go through `_mm`: full fp32 ("ieee") for fp32 operands, the tensor cores for two 16-bit operands
-of one dtype, dS then rounded to that dtype for dS K and dS^T Q (as flash-attention does).
+go through `mm` (kernels._utils): full fp32 ("ieee") for fp32 operands, the tensor cores for two
+16-bit operands of one dtype, dS then rounded to that dtype for dS K and dS^T Q (as
+flash-attention does).
 Padded keys enter the running maxima as -inf and the maxima start at a finite floor, so a key
 tile with no token (left padding, holes in the mask) adds nothing and never makes a NaN.  A row
 without any token key exists only in a sequence without tokens, whose query rows are all padded:
@@ -51,9 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_qk import (_base, _dims, _head_index, _keep, _load_rows, _mask_args, _mm,
-                           _store_rows, _tiled_meta)
-from .soft_ce import LN2, LOG2E
+from ._utils import (LN2, LOG2E, head_base, head_index, keep_rows, load_rows, mask_args, mm,
+                     qk_dims, qk_tile_meta, store_rows)
 
 # Start of the running maxima (base-2 units).  Finite, so that a key tile with no token leaves the
 # rescaling factors at exp2(0) = 1 instead of exp2(-inf + inf) = NaN; far below any real score.
@@ -65,22 +65,22 @@ def _program_tile(B, H, BLOCK: tl.constexpr):
     """(flattened head bh, its layer, batch and head, this program's BLOCK rows) on a
     (head, row tile) grid."""
     bh = tl.program_id(0)
-    n, b, h = _head_index(bh, B, H)
+    n, b, h = head_index(bh, B, H)
     return bh, n, b, h, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
 
 
 @triton.jit
 def _tokens(mask_ptr, mask_strides, b, rows, L, HAS_MASK: tl.constexpr):
     """rows < L, and m[b, row] != 0 (the token mask, strides a 2-tuple)."""
-    return _keep(mask_ptr, b, rows, L, mask_strides[0], mask_strides[1], HAS_MASK)
+    return keep_rows(mask_ptr, b, rows, L, mask_strides[0], mask_strides[1], HAS_MASK)
 
 
 @triton.jit
 def _head_rows(ptr, strides, n, b, h, rows, ok, D, BLOCK_D: tl.constexpr):
     """[BLOCK_ROWS, BLOCK_D] tile of head (n, b, h) of an [n, B, H, L, D] tensor (strides a
     5-tuple); 0 outside ok and D."""
-    base = _base(n, b, h, strides[0], strides[1], strides[2])
-    return _load_rows(ptr, base, rows, ok, strides[3], strides[4], D, BLOCK_D)
+    base = head_base(n, b, h, strides[0], strides[1], strides[2])
+    return load_rows(ptr, base, rows, ok, strides[3], strides[4], D, BLOCK_D)
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def _scores(xs, ys, xt, yt, u_s, u_t, FP32_S: tl.constexpr, FP32_T: tl.constexpr
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(u_s xs ys^T, u_t xt yt^T) for one [BLOCK_M, BLOCK_N] tile, fp32."""
     zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    return _mm(xs, tl.trans(ys), zero, FP32_S) * u_s, _mm(xt, tl.trans(yt), zero, FP32_T) * u_t
+    return mm(xs, tl.trans(ys), zero, FP32_S) * u_s, mm(xt, tl.trans(yt), zero, FP32_T) * u_t
 
 
 @triton.jit
@@ -212,16 +212,16 @@ def _kl_bwd_kernel(
             ds_s, ds_t = _grad_scores(z_s, z_t, q_lse_s[None, :], q_lse_t[None, :],
                                       q_kl[None, :], ok)
         if NEED_S:
-            acc_s = _mm(ds_s, ys, acc_s, FP32_S)
+            acc_s = mm(ds_s, ys, acc_s, FP32_S)
         if NEED_T:
-            acc_t = _mm(ds_t, yt, acc_t, FP32_T)
+            acc_t = mm(ds_t, yt, acc_t, FP32_T)
     coef = tl.load(coef_ptr).to(tl.float32)
     out_rows = bh.to(tl.int64) * L + xr
     # padded rows of X (queries or keys): dS is 0 there, so they store 0
     if NEED_S:
-        _store_rows(dxs_ptr, out_rows, xr < L, DS, acc_s * (coef * a_s), BLOCK_DS)
+        store_rows(dxs_ptr, out_rows, xr < L, DS, acc_s * (coef * a_s), BLOCK_DS)
     if NEED_T:
-        _store_rows(dxt_ptr, out_rows, xr < L, DT, acc_t * (coef * a_t), BLOCK_DT)
+        store_rows(dxt_ptr, out_rows, xr < L, DT, acc_t * (coef * a_t), BLOCK_DT)
 
 
 # --- launchers -----------------------------------------------------------------------------------
@@ -235,13 +235,13 @@ def stats_shape(q_s: list[torch.Tensor]) -> tuple[int, int, int]:
 def attention_kl_forward(q_s, k_s, q_t, k_t, mask) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of KL_i over the valid rows of every head, fp32 scalar; statistics [3, N, L] fp32 =
     lse_s, lse_t, KL per row, 0 on padded query rows).  See the module docstring."""
-    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
-    meta = _tiled_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
+    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
     n_m = triton.cdiv(L, meta["BLOCK_M"])
     device = q_s[0].device
     partials = torch.empty(sum(heads) * n_m, dtype=torch.float32, device=device)
     stats = torch.empty(stats_shape(q_s), dtype=torch.float32, device=device)
-    mask_t, msb, msl, has_mask = _mask_args(mask, partials)
+    mask_t, msb, msl, has_mask = mask_args(mask, partials)
     start = 0
     for qs, ks, qt, kt, n_heads in zip(q_s, k_s, q_t, k_t, heads):
         _kl_fwd_kernel[(n_heads, n_m)](
@@ -259,10 +259,10 @@ def attention_kl_backward(coef, stats, q_s, k_s, q_t, k_t, mask, need: tuple):
     """Gradients (contiguous, input dtypes) [dq_s, dk_s, dq_t, dk_t], each a list over groups
     (empty where not needed), for coef = g * c a 0-dim fp32 tensor.  need: (q_s, k_s, q_t, k_t)
     flags."""
-    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
-    meta = _tiled_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
+    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
     n_tiles = triton.cdiv(L, meta["BLOCK_M"])
-    mask_t, msb, msl, has_mask = _mask_args(mask, coef)
+    mask_t, msb, msl, has_mask = mask_args(mask, coef)
     out = [[], [], [], []]
     # dQ then dK: X = (q_s, k_s, q_t, k_t)[slot] (student) and [slot + 2] (teacher), Y = the other
     # of Q and K

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import MASK_THRESHOLD, as_loadable_mask, stream_num_warps, stream_tile
+from .._semantics import MASK_THRESHOLD
+from ._utils import mask_args, stream_num_warps, stream_tile
 
 _THRESHOLD = tl.constexpr(MASK_THRESHOLD)  # kernels read globals only as constexpr
 
@@ -151,13 +152,6 @@ def _bwd_tile(L: int) -> tuple[int, int, int]:
     return block_rows, block_l, stream_num_warps(block_rows * block_l)
 
 
-def _mask_args(mask: torch.Tensor | None, ref: torch.Tensor):
-    if mask is None:
-        return ref, 0, 0, False  # never read: HAS_MASK=False
-    mask = as_loadable_mask(mask)
-    return mask, mask.stride(0), mask.stride(1), True
-
-
 def attention_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
                           mask: torch.Tensor | None, scale: float,
                           mask_queries: bool = False) -> torch.Tensor:
@@ -166,7 +160,7 @@ def attention_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tenso
     block_rows, block_l, num_warps = _fwd_tile(L)
     grids = [triton.cdiv(s.shape[0] * B * H * L, block_rows) for s in student]
     partials = torch.empty(sum(grids), dtype=torch.float32, device=student[0].device)
-    mask_t, msb, msj, has_mask = _mask_args(mask, partials)
+    mask_t, msb, msj, has_mask = mask_args(mask, partials)
     start = 0
     for s, t, grid in zip(student, teacher, grids):
         _attention_mse_fwd_kernel[(grid,)](
@@ -188,7 +182,7 @@ def attention_mse_backward(grad_out: torch.Tensor, student: list[torch.Tensor],
     """Gradients (contiguous, input dtypes) for each group; an empty list where not needed."""
     _, B, H, L, _ = student[0].shape
     block_rows, block_l, num_warps = _bwd_tile(L)
-    mask_t, msb, msj, has_mask = _mask_args(mask, grad_out)
+    mask_t, msb, msj, has_mask = mask_args(mask, grad_out)
     grads_s, grads_t = [], []
     for s, t in zip(student, teacher):
         ds = torch.empty(s.shape, dtype=s.dtype, device=s.device) if need_student else grad_out

@@ -31,11 +31,16 @@ Two ways to get there:
 "tiled" O(L^2 d) work and O(L d) memory: flash-attention style, one program per (head, query
         tile) looping over key tiles, D formed tile by tile in registers (two products with fp32
         accumulation, then the difference), never written.  Backward recomputes the tiles: one
-        kernel for dQ (per query tile) and one for dK (per key tile), no atomics.  Its error is
-        that of the scores themselves, eps_fp32 * ||S|| / ||D||, like the score-based path.
+        @triton.jit source, `_tiled_bwd_kernel`, specialised by X_IS_Q and launched for dQ (per
+        query tile, looping over key tiles) and for dK (per key tile, looping over query tiles),
+        no atomics.  Its error is that of the scores themselves, eps_fp32 * ||S|| / ||D||, like
+        the score-based path.
 
 Launches: gram forward 2 per group + 1, backward 2 per group; tiled forward 1 per group + one
-partial-sum reduction, backward 2 per group.
+partial-sum reduction, backward 2 per group (1 when only the Q or only the K gradients are needed).
+
+The tile pieces (head indexing, masked row loads and stores, the fp32 product) are shared with
+kernels.attention_kl through kernels._utils.
 """
 
 from __future__ import annotations
@@ -44,71 +49,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_loadable_mask, dot_block, dot_in_fp32, next_power_of_2
+from ._utils import (MAX_HEAD_DIM, dot_block, dot_in_fp32, head_base, head_index, keep_rows,
+                     load_rows, mask_args, mm, next_power_of_2, qk_dims, qk_num_warps,
+                     qk_tile_meta, store_rows)
 
-# Widest head dimension the kernels take: a [d, d] fp32 Gram block lives in one program's
-# registers (128 x 128 fp32 over 8 warps is 64 registers per thread).
-MAX_HEAD_DIM = 128
 # Rows of one head a Gram program reduces.  Splitting L keeps the grid large when B*H is small
 # (B*L fixed, long L); the partial Grams cost n*B*H*ceil(L/512)*(d_s+d_t)^2 fp32.
 GRAM_ROWS_PER_PROGRAM = 512
 GRAM_BLOCK_L = 64
-# Query/key tile of the tiled path (as flash-attention for d <= 64).
-TILE = 64
-
-
-# --- shared pieces -------------------------------------------------------------------------------
-
-@triton.jit
-def _head_index(bh, B, H):
-    """(layer, batch, head) of a flattened head index over [n, B, H]."""
-    h = bh % H
-    q = bh // H
-    return q // B, q % B, h
-
-
-@triton.jit
-def _base(n, b, h, stride_n, stride_b, stride_h):
-    return n.to(tl.int64) * stride_n + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-
-
-@triton.jit
-def _keep(mask_ptr, b, rows, n_rows, mask_stride_b, mask_stride_l, HAS_MASK: tl.constexpr):
-    """rows < n_rows, and (key padding) m[b, row] != 0."""
-    ok = rows < n_rows
-    if HAS_MASK:
-        m = tl.load(mask_ptr + b.to(tl.int64) * mask_stride_b + rows.to(tl.int64) * mask_stride_l,
-                    mask=ok, other=0)
-        ok = ok & (m != 0)
-    return ok
-
-
-@triton.jit
-def _load_rows(ptr, base, rows, row_ok, stride_l, stride_d, D, BLOCK_D: tl.constexpr):
-    """[BLOCK_ROWS, BLOCK_D] tile of a [L, D] matrix (one head); 0 outside row_ok and D."""
-    cols = tl.arange(0, BLOCK_D)
-    offs = base + rows.to(tl.int64)[:, None] * stride_l + cols.to(tl.int64)[None, :] * stride_d
-    return tl.load(ptr + offs, mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _mm(a, b, acc, FP32: tl.constexpr):
-    """acc + a @ b, accumulated in fp32.  FP32: both operands in full fp32 ("ieee": TF32 would
-    cost ~1e-3 relative per product, which the cancellation in this loss magnifies); otherwise
-    `a` is cast to `b`'s 16-bit dtype for the tensor cores."""
-    if FP32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a.to(b.dtype), b, acc)
-    return acc
-
-
-@triton.jit
-def _store_rows(ptr, rows, row_ok, D, value, BLOCK_D: tl.constexpr):
-    """Rows of a contiguous [N*L, D] gradient (rows already offset by head * L, int64)."""
-    cols = tl.arange(0, BLOCK_D)
-    tl.store(ptr + rows[:, None] * D + cols[None, :], value.to(ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (cols < D)[None, :])
 
 
 # --- gram path -----------------------------------------------------------------------------------
@@ -132,9 +80,9 @@ def _gram_fwd_kernel(
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    n, b, h = _head_index(bh, B, H)
-    x1_base = _base(n, b, h, x1_stride_n, x1_stride_b, x1_stride_h)
-    x2_base = _base(n, b, h, x2_stride_n, x2_stride_b, x2_stride_h)
+    n, b, h = head_index(bh, B, H)
+    x1_base = head_base(n, b, h, x1_stride_n, x1_stride_b, x1_stride_h)
+    x2_base = head_base(n, b, h, x2_stride_n, x2_stride_b, x2_stride_h)
     D = D1 + D2
     out = out_ptr + (bh.to(tl.int64) * tl.num_programs(1) + split) * D * D
     row0 = split * rows_per_split
@@ -145,26 +93,26 @@ def _gram_fwd_kernel(
     # One block at a time (re-reading the rows, O(L d) traffic) keeps one accumulator live.
     acc11 = tl.zeros((BLOCK_D1, BLOCK_D1), dtype=tl.float32)
     for l0 in range(row0, row_end, BLOCK_L):
-        ok = _keep(mask_ptr, b, l0 + r, row_end, mask_stride_b, mask_stride_l, HAS_MASK)
-        x1 = _load_rows(x1_ptr, x1_base, l0 + r, ok, x1_stride_l, x1_stride_d, D1, BLOCK_D1)
-        acc11 = _mm(tl.trans(x1), x1, acc11, FP32_11)
+        ok = keep_rows(mask_ptr, b, l0 + r, row_end, mask_stride_b, mask_stride_l, HAS_MASK)
+        x1 = load_rows(x1_ptr, x1_base, l0 + r, ok, x1_stride_l, x1_stride_d, D1, BLOCK_D1)
+        acc11 = mm(tl.trans(x1), x1, acc11, FP32_11)
     tl.store(out + c1[:, None] * D + c1[None, :], acc11 * (u1 * u1),
              mask=(c1 < D1)[:, None] & (c1 < D1)[None, :])
     acc12 = tl.zeros((BLOCK_D1, BLOCK_D2), dtype=tl.float32)
     for l0 in range(row0, row_end, BLOCK_L):
-        ok = _keep(mask_ptr, b, l0 + r, row_end, mask_stride_b, mask_stride_l, HAS_MASK)
-        x1 = _load_rows(x1_ptr, x1_base, l0 + r, ok, x1_stride_l, x1_stride_d, D1, BLOCK_D1)
-        x2 = _load_rows(x2_ptr, x2_base, l0 + r, ok, x2_stride_l, x2_stride_d, D2, BLOCK_D2)
-        acc12 = _mm(tl.trans(x1), x2, acc12, FP32_12)
+        ok = keep_rows(mask_ptr, b, l0 + r, row_end, mask_stride_b, mask_stride_l, HAS_MASK)
+        x1 = load_rows(x1_ptr, x1_base, l0 + r, ok, x1_stride_l, x1_stride_d, D1, BLOCK_D1)
+        x2 = load_rows(x2_ptr, x2_base, l0 + r, ok, x2_stride_l, x2_stride_d, D2, BLOCK_D2)
+        acc12 = mm(tl.trans(x1), x2, acc12, FP32_12)
     acc12 = acc12 * (u1 * u2)
     ok12 = (c1 < D1)[:, None] & (c2 < D2)[None, :]
     tl.store(out + c1[:, None] * D + (D1 + c2)[None, :], acc12, mask=ok12)
     tl.store(out + (D1 + c2)[None, :] * D + c1[:, None], acc12, mask=ok12)  # the symmetric block
     acc22 = tl.zeros((BLOCK_D2, BLOCK_D2), dtype=tl.float32)
     for l0 in range(row0, row_end, BLOCK_L):
-        ok = _keep(mask_ptr, b, l0 + r, row_end, mask_stride_b, mask_stride_l, HAS_MASK)
-        x2 = _load_rows(x2_ptr, x2_base, l0 + r, ok, x2_stride_l, x2_stride_d, D2, BLOCK_D2)
-        acc22 = _mm(tl.trans(x2), x2, acc22, FP32_22)
+        ok = keep_rows(mask_ptr, b, l0 + r, row_end, mask_stride_b, mask_stride_l, HAS_MASK)
+        x2 = load_rows(x2_ptr, x2_base, l0 + r, ok, x2_stride_l, x2_stride_d, D2, BLOCK_D2)
+        acc22 = mm(tl.trans(x2), x2, acc22, FP32_22)
     tl.store(out + (D1 + c2)[:, None] * D + (D1 + c2)[None, :], acc22 * (u2 * u2),
              mask=(c2 < D2)[:, None] & (c2 < D2)[None, :])
 
@@ -222,12 +170,12 @@ def _gram_bwd_kernel(
 ):
     bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    n, b, h = _head_index(bh, B, H)
-    ok = _keep(mask_ptr, b, rows, L, mask_stride_b, mask_stride_l, HAS_MASK)
+    n, b, h = head_index(bh, B, H)
+    ok = keep_rows(mask_ptr, b, rows, L, mask_stride_b, mask_stride_l, HAS_MASK)
     # padded key rows load as 0, so their gradient rows come out 0
-    x1 = _load_rows(x1_ptr, _base(n, b, h, x1_stride_n, x1_stride_b, x1_stride_h), rows, ok,
+    x1 = load_rows(x1_ptr, head_base(n, b, h, x1_stride_n, x1_stride_b, x1_stride_h), rows, ok,
                     x1_stride_l, x1_stride_d, D1, BLOCK_D1).to(tl.float32) * u1
-    x2 = _load_rows(x2_ptr, _base(n, b, h, x2_stride_n, x2_stride_b, x2_stride_h), rows, ok,
+    x2 = load_rows(x2_ptr, head_base(n, b, h, x2_stride_n, x2_stride_b, x2_stride_h), rows, ok,
                     x2_stride_l, x2_stride_d, D2, BLOCK_D2).to(tl.float32) * u2
     D = D1 + D2
     g = g_ptr + bh.to(tl.int64) * D * D
@@ -245,7 +193,7 @@ def _gram_bwd_kernel(
                       mask=(c2 < D2)[:, None] & (c1 < D1)[None, :], other=0.0)
         acc = tl.dot(x1, g11, input_precision="ieee")
         acc = tl.dot(x2, g21, acc, input_precision="ieee")
-        _store_rows(dx1_ptr, out_rows, in_range, D1, acc * (coef * u1), BLOCK_D1)
+        store_rows(dx1_ptr, out_rows, in_range, D1, acc * (coef * u1), BLOCK_D1)
     if NEED_2:
         g12 = tl.load(g + c1[:, None] * D + (D1 + c2)[None, :],
                       mask=(c1 < D1)[:, None] & (c2 < D2)[None, :], other=0.0)
@@ -253,7 +201,7 @@ def _gram_bwd_kernel(
                       mask=(c2 < D2)[:, None] & (c2 < D2)[None, :], other=0.0)
         acc = tl.dot(x1, g12, input_precision="ieee")
         acc = tl.dot(x2, g22, acc, input_precision="ieee")
-        _store_rows(dx2_ptr, out_rows, in_range, D2, acc * (coef * u2), BLOCK_D2)
+        store_rows(dx2_ptr, out_rows, in_range, D2, acc * (coef * u2), BLOCK_D2)
 
 
 # --- tiled path ----------------------------------------------------------------------------------
@@ -263,8 +211,8 @@ def _score_diff(qs, ks, qt, kt, a_s, a_t, FP32_S: tl.constexpr, FP32_T: tl.const
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """a_s qs ks^T - a_t qt kt^T for one [BLOCK_M, BLOCK_N] tile, fp32."""
     zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    return (_mm(qs, tl.trans(ks), zero, FP32_S) * a_s
-            - _mm(qt, tl.trans(kt), zero, FP32_T) * a_t)
+    return (mm(qs, tl.trans(ks), zero, FP32_S) * a_s
+            - mm(qt, tl.trans(kt), zero, FP32_T) * a_t)
 
 
 @triton.jit
@@ -287,144 +235,90 @@ def _tiled_fwd_kernel(
 ):
     bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    n, b, h = _head_index(bh, B, H)
-    ks_base = _base(n, b, h, ks_stride_n, ks_stride_b, ks_stride_h)
-    kt_base = _base(n, b, h, kt_stride_n, kt_stride_b, kt_stride_h)
+    n, b, h = head_index(bh, B, H)
+    ks_base = head_base(n, b, h, ks_stride_n, ks_stride_b, ks_stride_h)
+    kt_base = head_base(n, b, h, kt_stride_n, kt_stride_b, kt_stride_h)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < L
-    qs = _load_rows(qs_ptr, _base(n, b, h, qs_stride_n, qs_stride_b, qs_stride_h), rows, row_ok,
+    qs = load_rows(qs_ptr, head_base(n, b, h, qs_stride_n, qs_stride_b, qs_stride_h), rows, row_ok,
                     qs_stride_l, qs_stride_d, DS, BLOCK_DS)
-    qt = _load_rows(qt_ptr, _base(n, b, h, qt_stride_n, qt_stride_b, qt_stride_h), rows, row_ok,
+    qt = load_rows(qt_ptr, head_base(n, b, h, qt_stride_n, qt_stride_b, qt_stride_h), rows, row_ok,
                     qt_stride_l, qt_stride_d, DT, BLOCK_DT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for n0 in range(0, L, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
-        key_ok = _keep(mask_ptr, b, keys, L, mask_stride_b, mask_stride_l, HAS_MASK)
-        ks = _load_rows(ks_ptr, ks_base, keys, key_ok, ks_stride_l, ks_stride_d, DS, BLOCK_DS)
-        kt = _load_rows(kt_ptr, kt_base, keys, key_ok, kt_stride_l, kt_stride_d, DT, BLOCK_DT)
+        key_ok = keep_rows(mask_ptr, b, keys, L, mask_stride_b, mask_stride_l, HAS_MASK)
+        ks = load_rows(ks_ptr, ks_base, keys, key_ok, ks_stride_l, ks_stride_d, DS, BLOCK_DS)
+        kt = load_rows(kt_ptr, kt_base, keys, key_ok, kt_stride_l, kt_stride_d, DT, BLOCK_DT)
         d = _score_diff(qs, ks, qt, kt, a_s, a_t, FP32_S, FP32_T, BLOCK_M, BLOCK_N)
         acc += d * d
     tl.store(partial_ptr + bh * tl.num_programs(1) + pid_m, tl.sum(acc))
 
 
 @triton.jit
-def _tiled_bwd_dq_kernel(
-    # pointers: as the forward, plus grad_out (0-dim), dqs [N*L, DS], dqt [N*L, DT] contiguous
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr, grad_out_ptr, dqs_ptr, dqt_ptr,
+def _tiled_bwd_kernel(
+    # pointers: xs, xt the student's and teacher's tensor whose gradient this program computes
+    # (Q_s, Q_t when X_IS_Q, else K_s, K_t), ys, yt the other one (K or Q), all [n, B, H, L, d];
+    # mask [B, L]; grad_out (0-dim); dxs [N*L, DS], dxt [N*L, DT] contiguous, the inputs' dtypes
+    xs_ptr, xt_ptr, ys_ptr, yt_ptr, mask_ptr, grad_out_ptr, dxs_ptr, dxt_ptr,
     # sizes
     B, H, L, DS, DT,
     # strides
-    qs_stride_n, qs_stride_b, qs_stride_h, qs_stride_l, qs_stride_d,
-    ks_stride_n, ks_stride_b, ks_stride_h, ks_stride_l, ks_stride_d,
-    qt_stride_n, qt_stride_b, qt_stride_h, qt_stride_l, qt_stride_d,
-    kt_stride_n, kt_stride_b, kt_stride_h, kt_stride_l, kt_stride_d,
+    xs_stride_n, xs_stride_b, xs_stride_h, xs_stride_l, xs_stride_d,
+    xt_stride_n, xt_stride_b, xt_stride_h, xt_stride_l, xt_stride_d,
+    ys_stride_n, ys_stride_b, ys_stride_h, ys_stride_l, ys_stride_d,
+    yt_stride_n, yt_stride_b, yt_stride_h, yt_stride_l, yt_stride_d,
     mask_stride_b, mask_stride_l,
     # scalars
     a_s, a_t, scale,
-    # meta-parameters
-    HAS_MASK: tl.constexpr, FP32_S: tl.constexpr, FP32_T: tl.constexpr,
+    # meta-parameters: BLOCK_M rows of X per program, BLOCK_N rows of Y per step
+    HAS_MASK: tl.constexpr, FP32_S: tl.constexpr, FP32_T: tl.constexpr, X_IS_Q: tl.constexpr,
     NEED_S: tl.constexpr, NEED_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
+    """dX_s = 2 scale g a_s E Y_s and dX_t = -2 scale g a_t E Y_t for this program's BLOCK_M rows
+    of X, with E = D M (X = Q, Y = K: dQ per query tile) or E = M D^T (X = K, Y = Q: dK per key
+    tile), the score-difference tiles recomputed from the loop's rows of Y."""
     bh = tl.program_id(0)
-    n, b, h = _head_index(bh, B, H)
-    ks_base = _base(n, b, h, ks_stride_n, ks_stride_b, ks_stride_h)
-    kt_base = _base(n, b, h, kt_stride_n, kt_stride_b, kt_stride_h)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < L
-    qs = _load_rows(qs_ptr, _base(n, b, h, qs_stride_n, qs_stride_b, qs_stride_h), rows, row_ok,
-                    qs_stride_l, qs_stride_d, DS, BLOCK_DS)
-    qt = _load_rows(qt_ptr, _base(n, b, h, qt_stride_n, qt_stride_b, qt_stride_h), rows, row_ok,
-                    qt_stride_l, qt_stride_d, DT, BLOCK_DT)
+    n, b, h = head_index(bh, B, H)
+    ys_base = head_base(n, b, h, ys_stride_n, ys_stride_b, ys_stride_h)
+    yt_base = head_base(n, b, h, yt_stride_n, yt_stride_b, yt_stride_h)
+    xr = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # The key mask is the whole of the masking (padded query rows are not masked): on the loop's
+    # rows for dQ, on this program's rows for dK, whose padded keys then load as 0, so D^T's rows
+    # and the gradient rows for them come out 0.
+    if X_IS_Q:
+        x_ok = xr < L
+    else:
+        x_ok = keep_rows(mask_ptr, b, xr, L, mask_stride_b, mask_stride_l, HAS_MASK)
+    xs = load_rows(xs_ptr, head_base(n, b, h, xs_stride_n, xs_stride_b, xs_stride_h), xr, x_ok,
+                   xs_stride_l, xs_stride_d, DS, BLOCK_DS)
+    xt = load_rows(xt_ptr, head_base(n, b, h, xt_stride_n, xt_stride_b, xt_stride_h), xr, x_ok,
+                   xt_stride_l, xt_stride_d, DT, BLOCK_DT)
     acc_s = tl.zeros((BLOCK_M, BLOCK_DS), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_M, BLOCK_DT), dtype=tl.float32)
-    for n0 in range(0, L, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        key_ok = _keep(mask_ptr, b, keys, L, mask_stride_b, mask_stride_l, HAS_MASK)
-        ks = _load_rows(ks_ptr, ks_base, keys, key_ok, ks_stride_l, ks_stride_d, DS, BLOCK_DS)
-        kt = _load_rows(kt_ptr, kt_base, keys, key_ok, kt_stride_l, kt_stride_d, DT, BLOCK_DT)
-        d = _score_diff(qs, ks, qt, kt, a_s, a_t, FP32_S, FP32_T, BLOCK_M, BLOCK_N)
+    for y0 in range(0, L, BLOCK_N):
+        yr = y0 + tl.arange(0, BLOCK_N)
+        if X_IS_Q:
+            y_ok = keep_rows(mask_ptr, b, yr, L, mask_stride_b, mask_stride_l, HAS_MASK)
+        else:
+            y_ok = yr < L
+        ys = load_rows(ys_ptr, ys_base, yr, y_ok, ys_stride_l, ys_stride_d, DS, BLOCK_DS)
+        yt = load_rows(yt_ptr, yt_base, yr, y_ok, yt_stride_l, yt_stride_d, DT, BLOCK_DT)
+        e = _score_diff(xs, ys, xt, yt, a_s, a_t, FP32_S, FP32_T, BLOCK_M, BLOCK_N)  # D or D^T
         if NEED_S:
-            acc_s = _mm(d, ks, acc_s, FP32_S)
+            acc_s = mm(e, ys, acc_s, FP32_S)
         if NEED_T:
-            acc_t = _mm(d, kt, acc_t, FP32_T)
+            acc_t = mm(e, yt, acc_t, FP32_T)
     coef = 2.0 * scale * tl.load(grad_out_ptr).to(tl.float32)
-    out_rows = bh.to(tl.int64) * L + rows
+    out_rows = bh.to(tl.int64) * L + xr
     if NEED_S:
-        _store_rows(dqs_ptr, out_rows, row_ok, DS, acc_s * (coef * a_s), BLOCK_DS)
+        store_rows(dxs_ptr, out_rows, xr < L, DS, acc_s * (coef * a_s), BLOCK_DS)
     if NEED_T:
-        _store_rows(dqt_ptr, out_rows, row_ok, DT, acc_t * (-coef * a_t), BLOCK_DT)
-
-
-@triton.jit
-def _tiled_bwd_dk_kernel(
-    # pointers: as the forward, plus grad_out (0-dim), dks [N*L, DS], dkt [N*L, DT] contiguous
-    qs_ptr, ks_ptr, qt_ptr, kt_ptr, mask_ptr, grad_out_ptr, dks_ptr, dkt_ptr,
-    # sizes
-    B, H, L, DS, DT,
-    # strides
-    qs_stride_n, qs_stride_b, qs_stride_h, qs_stride_l, qs_stride_d,
-    ks_stride_n, ks_stride_b, ks_stride_h, ks_stride_l, ks_stride_d,
-    qt_stride_n, qt_stride_b, qt_stride_h, qt_stride_l, qt_stride_d,
-    kt_stride_n, kt_stride_b, kt_stride_h, kt_stride_l, kt_stride_d,
-    mask_stride_b, mask_stride_l,
-    # scalars
-    a_s, a_t, scale,
-    # meta-parameters
-    HAS_MASK: tl.constexpr, FP32_S: tl.constexpr, FP32_T: tl.constexpr,
-    NEED_S: tl.constexpr, NEED_T: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
-):
-    bh = tl.program_id(0)
-    n, b, h = _head_index(bh, B, H)
-    qs_base = _base(n, b, h, qs_stride_n, qs_stride_b, qs_stride_h)
-    qt_base = _base(n, b, h, qt_stride_n, qt_stride_b, qt_stride_h)
-    keys = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = _keep(mask_ptr, b, keys, L, mask_stride_b, mask_stride_l, HAS_MASK)
-    # padded keys load as 0, so D^T's rows and the gradient rows for them come out 0
-    ks = _load_rows(ks_ptr, _base(n, b, h, ks_stride_n, ks_stride_b, ks_stride_h), keys, key_ok,
-                    ks_stride_l, ks_stride_d, DS, BLOCK_DS)
-    kt = _load_rows(kt_ptr, _base(n, b, h, kt_stride_n, kt_stride_b, kt_stride_h), keys, key_ok,
-                    kt_stride_l, kt_stride_d, DT, BLOCK_DT)
-    acc_s = tl.zeros((BLOCK_N, BLOCK_DS), dtype=tl.float32)
-    acc_t = tl.zeros((BLOCK_N, BLOCK_DT), dtype=tl.float32)
-    for m0 in range(0, L, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < L
-        qs = _load_rows(qs_ptr, qs_base, rows, row_ok, qs_stride_l, qs_stride_d, DS, BLOCK_DS)
-        qt = _load_rows(qt_ptr, qt_base, rows, row_ok, qt_stride_l, qt_stride_d, DT, BLOCK_DT)
-        d_t = _score_diff(ks, qs, kt, qt, a_s, a_t, FP32_S, FP32_T, BLOCK_N, BLOCK_M)  # D^T
-        if NEED_S:
-            acc_s = _mm(d_t, qs, acc_s, FP32_S)
-        if NEED_T:
-            acc_t = _mm(d_t, qt, acc_t, FP32_T)
-    coef = 2.0 * scale * tl.load(grad_out_ptr).to(tl.float32)
-    out_rows = bh.to(tl.int64) * L + keys
-    if NEED_S:
-        _store_rows(dks_ptr, out_rows, keys < L, DS, acc_s * (coef * a_s), BLOCK_DS)
-    if NEED_T:
-        _store_rows(dkt_ptr, out_rows, keys < L, DT, acc_t * (-coef * a_t), BLOCK_DT)
+        store_rows(dxt_ptr, out_rows, xr < L, DT, acc_t * (-coef * a_t), BLOCK_DT)
 
 
 # --- launchers -----------------------------------------------------------------------------------
-
-def _dims(q_s: list[torch.Tensor], q_t: list[torch.Tensor]):
-    """(B, H, L, d_s, d_t, heads per group) of groups [n, B, H, L, d]."""
-    _, B, H, L, d_s = q_s[0].shape
-    d_t = q_t[0].shape[-1]
-    return B, H, L, d_s, d_t, [x.shape[0] * B * H for x in q_s]
-
-
-def _mask_args(mask: torch.Tensor | None, ref: torch.Tensor):
-    if mask is None:
-        return ref, 0, 0, False  # never read: HAS_MASK=False
-    mask = as_loadable_mask(mask)
-    return mask, mask.stride(0), mask.stride(1), True
-
-
-def _warps(*blocks: int) -> int:
-    return 8 if max(blocks) > 64 else 4
-
 
 def gram_workspace_shape(N: int, L: int, d_s: int, d_t: int) -> tuple[int, ...]:
     """Shape of the forward's partial-Gram buffer (fp32): [2, N, n_splits, D, D]."""
@@ -435,14 +329,14 @@ def gram_workspace_shape(N: int, L: int, d_s: int, d_t: int) -> tuple[int, ...]:
 def gram_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss (fp32 scalar) and the Grams [2, N, D, D] fp32 (G_Q then G_K per head, N heads over all
     groups, D = d_s + d_t) kept for backward; see the module docstring."""
-    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
+    B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
     N, D = sum(heads), d_s + d_t
     device = q_s[0].device
     block_l = dot_block(L, GRAM_BLOCK_L)
     bd1, bd2 = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
     partial = torch.empty(gram_workspace_shape(N, L, d_s, d_t), dtype=torch.float32, device=device)
     n_splits = partial.shape[2]
-    mask_t, msb, msl, has_mask = _mask_args(mask, partial)
+    mask_t, msb, msl, has_mask = mask_args(mask, partial)
     a_s, a_t = d_s ** -0.5, d_t ** -0.5
     sides = ((q_s, q_t, a_s, a_t, False), (k_s, k_t, 1.0, -1.0, has_mask))
     for side, (x1s, x2s, u1, u2, side_mask) in enumerate(sides):
@@ -456,7 +350,7 @@ def gram_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> tuple[torch.Tensor, 
                 HAS_MASK=side_mask, FP32_11=dot_in_fp32(x1.dtype, x1.dtype, device),
                 FP32_12=dot_in_fp32(x1.dtype, x2.dtype, device),
                 FP32_22=dot_in_fp32(x2.dtype, x2.dtype, device),
-                BLOCK_L=block_l, BLOCK_D1=bd1, BLOCK_D2=bd2, num_warps=_warps(bd1, bd2),
+                BLOCK_L=block_l, BLOCK_D1=bd1, BLOCK_D2=bd2, num_warps=qk_num_warps(bd1, bd2),
             )
             start += n_heads
     # one chunk per head: the partial buffer already holds the Grams
@@ -475,10 +369,10 @@ def gram_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> tuple[torch.Tensor, 
 def gram_backward(grad_out, grams, q_s, k_s, q_t, k_t, mask, scale: float, need: tuple):
     """Gradients (contiguous, input dtypes) [dq_s, dk_s, dq_t, dk_t], each a list over groups
     (empty where not needed).  need: (q_s, k_s, q_t, k_t) flags."""
-    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
+    B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
     block_l = dot_block(L, GRAM_BLOCK_L)
     bd1, bd2 = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
-    mask_t, msb, msl, has_mask = _mask_args(mask, grad_out)
+    mask_t, msb, msl, has_mask = mask_args(mask, grad_out)
     a_s, a_t = d_s ** -0.5, d_t ** -0.5
     need_qs, need_ks, need_qt, need_kt = need
     out = [[], [], [], []]
@@ -498,7 +392,7 @@ def gram_backward(grad_out, grams, q_s, k_s, q_t, k_t, mask, scale: float, need:
                 *x1.stride(), *x2.stride(), msb, msl,
                 u1, u2, scale,
                 HAS_MASK=side_mask, NEED_1=need1, NEED_2=need2,
-                BLOCK_L=block_l, BLOCK_D1=bd1, BLOCK_D2=bd2, num_warps=_warps(bd1, bd2),
+                BLOCK_L=block_l, BLOCK_D1=bd1, BLOCK_D2=bd2, num_warps=qk_num_warps(bd1, bd2),
             )
             start += n_heads
             if need1:
@@ -508,23 +402,13 @@ def gram_backward(grad_out, grams, q_s, k_s, q_t, k_t, mask, scale: float, need:
     return out
 
 
-def _tiled_meta(q_s, k_s, q_t, k_t, L, d_s, d_t) -> dict:
-    block = dot_block(L, TILE)
-    bds, bdt = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
-    device = q_s[0].device
-    return dict(FP32_S=dot_in_fp32(q_s[0].dtype, k_s[0].dtype, device),
-                FP32_T=dot_in_fp32(q_t[0].dtype, k_t[0].dtype, device),
-                BLOCK_M=block, BLOCK_N=block, BLOCK_DS=bds, BLOCK_DT=bdt,
-                num_warps=_warps(bds, bdt))
-
-
 def tiled_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> torch.Tensor:
     """Loss (fp32 scalar); see the module docstring."""
-    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
-    meta = _tiled_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
+    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
     n_m = triton.cdiv(L, meta["BLOCK_M"])
     partials = torch.empty(sum(heads) * n_m, dtype=torch.float32, device=q_s[0].device)
-    mask_t, msb, msl, has_mask = _mask_args(mask, partials)
+    mask_t, msb, msl, has_mask = mask_args(mask, partials)
     start = 0
     for qs, ks, qt, kt, n_heads in zip(q_s, k_s, q_t, k_t, heads):
         _tiled_fwd_kernel[(n_heads, n_m)](
@@ -539,30 +423,34 @@ def tiled_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> torch.Tensor:
 
 
 def tiled_backward(grad_out, q_s, k_s, q_t, k_t, mask, scale: float, need: tuple):
-    """As gram_backward, recomputing the score-difference tiles."""
-    B, H, L, d_s, d_t, heads = _dims(q_s, q_t)
-    meta = _tiled_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
-    n_tiles = triton.cdiv(L, meta["BLOCK_M"])
-    mask_t, msb, msl, has_mask = _mask_args(mask, grad_out)
-    need_qs, need_ks, need_qt, need_kt = need
+    """As gram_backward, recomputing the score-difference tiles: `_tiled_bwd_kernel` once for
+    dQ_s / dQ_t (X_IS_Q) and once for dK_s / dK_t, per group, each only when needed."""
+    B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
+    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    mask_t, msb, msl, has_mask = mask_args(mask, grad_out)
     out = [[], [], [], []]
-    kernels = ((_tiled_bwd_dq_kernel, need_qs, need_qt, 0),
-               (_tiled_bwd_dk_kernel, need_ks, need_kt, 1))
-    for kernel, need_s, need_t, slot in kernels:
+    # dQ then dK: X = (q_s, k_s, q_t, k_t)[slot] (student) and [slot + 2] (teacher), Y = the other
+    # of Q and K; a dK program holds a key tile (BLOCK_N) and steps over query tiles (BLOCK_M)
+    for slot in (0, 1):
+        xy = (slot, slot + 2, 1 - slot, 3 - slot)
+        need_s, need_t = need[slot], need[slot + 2]
         if not (need_s or need_t):
             continue
-        for qs, ks, qt, kt, n_heads in zip(q_s, k_s, q_t, k_t, heads):
-            like_s, like_t = (qs, qt) if slot == 0 else (ks, kt)
-            ds = torch.empty(like_s.shape, dtype=like_s.dtype, device=like_s.device) \
-                if need_s else grad_out
-            dt = torch.empty(like_t.shape, dtype=like_t.dtype, device=like_t.device) \
-                if need_t else grad_out
-            kernel[(n_heads, n_tiles)](
-                qs, ks, qt, kt, mask_t, grad_out, ds, dt,
+        block_x, block_y = ((meta["BLOCK_M"], meta["BLOCK_N"]) if slot == 0
+                            else (meta["BLOCK_N"], meta["BLOCK_M"]))
+        tile_meta = dict(meta, BLOCK_M=block_x, BLOCK_N=block_y)
+        for group, n_heads in zip(zip(q_s, k_s, q_t, k_t), heads):
+            x_s, x_t = group[slot], group[slot + 2]
+            ds = torch.empty(x_s.shape, dtype=x_s.dtype, device=x_s.device) if need_s \
+                else grad_out
+            dt = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device) if need_t \
+                else grad_out
+            _tiled_bwd_kernel[(n_heads, triton.cdiv(L, block_x))](
+                *(group[i] for i in xy), mask_t, grad_out, ds, dt,
                 B, H, L, d_s, d_t,
-                *qs.stride(), *ks.stride(), *qt.stride(), *kt.stride(), msb, msl,
+                *(st for i in xy for st in group[i].stride()), msb, msl,
                 d_s ** -0.5, d_t ** -0.5, scale,
-                HAS_MASK=has_mask, NEED_S=need_s, NEED_T=need_t, **meta,
+                HAS_MASK=has_mask, X_IS_Q=slot == 0, NEED_S=need_s, NEED_T=need_t, **tile_meta,
             )
             if need_s:
                 out[slot].append(ds)

@@ -21,10 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import stream_num_warps, stream_tile
+from ._utils import LN2, LOG2E, stream_num_warps, stream_tile
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 # A row is streamed in column blocks of at most this width; the online softmax joins them.
 MAX_BLOCK_C_FWD = 4096
 MAX_BLOCK_C_BWD = 4096

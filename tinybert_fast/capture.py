@@ -4,7 +4,8 @@
 `AttentionInterface`.  `register()` adds one, "tinybert_fast", that
 
 - for the layers being recorded, computes the pre-softmax scores S = Q K^T * scaling + mask (the
-  tensor TinyBERT's attention loss takes), stores them, and finishes attention eagerly from them;
+  tensor TinyBERT's attention loss takes; tinybert_fast.reference.attention_scores), stores them,
+  and finishes attention eagerly from them;
 - for every other layer (and whenever nothing is recorded) hands the attention to PyTorch's SDPA,
   so layers the losses don't use cost what they cost without distillation.
 
@@ -30,6 +31,8 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+
+from .reference import attention_scores
 
 ATTN_IMPLEMENTATION = "tinybert_fast"
 
@@ -106,9 +109,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                                       scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
+    # the model's own scaling, multiplied, and its additive mask as given: what its eager
+    # attention computes
+    scores = attention_scores(query, key, attention_mask, scaling=scaling)
     record.put(layer_idx, scores)
     probs = F.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=dropout, training=module.training)

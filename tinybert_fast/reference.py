@@ -6,7 +6,9 @@ TinyBERT trainer writes them (one layer at a time, autograd for the gradients) a
 inputs' dtype, as that trainer does; upcast the inputs for a high-precision reference.
 
 Inputs take the same forms as the public functions (tinybert_fast.ops); the semantics are
-TinyBERT's (README, "Loss semantics").
+TinyBERT's (README, "Loss semantics"), their constants in tinybert_fast._semantics.  This module
+imports no op and no kernel: the ops import it (for the torch backend, the attention-score formula
+and the checks of inputs from Q and K), never the other way round.
 """
 
 from __future__ import annotations
@@ -17,7 +19,83 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from .kernels._utils import MASK_THRESHOLD
+from ._semantics import MASK_BIAS, MASK_THRESHOLD
+
+_QK_NAMES = ("q_s", "k_s", "q_t", "k_t")
+
+
+def attention_scores(query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor | None = None,
+                     *, scaling: float | None = None) -> torch.Tensor:
+    """Pre-softmax attention scores S = Q K^T / sqrt(d) + bias: [..., L, d] x2 -> [..., L, L].
+
+    The one statement of the formula (the reference, the ops' CPU kernels and
+    tinybert_fast.capture use it).  scaling: the factor in place of 1 / sqrt(d), multiplied (a
+    model's own, e.g. Hugging Face's `scaling`); None divides by sqrt(d), as TinyBERT's trainer
+    does (the two differ in the last bit).  bias: broadcast over [..., L, L] and added as is
+    (torch's type promotion), e.g. key_mask_bias(m) or Hugging Face's additive mask; None adds
+    nothing.  Computes in the inputs' dtype (query and key must share it).
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    scores = scores / math.sqrt(query.shape[-1]) if scaling is None else scores * scaling
+    return scores if bias is None else scores + bias
+
+
+def key_mask_bias(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The additive bias of padded keys: [B, L] mask (1 = token) -> [B, 1, 1, L] fp32, 0 on
+    tokens and MASK_BIAS (-10000) on padding, broadcast over heads and query rows."""
+    return torch.where((attention_mask != 0)[:, None, None, :], 0.0, MASK_BIAS)
+
+
+def qk_layers(name: str, x) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A list of [B, H, L, d] layers (views) and x as [n, B, H, L, d] when x was one tensor."""
+    return _checks.layers_4d(name, x, "[B, H, L, d_head]")
+
+
+def qk_inputs(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None, fused: bool,
+              max_head_dim: int | None = None):
+    """Check the inputs of the losses from Q and K, attention_mse_qk and attention_kl (shapes,
+    dtypes, devices; never values), for this module and the fused ops alike.
+
+    fused: the dtypes the fused path takes (_checks.check_float); max_head_dim: the widest head
+    dim the caller's kernels take (None: any).  Returns (layers, groups, (B, H, L, d_s, d_t)):
+    layers = four lists of [B, H, L, d] views (q_s, k_s, q_t, k_t); groups = four lists of
+    [n, B, H, L, d] views, one stacked tensor each when all four came stacked, else one per layer.
+    """
+    named = [(name, *qk_layers(name, x)) for name, x in zip(_QK_NAMES, (q_s, k_s, q_t, k_t))]
+    n = len(named[0][1])
+    for name, layers, _ in named[1:]:
+        if len(layers) != n:
+            raise ValueError(f"{name} has {len(layers)} layers but q_s has {n}; pass one tensor "
+                             f"per mapped layer for each of q_s, k_s, q_t, k_t")
+    B, H, L, d_s = named[0][1][0].shape
+    d_t = named[2][1][0].shape[-1]
+    for name, layers, _ in named:
+        who, d = ("student", d_s) if name.endswith("_s") else ("teacher", d_t)
+        for i, t in enumerate(layers):
+            label = f"{name}[{i}]" if n > 1 else name
+            _checks.check_float(label, t, fused)
+            if tuple(t.shape) != (B, H, L, d):
+                raise ValueError(
+                    f"{label} has shape {tuple(t.shape)}; expected [B, H, L, d] = "
+                    f"{[B, H, L, d]} (B, H, L from q_s layer 0, the {who}'s head dim from "
+                    f"{'q_s' if who == 'student' else 'q_t'}): student and teacher pair heads one "
+                    f"to one over the same tokens, and a model's Q and K share its head dim")
+    if B * H * L * d_s * d_t == 0:
+        raise ValueError(f"q_s / q_t are empty: shapes {tuple(named[0][1][0].shape)} and "
+                         f"{tuple(named[2][1][0].shape)}")
+    if max_head_dim is not None and max(d_s, d_t) > max_head_dim:
+        raise ValueError(f"head dims d_s = {d_s}, d_t = {d_t}: the fused kernels take head dims up "
+                         f"to {max_head_dim} (use backend 'torch' for wider heads)")
+    if attention_mask is not None:
+        _checks.check_mask(attention_mask, B, L)
+    _checks.check_same_device(**{(f"{name}[{i}]" if i else name): t
+                                 for name, layers, _ in named for i, t in enumerate(layers)},
+                              attention_mask=attention_mask)
+    if all(stacked is not None for _, _, stacked in named):
+        groups = [[stacked] for _, _, stacked in named]
+    else:
+        groups = [[x.unsqueeze(0) for x in layers] for _, layers, _ in named]
+    return [layers for _, layers, _ in named], groups, (B, H, L, d_s, d_t)
 
 
 def attention_mse(student, teacher, attention_mask: torch.Tensor | None = None,
@@ -100,21 +178,18 @@ def attention_mse_qk(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = N
     attention_mse.
 
     S_s = Q_s K_s^T / sqrt(d_s) + bias and S_t = Q_t K_t^T / sqrt(d_t) + bias, bias = -10000 on
-    padded keys of attention_mask [B, L] (1 = token), then attention_mse(S_s, S_t, attention_mask,
+    padded keys of attention_mask [B, L] (1 = token) (key_mask_bias), then
+    attention_mse(S_s, S_t, attention_mask,
     reduction).  q_s, k_s: [B, H, L, d_s], [n_layers, B, H, L, d_s] or a list of [B, H, L, d_s];
     q_t, k_t: the same with d_t.  Materialises two [B, H, L, L] tensors per layer.
     """
-    from .ops.attention_qk import qk_inputs  # the shared checks live with the op (which imports
-    #                                           this module)
     _checks.check_reduction(reduction, "attention")
     (qs, ks, qt, kt), _, _ = qk_inputs(q_s, k_s, q_t, k_t, attention_mask, fused=False)
-    bias = None
-    if attention_mask is not None:
-        bias = torch.where((attention_mask != 0)[:, None, None, :], 0.0, -10000.0)
+    bias = None if attention_mask is None else key_mask_bias(attention_mask)
 
     def scores(q, k):
-        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        return s if bias is None else s + bias.to(s.dtype)
+        # the bias in the scores' dtype (q's: matmul keeps it), as BERT adds its mask
+        return attention_scores(q, k, None if bias is None else bias.to(q.dtype))
 
     return attention_mse([scores(q, k) for q, k in zip(qs, ks)],
                          [scores(q, k) for q, k in zip(qt, kt)], attention_mask, reduction)
@@ -133,7 +208,6 @@ def attention_kl(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = None,
     same with d_t.  Materialises four [B, H, L, L] tensors per layer; computes in the inputs'
     dtype (promoted to a common one where they differ).
     """
-    from .ops.attention_qk import qk_inputs
     _checks.check_reduction(reduction, "attention")
     (qs, ks, qt, kt), _, (B, H, L, _, _) = qk_inputs(q_s, k_s, q_t, k_t, attention_mask,
                                                       fused=False)
@@ -147,7 +221,7 @@ def attention_kl(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = None,
 
     def log_probs(q, k):
         dtype = torch.promote_types(q.dtype, k.dtype)
-        s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        s = attention_scores(q.to(dtype), k.to(dtype))
         return F.log_softmax(s if keys is None else s.masked_fill(~keys, -math.inf), dim=-1)
 
     total = None

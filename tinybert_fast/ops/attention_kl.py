@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, reference
 from ..kernels import attention_kl as kernels
-from .attention_qk import _layers, empty_grads, qk_inputs, register_qk_autograd
+from ._qk import empty_grads, first_layer, qk_inputs, register_qk_autograd
 
 
 def attention_kl(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
@@ -65,10 +65,9 @@ def attention_kl(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
     ~eps_fp32 * max|S| (a student equal to its teacher gives exactly 0).
     """
     _checks.check_reduction(reduction, "attention")
-    first, _ = _layers("q_s", q_s)
-    if not _backend.use_fused(first[0]):
+    if not _backend.use_fused(first_layer(q_s)):
         return reference.attention_kl(q_s, k_s, q_t, k_t, attention_mask, reduction)
-    _, groups, _ = qk_inputs(q_s, k_s, q_t, k_t, attention_mask, fused=True)
+    _, groups, _ = qk_inputs(q_s, k_s, q_t, k_t, attention_mask)
     loss, _ = torch.ops.tinybert_fast.attention_kl(*groups, attention_mask, reduction)
     return loss
 
@@ -116,8 +115,8 @@ def _torch_groups(q_s, k_s, q_t, k_t, attention_mask):
     tok = None if attention_mask is None else attention_mask != 0
     for qs, ks, qt, kt in zip(q_s, k_s, q_t, k_t):
         n, B, H, L, _ = qs.shape
-        z_s = (qs.float() @ ks.float().transpose(-1, -2)).reshape(-1, L, L) * a_s
-        z_t = (qt.float() @ kt.float().transpose(-1, -2)).reshape(-1, L, L) * a_t
+        z_s = reference.attention_scores(qs.float(), ks.float(), scaling=a_s).reshape(-1, L, L)
+        z_t = reference.attention_scores(qt.float(), kt.float(), scaling=a_t).reshape(-1, L, L)
         ok = None
         if tok is not None:
             ok = (tok[:, None, :] & tok[:, :, None])[None, :, None].expand(n, B, H, L, L)

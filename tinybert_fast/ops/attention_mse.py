@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, reference
+from .._semantics import MASK_THRESHOLD
 from ..kernels import attention_mse as kernels
-from ..kernels._utils import MASK_THRESHOLD
 from ._autograd import register_autograd
 
 

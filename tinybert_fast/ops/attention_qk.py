@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _backend, _checks, reference
 from ..kernels import attention_qk as kernels
-from ._autograd import register_autograd
+from ._qk import empty_grads, first_layer, qk_inputs, register_qk_autograd
 
 METHODS = ("auto", "gram", "tiled")
 # "auto" takes the Gram form from this length on.  Per head the tiled path costs ~L^2 (d_s+d_t)
@@ -19,7 +19,6 @@ METHODS = ("auto", "gram", "tiled")
 # backward in fp32): at d_s + d_t ~ 90 they meet around L ~ 256-512.  Chosen from flop counts, to
 # be tuned on a GPU.  Decided from shapes only: choosing by values would need a host sync.
 AUTO_GRAM_MIN_L = 512
-_NAMES = ("q_s", "k_s", "q_t", "k_t")
 
 
 def attention_mse_qk(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
@@ -81,10 +80,9 @@ def attention_mse_qk(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
     _checks.check_reduction(reduction, "attention")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    first, _ = _layers("q_s", q_s)
-    if not _backend.use_fused(first[0]):
+    if not _backend.use_fused(first_layer(q_s)):
         return reference.attention_mse_qk(q_s, k_s, q_t, k_t, attention_mask, reduction)
-    _, groups, (B, H, L, _, _) = qk_inputs(q_s, k_s, q_t, k_t, attention_mask, fused=True)
+    _, groups, (B, H, L, _, _) = qk_inputs(q_s, k_s, q_t, k_t, attention_mask)
     scale = 1.0 / (B * H * L * L) if reduction == "mean" else 1.0
     loss, _ = torch.ops.tinybert_fast.attention_mse_qk(*groups, attention_mask, scale,
                                                        resolve_method(method, L))
@@ -96,56 +94,6 @@ def resolve_method(method: str, L: int) -> str:
     if method == "auto":
         return "gram" if L >= AUTO_GRAM_MIN_L else "tiled"
     return method
-
-
-def _layers(name: str, x) -> tuple[list[Tensor], Tensor | None]:
-    """A list of [B, H, L, d] layers (views) and x as [n, B, H, L, d] when x was one tensor."""
-    return _checks.layers_4d(name, x, "[B, H, L, d_head]")
-
-
-def qk_inputs(q_s, k_s, q_t, k_t, attention_mask: Tensor | None, fused: bool):
-    """Check the inputs of attention_mse_qk and attention_kl (shapes, dtypes, devices; never
-    values).
-
-    Returns (layers, groups, (B, H, L, d_s, d_t)): layers = four lists of [B, H, L, d] views
-    (q_s, k_s, q_t, k_t); groups = four lists of [n, B, H, L, d] views, one stacked tensor each
-    when all four came stacked, else one per layer.
-    """
-    named = [(name, *_layers(name, x)) for name, x in zip(_NAMES, (q_s, k_s, q_t, k_t))]
-    n = len(named[0][1])
-    for name, layers, _ in named[1:]:
-        if len(layers) != n:
-            raise ValueError(f"{name} has {len(layers)} layers but q_s has {n}; pass one tensor "
-                             f"per mapped layer for each of q_s, k_s, q_t, k_t")
-    B, H, L, d_s = named[0][1][0].shape
-    d_t = named[2][1][0].shape[-1]
-    for name, layers, _ in named:
-        who, d = ("student", d_s) if name.endswith("_s") else ("teacher", d_t)
-        for i, t in enumerate(layers):
-            label = f"{name}[{i}]" if n > 1 else name
-            _checks.check_float(label, t, fused)
-            if tuple(t.shape) != (B, H, L, d):
-                raise ValueError(
-                    f"{label} has shape {tuple(t.shape)}; expected [B, H, L, d] = "
-                    f"{[B, H, L, d]} (B, H, L from q_s layer 0, the {who}'s head dim from "
-                    f"{'q_s' if who == 'student' else 'q_t'}): student and teacher pair heads one "
-                    f"to one over the same tokens, and a model's Q and K share its head dim")
-    if B * H * L * d_s * d_t == 0:
-        raise ValueError(f"q_s / q_t are empty: shapes {tuple(named[0][1][0].shape)} and "
-                         f"{tuple(named[2][1][0].shape)}")
-    if fused and max(d_s, d_t) > kernels.MAX_HEAD_DIM:
-        raise ValueError(f"head dims d_s = {d_s}, d_t = {d_t}: the fused kernels take head dims up "
-                         f"to {kernels.MAX_HEAD_DIM} (use backend 'torch' for wider heads)")
-    if attention_mask is not None:
-        _checks.check_mask(attention_mask, B, L)
-    _checks.check_same_device(**{(f"{name}[{i}]" if i else name): t
-                                 for name, layers, _ in named for i, t in enumerate(layers)},
-                              attention_mask=attention_mask)
-    if all(stacked is not None for _, _, stacked in named):
-        groups = [[stacked] for _, _, stacked in named]
-    else:
-        groups = [[x.unsqueeze(0) for x in layers] for _, layers, _ in named]
-    return [layers for _, layers, _ in named], groups, (B, H, L, d_s, d_t)
 
 
 # --- registered ops ------------------------------------------------------------------------------
@@ -235,13 +183,6 @@ def _triton_backward(grad, grams, q_s, k_s, q_t, k_t, attention_mask, scale, met
     return tuple(out)
 
 
-def empty_grads(inputs, needs) -> tuple[list[Tensor], ...]:
-    """Fake gradients of the four input lists (q_s, k_s, q_t, k_t): empties like each list's
-    tensors where needed, [] where not (shared by the ops from Q and K)."""
-    return tuple([torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs] if need else []
-                 for xs, need in zip(inputs, needs))
-
-
 @_attention_mse_qk_backward_op.register_fake
 def _(grad, grams, q_s, k_s, q_t, k_t, attention_mask, scale, method, need_q_s, need_k_s,
       need_q_t, need_k_t):
@@ -276,39 +217,6 @@ def _(grad, grams, q_s, k_s, q_t, k_t, attention_mask, scale, method, need_q_s, 
                 grads.append(torch.empty(x_.shape, dtype=x_.dtype).copy_(chunk.reshape(x_.shape)))
         out.append(grads)
     return tuple(out)
-
-
-def register_qk_autograd(op, backward_op) -> None:
-    """Autograd for an op from Q and K (attention_mse_qk, attention_kl):
-    op(q_s, k_s, q_t, k_t, attention_mask, *options) -> (loss, extra), `extra` non-differentiable
-    (Grams, row statistics) and kept for backward with the inputs; backward_op(grad, extra, q_s,
-    k_s, q_t, k_t, attention_mask, *options, need_q_s, need_k_s, need_q_t, need_k_t) -> the four
-    lists of gradients."""
-
-    def setup_context(ctx, inputs, output):
-        *groups, attention_mask = inputs[:5]
-        _, extra = output
-        ctx.options = inputs[5:]
-        ctx.n_groups = len(groups[0])
-        ctx.has_mask = attention_mask is not None
-        ctx.mark_non_differentiable(extra)
-        # no zeros_like(extra) for its (absent) gradient: it would double its memory
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(extra, *(x for xs in groups for x in xs),
-                              *([attention_mask] if ctx.has_mask else []))
-
-    def backward(ctx, grad, _grad_extra):
-        extra, *saved = ctx.saved_tensors
-        n = ctx.n_groups
-        groups = [saved[i * n:(i + 1) * n] for i in range(4)]
-        attention_mask = saved[4 * n] if ctx.has_mask else None
-        need = [any(ctx.needs_input_grad[i]) for i in range(4)]
-        grads = backward_op(grad, extra, *groups, attention_mask, *ctx.options, *need)
-        # list inputs take a list of gradients (None entries where none is needed)
-        return (*(g if needed else [None] * n for g, needed in zip(grads, need)),
-                None, *(None for _ in ctx.options))
-
-    register_autograd(op, backward, setup_context)
 
 
 register_qk_autograd(_attention_mse_qk_op, _attention_mse_qk_backward_op)
