@@ -76,7 +76,8 @@ manifest.  Readers (any number of processes) map the files read-only.
 
 Modules: format (layout, file headers, index codec, manifest checksum), fingerprint, writer
 (CacheWriter, journaled), reader (TeacherCache), prefetch (background staging), build (the step
-that drives the teacher), extension (the ops, loaded on first use), errors.
+that drives the teacher), extension (the ops, loaded on first use), fake (the ops' fake
+kernels), errors.
 
 The C++ extension (csrc/) does the byte work: packing, a multithreaded gather from the mapped
 files (into a pinned staging buffer for CUDA), CRC32C, and unpacking (C++ on the CPU; a CUDA
@@ -90,7 +91,7 @@ the cache API raises RuntimeError and the rest of tinybert_fast works.
 from __future__ import annotations
 
 from .errors import CacheCorruptionError, CacheError, CacheIncompleteError, CacheMismatchError
-from .extension import build_info, crc32c
+from .extension import build_info, crc32c, flag
 from .fingerprint import example_ids_fingerprint, hash_state_dict
 from .format import (ATTENTION_STORAGE, BUILD_SPEC, DATA_HEADER_BYTES, FORMAT_NAME,
                      FORMAT_VERSION, INT8_BOUND, LAYOUT_FIELDS, MANIFEST, CacheLayout,
@@ -116,7 +117,6 @@ __all__ = ["TeacherCache", "CacheWriter", "TeacherBatch", "CacheLayout", "CacheE
 def __getattr__(name: str):
     """HAS_EXTENSION, HAS_CUDA_KERNELS, EXTENSION_ERROR: the first access builds (or loads from
     the cache) and loads the extension."""
-    from . import extension
     if name in ("HAS_EXTENSION", "HAS_CUDA_KERNELS", "EXTENSION_ERROR"):
-        return extension.flag(name)
+        return flag(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -49,7 +49,7 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
     attention_layers: 0-based teacher layers whose scores to store ([n_att, B, H, L, L]).
     hidden_states: indices into output.hidden_states (0 = embeddings).
     logits: store out.logits (None: when the model has them).
-    dtype: "fp32" | "bf16" | "fp16" | "int8" (see the module docstring for error bounds).
+    dtype: "fp32" | "bf16" | "fp16" | "int8" (error bounds: tinybert_fast.cache).
     attention_storage: "auto" (Q and K for the examples where they are smaller than the
         scores, about L > 2*d_h; scores, from Q and K, for the others), "qk" (Q and K for every
         example: what fetch(..., attention="qk") and attention_mse_qk read), "scores".
@@ -69,10 +69,9 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
     path = os.fspath(path)
     rank, world = resolve_shard(shard)
     fp = make_fingerprint(teacher, attention_layers=attention_layers,
-                              hidden_states=hidden_states, dtype=dtype, logits=logits,
-                              tokenizer=tokenizer, max_length=max_length, dataset=dataset,
-                              fingerprint_extra=fingerprint_extra,
-                              attention_storage=attention_storage)
+                          hidden_states=hidden_states, dtype=dtype, logits=logits,
+                          tokenizer=tokenizer, max_length=max_length, dataset=dataset,
+                          fingerprint_extra=fingerprint_extra, attention_storage=attention_storage)
     store_logits = "logits" in fp["fields"]
     if os.path.exists(os.path.join(path, MANIFEST)) and not overwrite:
         logger.info("%s: a complete cache exists; checking its fingerprint", path)
@@ -147,6 +146,9 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
 
 
 def right_padded_lengths(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Tokens per example, int64 [B] on the CPU, from an attention mask [B, L] that must be
+    right-padded (1 for the first L_i positions, then 0) with L_i >= 1: the cache stores tokens
+    0..L_i-1.  ValueError naming the first example (by id) that is not."""
     m = mask.detach().to("cpu", torch.int64)
     lengths = m.sum(1)
     L = m.shape[1]

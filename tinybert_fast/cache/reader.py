@@ -68,7 +68,7 @@ class _Plan(NamedTuple):
 
 
 class TeacherCache:
-    """A complete teacher cache, opened read-only (memory-mapped).  See the module docstring."""
+    """A complete teacher cache, opened read-only (memory-mapped).  See tinybert_fast.cache."""
 
     def __init__(self, path, manifest, indices, num_threads=None):
         self.path = path
