@@ -934,3 +934,19 @@ def test_cuda_fetch_matches_cpu(tmp_path, dtype):
         want = cache.fetch(bt)
         for a, b in zip(want[:4], t[:4]):
             assert torch.equal(a, b.cpu())
+
+
+@cuda_only
+@pytest.mark.parametrize("storage,layout", OPCHECK_LAYOUTS, ids=[s for s, _ in OPCHECK_LAYOUTS])
+def test_opcheck_cuda_unpack(storage, layout):
+    """The CUDA kernel of unpack against the fake kernel: records staged on the device, no
+    checksums (gather checks them on the host), the batch positions given."""
+    ops = torch.ops.tinybert_fast_cache
+    lengths, on_qk, tensors = opcheck_inputs(layout)
+    records, offsets, _ = ops.pack(lengths, *tensors, layout.ints(), 2)
+    cuda = (lambda t: t.to("cuda"))  # noqa: E731
+    out_dtype = torch.float16 if storage == "int8" else FLOAT_STORAGE[storage]
+    args = ([cuda(records)], cuda(torch.zeros(3, dtype=torch.long)), cuda(offsets[:-1]),
+            cuda(lengths), None, layout.ints(), 7, out_dtype, 1,
+            cuda(torch.nonzero(~on_qk)[:, 0]), cuda(torch.nonzero(on_qk)[:, 0]))
+    torch.library.opcheck(ops.unpack, args)
