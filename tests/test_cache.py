@@ -599,6 +599,20 @@ def test_build_in_shards(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_given_weights_hash_is_not_computed_again(tmp_path, monkeypatch):
+    teacher = tiny_teacher()
+    kw = dict(attention_layers=[0, 2], hidden_states=[0, 3], dtype="bf16", max_length=40)
+    want = C.TeacherCache.make_fingerprint(teacher, **kw)
+    from tinybert_fast.cache import fingerprint
+    monkeypatch.setattr(fingerprint, "hash_state_dict",
+                        lambda model: pytest.fail("the weights were hashed again"))
+    given = dict(kw, teacher_weights=want["teacher_weights"])
+    assert C.TeacherCache.make_fingerprint(teacher, **given) == want
+    cache = C.TeacherCache.build(tmp_path / "c", teacher, tiny_batches(1), fsync=False, **given)
+    assert cache.fingerprint["teacher_weights"] == want["teacher_weights"]
+    C.TeacherCache.open(tmp_path / "c", expect_fingerprint=want)
+
+
 def test_fingerprint_mismatch_refused(tmp_path):
     teacher = tiny_teacher()
     batches = tiny_batches(2)

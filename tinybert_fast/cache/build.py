@@ -34,7 +34,8 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
           dataset=None, fingerprint_extra=None, shard: tuple[int, int] | None = None,
           chunk_examples: int = 1024, overwrite: bool = False, fsync: bool = True,
           num_threads: int | None = None, progress: bool = False,
-          attention_storage: str = "auto") -> TeacherCache | None:
+          attention_storage: str = "auto",
+          teacher_weights: str | None = None) -> TeacherCache | None:
     """Run the teacher over `loader` once and store its outputs at `path`.
 
     cls: TeacherCache (or a subclass): what opens the result.
@@ -54,6 +55,8 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
         scores, about L > 2*d_h; scores, from Q and K, for the others), "qk" (Q and K for every
         example: what fetch(..., attention="qk") and attention_mse_qk read), "scores".
     tokenizer, max_length, dataset, fingerprint_extra: go into the fingerprint.
+    teacher_weights: hash_state_dict(teacher), when the caller has computed it already (else
+        computed here: it reads all the weights).
     shard: (rank, world_size) (default: from torch.distributed, else (0, 1)); each rank
         builds its shard from its own loader; the last rank to finish writes the manifest.
         With torch.distributed initialised, ranks wait for each other at the end.
@@ -71,7 +74,8 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
     fp = make_fingerprint(teacher, attention_layers=attention_layers,
                           hidden_states=hidden_states, dtype=dtype, logits=logits,
                           tokenizer=tokenizer, max_length=max_length, dataset=dataset,
-                          fingerprint_extra=fingerprint_extra, attention_storage=attention_storage)
+                          fingerprint_extra=fingerprint_extra, attention_storage=attention_storage,
+                          teacher_weights=teacher_weights)
     store_logits = "logits" in fp["fields"]
     if os.path.exists(os.path.join(path, MANIFEST)) and not overwrite:
         logger.info("%s: a complete cache exists; checking its fingerprint", path)

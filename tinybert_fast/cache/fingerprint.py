@@ -104,7 +104,7 @@ def make_fingerprint(teacher=None, *, attention_layers: Sequence[int],
                      hidden_states: Sequence[int], dtype="bf16", logits: bool | None = None,
                      tokenizer=None, max_length: int | None = None, dataset=None,
                      example_ids=None, fingerprint_extra=None,
-                     attention_storage: str = "auto") -> dict:
+                     attention_storage: str = "auto", teacher_weights: str | None = None) -> dict:
     """The fingerprint `build` stores, for `open(..., expect_fingerprint=...)`.
 
     teacher_weights: sha256 of the state dict; teacher_config: the config (minus keys that
@@ -113,6 +113,8 @@ def make_fingerprint(teacher=None, *, attention_layers: Sequence[int],
     attention_storage; dataset:
     whatever identifies the data (a name, a path and a checksum...); example_ids: count and
     sha256 of the sorted ids (only when given); extra: fingerprint_extra.
+    teacher_weights: hash_state_dict(teacher) when the caller already has it (hashing a
+    teacher's weights reads every byte of them once more); None: computed here.
     """
     if attention_storage not in ATTENTION_STORAGE:
         raise ValueError(f"attention_storage must be one of {ATTENTION_STORAGE}; got "
@@ -120,7 +122,8 @@ def make_fingerprint(teacher=None, *, attention_layers: Sequence[int],
     if logits is None:
         logits = probe_logits(teacher) if teacher is not None else False
     fp = {"format_version": FORMAT_VERSION,
-          "teacher_weights": hash_state_dict(teacher) if teacher is not None else None,
+          "teacher_weights": (teacher_weights if teacher_weights is not None
+                              else hash_state_dict(teacher) if teacher is not None else None),
           "teacher_config": config_dict(teacher) if teacher is not None else None,
           "tokenizer": tokenizer_fingerprint(tokenizer),
           "max_length": max_length,
