@@ -1,15 +1,16 @@
-// Teacher-activation cache: op schemas, argument checks and the CPU path.
+// Teacher-activation cache: op schemas and the CPU path.
 //
-// Ops (namespace tinybert_fast_cache; Python wrapper: tinybert_fast/cache.py):
+// Ops (namespace tinybert_fast_cache; Python wrapper: tinybert_fast/cache/):
 //   crc32c(data, crc)            CRC32C (Castagnoli) of a byte tensor, continuing from `crc`
 //   record_bytes(lengths, layout)  the size in bytes of the record of each example length
 //   pack(...)                    padded teacher outputs -> unpadded records (+ offsets, CRCs)
 //   gather(...)                  records from mapped files -> a (pinned) staging buffer, verified
 //   unpack(...)                  records -> padded tensors + attention mask (CPU here; CUDA in
 //                                cuda/teacher_cache_kernel.cu)
-// The record layout is in teacher_cache.h.  Work over the examples of a batch runs on a small
-// persistent std::thread pool (no OpenMP, so it does not fight PyTorch's intra-op threads and
-// survives fork()).
+//   layout_fields()              the names of the `int[] layout` integers, in order
+// The record layout and the argument checks (shared with the CUDA kernel) are in teacher_cache.h,
+// CRC32C in crc32c.cpp; work over the examples of a batch runs on the thread pool of
+// thread_pool.cpp.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -18,32 +19,19 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
-#include <pthread.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <atomic>
 #include <cfloat>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
-#include <exception>
-#include <functional>
-#include <mutex>
-#include <new>
 #include <string>
-#include <thread>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <nmmintrin.h>
-#define TBF_X86_CRC 1
-#endif
-
+#include "crc32c.h"
 #include "teacher_cache.h"
+#include "thread_pool.h"
 
-// What this library was compiled against, readable without loading it: tinybert_fast/cache.py
-// checks it before import, because PyTorch's C++ ABI changes between minor releases (loading a
+// What this library was compiled against, readable without loading it: a loader can check it
+// before loading, because PyTorch's C++ ABI changes between minor releases (loading a
 // library built for another torch can crash instead of failing cleanly).
 extern "C" __attribute__((used, visibility("default"))) const char tbf_cache_build_marker[] =
     "tinybert_fast_cache:torch=" TORCH_VERSION ";";
@@ -60,291 +48,6 @@ PyObject* PyInit__teacher_cache(void) {
 
 namespace tbf_cache {
 namespace {
-
-// ---------------------------------------------------------------------------------------------
-// CRC32C (Castagnoli polynomial 0x1EDC6F41, reflected 0x82F63B78): the SSE4.2 crc32 instruction
-// where the CPU has it (about 8 bytes per 3 cycles), else slicing-by-8 tables.  Both give the
-// standard CRC32C (check value of "123456789": 0xE3069283).
-
-struct Crc32cTables {
-  uint32_t t[8][256];
-  Crc32cTables() {
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
-      t[0][i] = c;
-    }
-    for (uint32_t i = 0; i < 256; ++i)
-      for (int k = 1; k < 8; ++k) t[k][i] = (t[k - 1][i] >> 8) ^ t[0][t[k - 1][i] & 0xFFu];
-  }
-};
-
-const Crc32cTables& crc_tables() {
-  static const Crc32cTables tables;
-  return tables;
-}
-
-uint32_t crc32c_software(uint32_t crc, const uint8_t* p, size_t n) {
-  const auto& t = crc_tables().t;
-  crc = ~crc;
-  while (n && (reinterpret_cast<uintptr_t>(p) & 7u)) {
-    crc = t[0][(crc ^ *p++) & 0xFFu] ^ (crc >> 8);
-    --n;
-  }
-  while (n >= 8) {  // little-endian word order (x86, arm64)
-    uint64_t w;
-    std::memcpy(&w, p, 8);
-    w ^= crc;
-    crc = t[7][w & 0xFF] ^ t[6][(w >> 8) & 0xFF] ^ t[5][(w >> 16) & 0xFF] ^
-          t[4][(w >> 24) & 0xFF] ^ t[3][(w >> 32) & 0xFF] ^ t[2][(w >> 40) & 0xFF] ^
-          t[1][(w >> 48) & 0xFF] ^ t[0][w >> 56];
-    p += 8;
-    n -= 8;
-  }
-  while (n--) crc = t[0][(crc ^ *p++) & 0xFFu] ^ (crc >> 8);
-  return ~crc;
-}
-
-#ifdef TBF_X86_CRC
-__attribute__((target("sse4.2"))) uint32_t crc32c_sse42(uint32_t crc, const uint8_t* p,
-                                                        size_t n) {
-  uint64_t c = ~crc;
-  while (n && (reinterpret_cast<uintptr_t>(p) & 7u)) {
-    c = _mm_crc32_u8(static_cast<uint32_t>(c), *p++);
-    --n;
-  }
-  while (n >= 8) {
-    uint64_t w;
-    std::memcpy(&w, p, 8);
-    c = _mm_crc32_u64(c, w);
-    p += 8;
-    n -= 8;
-  }
-  while (n--) c = _mm_crc32_u8(static_cast<uint32_t>(c), *p++);
-  return ~static_cast<uint32_t>(c);
-}
-#endif
-
-using CrcFn = uint32_t (*)(uint32_t, const uint8_t*, size_t);
-
-CrcFn pick_crc() {
-#ifdef TBF_X86_CRC
-  if (__builtin_cpu_supports("sse4.2")) return crc32c_sse42;
-#endif
-  return crc32c_software;
-}
-
-inline uint32_t crc32c(uint32_t crc, const uint8_t* p, size_t n) {
-  static const CrcFn fn = pick_crc();
-  return fn(crc, p, n);
-}
-
-// Checksums a record in the order it is read, so each byte is checked while it is hot in cache:
-// advance(end) folds in the bytes up to `end` (record-relative) not yet folded in.
-class CrcCursor {
- public:
-  explicit CrcCursor(const uint8_t* base) : base_(base) {}
-  void advance(int64_t end) {
-    if (end > pos_) {
-      crc_ = crc32c(crc_, base_ + pos_, static_cast<size_t>(end - pos_));
-      pos_ = end;
-    }
-  }
-  uint32_t value() const { return crc_; }
-
- private:
-  const uint8_t* base_;
-  int64_t pos_ = 0;
-  uint32_t crc_ = 0;
-};
-
-// ---------------------------------------------------------------------------------------------
-// A persistent thread pool: parallel_for(n, threads, fn) runs fn(0..n-1) on the calling thread
-// plus up to threads-1 workers, with dynamic scheduling (ragged examples differ in cost by up to
-// (512/1)^2).  One job at a time; callers from several Python threads queue.  After fork() the
-// child starts a fresh pool: the parent's worker threads do not exist there.
-
-class ThreadPool {
- public:
-  explicit ThreadPool(int workers) {
-    for (int i = 0; i < workers; ++i) threads_.emplace_back([this] { worker_loop(); });
-    for (auto& t : threads_) t.detach();  // never joined: the pool lives until the process exits
-  }
-
-  int workers() const { return static_cast<int>(threads_.size()); }
-
-  void run(int64_t n, int helpers, const std::function<void(int64_t)>& fn) {
-    std::lock_guard<std::mutex> job_lock(job_mu_);
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      fn_ = &fn;
-      n_ = n;
-      next_.store(0);
-      failed_.store(false);
-      error_ = nullptr;
-      helpers_left_ = std::min(helpers, workers());
-      closed_ = false;
-      ++generation_;
-    }
-    cv_.notify_all();
-    work();
-    std::exception_ptr error;
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      closed_ = true;
-      done_cv_.wait(lk, [this] { return active_ == 0; });
-      error = error_;
-      fn_ = nullptr;
-    }
-    if (error) std::rethrow_exception(error);
-  }
-
- private:
-  void work() {
-    for (;;) {
-      if (failed_.load(std::memory_order_relaxed)) return;
-      const int64_t i = next_.fetch_add(1);
-      if (i >= n_) return;
-      try {
-        (*fn_)(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lk(mu_);
-        if (!error_) error_ = std::current_exception();
-        failed_.store(true);
-      }
-    }
-  }
-
-  void worker_loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (closed_ || helpers_left_ <= 0) continue;
-        --helpers_left_;
-        ++active_;
-      }
-      work();
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        --active_;
-      }
-      done_cv_.notify_all();
-    }
-  }
-
-  std::vector<std::thread> threads_;
-  std::mutex job_mu_;  // one job at a time
-  std::mutex mu_;
-  std::condition_variable cv_, done_cv_;
-  const std::function<void(int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0;
-  std::atomic<int64_t> next_{0};
-  std::atomic<bool> failed_{false};
-  std::exception_ptr error_;
-  int helpers_left_ = 0;
-  int active_ = 0;
-  bool closed_ = true;
-  uint64_t generation_ = 0;
-};
-
-ThreadPool* g_pool = nullptr;
-alignas(std::mutex) unsigned char g_pool_mu_storage[sizeof(std::mutex)];
-std::mutex* g_pool_mu = new (g_pool_mu_storage) std::mutex();
-
-void reset_pool_after_fork() {
-  // The child has only the forking thread: forget the parent's pool (its threads are gone and its
-  // mutexes may be held) and re-create the lock; a new pool starts on first use.
-  g_pool = nullptr;
-  g_pool_mu = new (g_pool_mu_storage) std::mutex();
-}
-
-[[maybe_unused]] const bool g_atfork_registered = [] {
-  pthread_atfork(nullptr, nullptr, reset_pool_after_fork);
-  return true;
-}();
-
-ThreadPool& pool() {
-  std::lock_guard<std::mutex> lk(*g_pool_mu);
-  if (g_pool == nullptr) {
-    const int hw = static_cast<int>(std::min(64u, std::thread::hardware_concurrency()));
-    g_pool = new ThreadPool(std::max(1, hw - 1));  // the caller is the other thread
-  }
-  return *g_pool;
-}
-
-void parallel_for(int64_t n, int64_t threads, const std::function<void(int64_t)>& fn) {
-  if (threads <= 1 || n <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  pool().run(n, static_cast<int>(std::min<int64_t>(threads - 1, n - 1)), fn);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Argument checks: messages name the argument, what was seen and what was expected.
-
-Layout parse_layout(c10::IntArrayRef layout) {
-  TORCH_CHECK_VALUE(static_cast<int64_t>(layout.size()) == kLayoutInts,
-                    "layout: expected ", kLayoutInts, " integers [num_logits, num_hidden, "
-                    "hidden_size, num_attention, num_heads, storage, qk_head_dim, qk_min_length], "
-                    "got ", layout.size());
-  Layout l{layout[0], layout[1], layout[2], layout[3], layout[4], layout[5], layout[6],
-           layout[7]};
-  TORCH_CHECK_VALUE(l.num_logits >= 0 && l.num_hidden >= 0 && l.num_attention >= 0,
-                    "layout: counts must be >= 0, got ", layout);
-  TORCH_CHECK_VALUE(l.num_hidden == 0 || l.hidden_size > 0,
-                    "layout: hidden_size must be > 0 when num_hidden > 0, got ", layout);
-  TORCH_CHECK_VALUE(l.num_attention == 0 || l.num_heads > 0,
-                    "layout: num_heads must be > 0 when num_attention > 0, got ", layout);
-  TORCH_CHECK_VALUE(l.storage >= kFloat32 && l.storage <= kInt8,
-                    "layout: storage code must be 0 (fp32), 1 (bf16), 2 (fp16) or 3 (int8), got ",
-                    l.storage);
-  TORCH_CHECK_VALUE(l.qk_head_dim >= 0 && (l.qk_head_dim == 0 || l.qk_min_length >= 1),
-                    "layout: qk_head_dim must be >= 0, and qk_min_length >= 1 when it is > 0; "
-                    "got ", layout);
-  return l;
-}
-
-c10::ScalarType storage_scalar_type(int64_t storage) {
-  switch (storage) {
-    case kFloat32: return at::kFloat;
-    case kBFloat16: return at::kBFloat16;
-    case kFloat16: return at::kHalf;
-    default: return at::kChar;
-  }
-}
-
-void check_index_tensor(const at::Tensor& t, const char* name, int64_t B) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": expected a CPU tensor, got device ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, ": expected int64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, name, ": expected shape [", B, "], got ",
-                    t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor");
-}
-
-void check_sources(const at::TensorList sources, bool cpu) {
-  TORCH_CHECK_VALUE(!sources.empty(), "sources: expected at least one byte tensor");
-  for (size_t i = 0; i < sources.size(); ++i) {
-    const auto& s = sources[i];
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kByte, "sources[", i, "]: expected uint8, got ",
-                     s.scalar_type());
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.is_contiguous(), "sources[", i,
-                      "]: expected a contiguous 1-D byte tensor, got shape ", s.sizes());
-    TORCH_CHECK_VALUE(s.device().is_cpu() == cpu, "sources[", i, "]: expected a ",
-                      cpu ? "CPU" : "CUDA", " tensor, got device ", s.device());
-  }
-}
-
-void check_out_dtype(const Layout& l, c10::ScalarType out_dtype) {
-  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
-                   "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
-  TORCH_CHECK_TYPE(l.storage == kInt8 || out_dtype == storage_scalar_type(l.storage),
-                   "out_dtype: records stored as ", storage_scalar_type(l.storage),
-                   " unpack to that dtype, got ", out_dtype);
-}
 
 // ---------------------------------------------------------------------------------------------
 // crc32c / record_bytes
@@ -562,7 +265,7 @@ at::Tensor gather_op(at::TensorList sources, const at::Tensor& source_index,
                      const at::Tensor& offsets, const at::Tensor& nbytes,
                      const c10::optional<at::Tensor>& crcs, const at::Tensor& staging,
                      const at::Tensor& staging_offsets, int64_t num_threads) {
-  check_sources(sources, /*cpu=*/true);
+  check_sources(sources, c10::kCPU);
   const int64_t B = offsets.numel();
   check_index_tensor(source_index, "source_index", B);
   check_index_tensor(offsets, "offsets", B);
@@ -711,15 +414,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t pad_to, c10::ScalarType out_dtype, int64_t num_threads,
     const c10::optional<at::Tensor>& score_examples,
     const c10::optional<at::Tensor>& qk_examples) {
-  const Layout l = parse_layout(layout);
-  check_sources(sources, /*cpu=*/true);
-  check_out_dtype(l, out_dtype);
+  const Layout l = check_unpack_args(sources, source_index, offsets, lengths, crcs, layout, pad_to,
+                                     out_dtype, c10::Device(c10::kCPU));
   const int64_t B = lengths.numel();
-  check_index_tensor(source_index, "source_index", B);
-  check_index_tensor(offsets, "offsets", B);
-  check_index_tensor(lengths, "lengths", B);
-  if (crcs.has_value()) check_index_tensor(*crcs, "crcs", B);
-  TORCH_CHECK_VALUE(pad_to >= 1, "pad_to: expected >= 1, got ", pad_to);
   const int64_t* src_idx = source_index.data_ptr<int64_t>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* len = lengths.data_ptr<int64_t>();
@@ -775,6 +472,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {att, hid, logit, mask, bad, qk};
 }
 
+std::string layout_fields() { return layout_field_names(); }
+
 std::string build_info() {
   return std::string("torch ") + TORCH_VERSION + (
 #ifdef TBF_WITH_CUDA
@@ -789,7 +488,11 @@ std::string build_info() {
 }  // namespace tbf_cache
 
 TORCH_LIBRARY(tinybert_fast_cache, m) {
+  // The fake (meta) kernels are Python (tinybert_fast/cache/fake.py, registered when the cache
+  // loads this library); torch.compile's error for a missing one names that module.
+  m.set_python_module("tinybert_fast.cache.fake");
   m.def("build_info() -> str", &tbf_cache::build_info);
+  m.def("layout_fields() -> str", &tbf_cache::layout_fields);
   m.def("crc32c(Tensor data, int crc=0) -> int");
   m.def("record_bytes(Tensor lengths, int[] layout) -> Tensor");
   m.def(

@@ -1,5 +1,6 @@
-// Record layout of the teacher-activation cache, shared by the CPU path (teacher_cache.cpp) and
-// the CUDA kernels (cuda/teacher_cache_kernel.cu): one definition of where every value lives.
+// The teacher-activation cache's one definition of the record layout and of the argument checks,
+// shared by the CPU path (teacher_cache.cpp: schemas, pack, gather, unpack) and the CUDA kernels
+// (cuda/teacher_cache_kernel.cu), so both read records the same way and refuse the same inputs.
 //
 // One record per example of length L (its real tokens; nothing padded is stored), in this order,
 // each section starting at a multiple of 16 bytes (zero bytes in between, so records are
@@ -22,6 +23,8 @@
 // length alone (Layout::qk_min_length), so the index needs no per-example flag.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -30,9 +33,23 @@
 #define TBF_HOST_DEVICE inline
 #endif
 
+// The `int[] layout` argument of the ops: these integers in this order.  The one place the order
+// is written: Layout below, parse_layout, kLayoutInts and the layout_fields op (which
+// tinybert_fast/cache/format.py checks its LAYOUT_FIELDS against when the extension loads) all
+// expand this list.
+#define TBF_LAYOUT_FIELDS(X)                                                              \
+  X(num_logits)    /* C; 0 = no logits stored */                                          \
+  X(num_hidden)    /* mapped hidden states per example */                                 \
+  X(hidden_size)   /* d */                                                                \
+  X(num_attention) /* mapped attention layers per example */                              \
+  X(num_heads)     /* H */                                                                \
+  X(storage)       /* Storage code */                                                     \
+  X(qk_head_dim)   /* d_h of the stored Q and K; 0 = every example stores scores */       \
+  X(qk_min_length) /* examples with L >= this store Q and K (when qk_head_dim > 0) */
+
 namespace tbf_cache {
 
-// Storage codes, as in the Python layer (tinybert_fast/cache.py: _STORAGE).
+// Storage codes, as in the Python layer (tinybert_fast/cache/format.py: STORAGE).
 enum Storage : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
 
 constexpr int64_t kAlign = 16;
@@ -40,17 +57,20 @@ constexpr int64_t kAlign = 16;
 constexpr float kInt8Max = 127.0f;
 
 struct Layout {
-  int64_t num_logits;     // C; 0 = no logits stored
-  int64_t num_hidden;     // mapped hidden states per example
-  int64_t hidden_size;    // d
-  int64_t num_attention;  // mapped attention layers per example
-  int64_t num_heads;      // H
-  int64_t storage;        // Storage
-  int64_t qk_head_dim;    // d_h of the stored Q and K; 0 = every example stores scores
-  int64_t qk_min_length;  // examples with L >= this store Q and K (when qk_head_dim > 0)
+#define TBF_DECLARE_FIELD(name) int64_t name;
+  TBF_LAYOUT_FIELDS(TBF_DECLARE_FIELD)
+#undef TBF_DECLARE_FIELD
 };
 
-constexpr int64_t kLayoutInts = 8;  // the `int[] layout` argument of the ops, in field order
+#define TBF_COUNT_FIELD(name) +1
+constexpr int64_t kLayoutInts = 0 TBF_LAYOUT_FIELDS(TBF_COUNT_FIELD);
+#undef TBF_COUNT_FIELD
+
+// "num_logits, num_hidden, ...": what the layout_fields op returns.
+#define TBF_NAME_FIELD(name) ", " #name
+constexpr const char kLayoutFieldNames[] = TBF_LAYOUT_FIELDS(TBF_NAME_FIELD);
+#undef TBF_NAME_FIELD
+inline const char* layout_field_names() { return kLayoutFieldNames + 2; }  // past the first ", "
 
 // Byte offsets of the sections inside one record, and the record's size.
 struct Sections {
@@ -100,6 +120,98 @@ TBF_HOST_DEVICE Sections sections(const Layout& l, int64_t L) {
   off += align_up(attention_values(l, L) * es);
   s.bytes = off;
   return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (host code), used by the CPU and the CUDA kernels alike: messages name the
+// argument, what was seen and what was expected.
+
+inline Layout parse_layout(c10::IntArrayRef layout) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(layout.size()) == kLayoutInts, "layout: expected ",
+                    kLayoutInts, " integers [", layout_field_names(), "], got ", layout.size());
+  Layout l;
+  int64_t i = 0;
+#define TBF_READ_FIELD(name) l.name = layout[i++];
+  TBF_LAYOUT_FIELDS(TBF_READ_FIELD)
+#undef TBF_READ_FIELD
+  TORCH_CHECK_VALUE(l.num_logits >= 0 && l.num_hidden >= 0 && l.num_attention >= 0,
+                    "layout: counts must be >= 0, got ", layout);
+  TORCH_CHECK_VALUE(l.num_hidden == 0 || l.hidden_size > 0,
+                    "layout: hidden_size must be > 0 when num_hidden > 0, got ", layout);
+  TORCH_CHECK_VALUE(l.num_attention == 0 || l.num_heads > 0,
+                    "layout: num_heads must be > 0 when num_attention > 0, got ", layout);
+  TORCH_CHECK_VALUE(l.storage >= kFloat32 && l.storage <= kInt8,
+                    "layout: storage code must be 0 (fp32), 1 (bf16), 2 (fp16) or 3 (int8), got ",
+                    l.storage);
+  TORCH_CHECK_VALUE(l.qk_head_dim >= 0 && (l.qk_head_dim == 0 || l.qk_min_length >= 1),
+                    "layout: qk_head_dim must be >= 0, and qk_min_length >= 1 when it is > 0; "
+                    "got ", layout);
+  return l;
+}
+
+inline c10::ScalarType storage_scalar_type(int64_t storage) {
+  switch (storage) {
+    case kFloat32: return at::kFloat;
+    case kBFloat16: return at::kBFloat16;
+    case kFloat16: return at::kHalf;
+    default: return at::kChar;
+  }
+}
+
+// A contiguous int64 [B] tensor on `device` (offsets, lengths, batch positions, ...).
+inline void check_index_tensor(const at::Tensor& t, const char* name, int64_t B,
+                               const c10::Device& device) {
+  TORCH_CHECK_VALUE(t.device() == device, name, ": expected a tensor on ", device, ", got ",
+                    t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, ": expected int64, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B, name, ": expected shape [", B, "], got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+inline void check_index_tensor(const at::Tensor& t, const char* name, int64_t B) {
+  check_index_tensor(t, name, B, c10::Device(c10::kCPU));
+}
+
+// Contiguous 1-D uint8 tensors, all of device type `type`.
+inline void check_sources(const at::TensorList sources, c10::DeviceType type) {
+  TORCH_CHECK_VALUE(!sources.empty(), "sources: expected at least one byte tensor");
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const auto& s = sources[i];
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kByte, "sources[", i, "]: expected uint8, got ",
+                     s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.is_contiguous(), "sources[", i,
+                      "]: expected a contiguous 1-D byte tensor, got shape ", s.sizes());
+    TORCH_CHECK_VALUE(s.device().type() == type, "sources[", i, "]: expected a ",
+                      c10::DeviceTypeName(type), " tensor, got device ", s.device());
+  }
+}
+
+inline void check_out_dtype(const Layout& l, c10::ScalarType out_dtype) {
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+                   "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
+  TORCH_CHECK_TYPE(l.storage == kInt8 || out_dtype == storage_scalar_type(l.storage),
+                   "out_dtype: records stored as ", storage_scalar_type(l.storage),
+                   " unpack to that dtype, got ", out_dtype);
+}
+
+// The checks both kernels of unpack make on their common arguments; the layout.  `device`: where
+// the index tensors must be (the CPU, or the CUDA device holding the staged records).
+inline Layout check_unpack_args(at::TensorList sources, const at::Tensor& source_index,
+                                const at::Tensor& offsets, const at::Tensor& lengths,
+                                const c10::optional<at::Tensor>& crcs, c10::IntArrayRef layout,
+                                int64_t pad_to, c10::ScalarType out_dtype,
+                                const c10::Device& device) {
+  const Layout l = parse_layout(layout);
+  check_sources(sources, device.type());
+  check_out_dtype(l, out_dtype);
+  const int64_t B = lengths.numel();
+  check_index_tensor(source_index, "source_index", B, device);
+  check_index_tensor(offsets, "offsets", B, device);
+  check_index_tensor(lengths, "lengths", B, device);
+  if (crcs.has_value()) check_index_tensor(*crcs, "crcs", B, device);
+  TORCH_CHECK_VALUE(pad_to >= 1, "pad_to: expected >= 1, got ", pad_to);
+  return l;
 }
 
 }  // namespace tbf_cache

@@ -349,6 +349,65 @@ def test_op_argument_checks_name_the_argument():
 
 
 # ------------------------------------------------------------------------------------------------
+# The layout's field order; fake kernels (torch.library.opcheck)
+
+def test_layout_field_order_is_the_extensions():
+    ops = torch.ops.tinybert_fast_cache
+    assert tuple(ops.layout_fields().split(", ")) == C.LAYOUT_FIELDS
+    lay = C.CacheLayout("int8", 3, 2, 4, 1, 5, 8, 17)
+    assert lay.ints() == [3, 2, 4, 1, 5, 3, 8, 17]
+    assert C.CacheLayout.from_ints(lay.ints()) == lay
+    with pytest.raises(ValueError, match="layout: expected 8 integers \\[num_logits, "
+                                         "num_hidden,"):
+        ops.record_bytes(torch.tensor([2]), [1, 2, 3])
+
+
+# (storage, layout): scores only; "auto" Q/K from length 3 on (examples of 3 and 5 tokens store
+# Q and K, that of 2 its scores); no attention.
+OPCHECK_LAYOUTS = [("fp32", C.CacheLayout("fp32", 3, 2, 4, 1, 2)),
+                   ("bf16", C.CacheLayout("bf16", 3, 2, 4, 1, 2, 4, 3)),
+                   ("int8", C.CacheLayout("int8", 0, 2, 4, 0, 0))]
+
+
+def opcheck_inputs(layout: C.CacheLayout, Lp=5, seed=0):
+    """(lengths, pack's tensors) for 3 examples of 2, 5 and 3 tokens padded to Lp."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([2, 5, 3])
+    on_qk = torch.as_tensor(layout.stores_qk(lengths.numpy()))
+    dtype = torch.float32 if layout.dtype == "int8" else FLOAT_STORAGE[layout.dtype]
+    draw = (lambda *size: torch.randn(*size, generator=g).to(dtype))  # noqa: E731
+    n_att, H = layout.num_attention, layout.num_heads
+    logits = draw(3, layout.num_logits) if layout.num_logits else None
+    hidden = draw(layout.num_hidden, 3, Lp, layout.hidden_size) if layout.num_hidden else None
+    att = draw(n_att, int((~on_qk).sum()), H, Lp, Lp) if n_att and (~on_qk).any() else None
+    qk = draw(2, n_att, int(on_qk.sum()), H, Lp, layout.qk_head_dim) if on_qk.any() else None
+    return lengths, on_qk, (logits, hidden, att, qk)
+
+
+@pytest.mark.parametrize("storage,layout", OPCHECK_LAYOUTS, ids=[s for s, _ in OPCHECK_LAYOUTS])
+def test_opcheck(storage, layout):
+    """Schema, fake kernel (shapes, dtypes, devices against the real kernel) and AOT dispatch
+    of record_bytes, pack, gather and unpack (with and without the batch positions)."""
+    ops = torch.ops.tinybert_fast_cache
+    lengths, on_qk, tensors = opcheck_inputs(layout)
+    ints, B = layout.ints(), lengths.numel()
+    torch.library.opcheck(ops.record_bytes, (lengths, ints))
+    torch.library.opcheck(ops.pack, (lengths, *tensors, ints, 2))
+    records, offsets, crcs = ops.pack(lengths, *tensors, ints, 2)
+    starts, nbytes = offsets[:-1].clone(), offsets[1:] - offsets[:-1]
+    zeros = torch.zeros(B, dtype=torch.long)
+    for want in (crcs, None):
+        staging = torch.zeros(int(nbytes.sum()) + 16, dtype=torch.uint8)
+        torch.library.opcheck(ops.gather, ([records], zeros, starts, nbytes, want, staging,
+                                           starts, 2))
+    out_dtype = torch.float16 if storage == "int8" else FLOAT_STORAGE[storage]
+    positions = (torch.nonzero(~on_qk)[:, 0], torch.nonzero(on_qk)[:, 0])
+    for want, given in ((crcs, positions), (None, positions), (crcs, ())):
+        torch.library.opcheck(ops.unpack, ([records], zeros, starts, lengths, want, ints, 7,
+                                           out_dtype, 2, *given))
+
+
+# ------------------------------------------------------------------------------------------------
 # Shards, prefetch
 
 def test_shards_merge_and_incomplete_refused(tmp_path):
@@ -538,6 +597,20 @@ def test_build_in_shards(tmp_path):
     assert sorted(ids) == cache.example_ids.tolist()
     for a, b in zip(cache.fetch(ids)[:4], whole.fetch(ids)[:4]):
         assert torch.equal(a, b)
+
+
+def test_a_given_weights_hash_is_not_computed_again(tmp_path, monkeypatch):
+    teacher = tiny_teacher()
+    kw = dict(attention_layers=[0, 2], hidden_states=[0, 3], dtype="bf16", max_length=40)
+    want = C.TeacherCache.make_fingerprint(teacher, **kw)
+    from tinybert_fast.cache import fingerprint
+    monkeypatch.setattr(fingerprint, "hash_state_dict",
+                        lambda model: pytest.fail("the weights were hashed again"))
+    given = dict(kw, teacher_weights=want["teacher_weights"])
+    assert C.TeacherCache.make_fingerprint(teacher, **given) == want
+    cache = C.TeacherCache.build(tmp_path / "c", teacher, tiny_batches(1), fsync=False, **given)
+    assert cache.fingerprint["teacher_weights"] == want["teacher_weights"]
+    C.TeacherCache.open(tmp_path / "c", expect_fingerprint=want)
 
 
 def test_fingerprint_mismatch_refused(tmp_path):
@@ -875,3 +948,19 @@ def test_cuda_fetch_matches_cpu(tmp_path, dtype):
         want = cache.fetch(bt)
         for a, b in zip(want[:4], t[:4]):
             assert torch.equal(a, b.cpu())
+
+
+@cuda_only
+@pytest.mark.parametrize("storage,layout", OPCHECK_LAYOUTS, ids=[s for s, _ in OPCHECK_LAYOUTS])
+def test_opcheck_cuda_unpack(storage, layout):
+    """The CUDA kernel of unpack against the fake kernel: records staged on the device, no
+    checksums (gather checks them on the host), the batch positions given."""
+    ops = torch.ops.tinybert_fast_cache
+    lengths, on_qk, tensors = opcheck_inputs(layout)
+    records, offsets, _ = ops.pack(lengths, *tensors, layout.ints(), 2)
+    cuda = (lambda t: t.to("cuda"))  # noqa: E731
+    out_dtype = torch.float16 if storage == "int8" else FLOAT_STORAGE[storage]
+    args = ([cuda(records)], cuda(torch.zeros(3, dtype=torch.long)), cuda(offsets[:-1]),
+            cuda(lengths), None, layout.ints(), 7, out_dtype, 1,
+            cuda(torch.nonzero(~on_qk)[:, 0]), cuda(torch.nonzero(on_qk)[:, 0]))
+    torch.library.opcheck(ops.unpack, args)

@@ -99,6 +99,14 @@ def test_sources_are_found():
         assert (src / name).is_file(), f"{name} missing from {src}"
 
 
+def test_every_cpp_file_is_compiled(tmp_path, cpu_builds):
+    # the ops and CPU path, CRC32C and the thread pool are separate translation units
+    plan = E.plan_build(src=E.source_dir(), root=tmp_path)
+    compiled = sorted(Path(p).name for p in plan.sources)
+    assert compiled == sorted(p.name for p in E.source_dir().glob("*.cpp"))
+    assert {"teacher_cache.cpp", "crc32c.cpp", "thread_pool.cpp"} <= set(compiled), compiled
+
+
 def test_cache_folder_is_named_after_torch_python_flavour_and_source_hash(tmp_path):
     a = shutil.copytree(E.source_dir(), tmp_path / "a")
     b = shutil.copytree(E.source_dir(), tmp_path / "b")

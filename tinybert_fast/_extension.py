@@ -58,6 +58,8 @@ from pathlib import Path
 
 import torch
 
+from ._io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "tinybert_fast_cache"  # TORCH_LIBRARY(tinybert_fast_cache, m) in csrc/
@@ -211,7 +213,9 @@ def plan_build(src: str | os.PathLike | None = None,
         with_cuda = True
         notes.append(f"CUDA kernels: {', '.join(requested)}; nvcc {nvcc}")
 
-    sources = [src / "teacher_cache.cpp"]
+    # Every .cpp of csrc/ (the ops and CPU path, crc32c, the thread pool); the headers are hashed
+    # into the key below with the sources.
+    sources = sorted(src.glob("*.cpp"))
     includes = [str(src)]
     cxx = list(_CXX_FLAGS)
     nvcc_flags: list[str] = []
@@ -315,16 +319,6 @@ def _compile(plan: BuildPlan) -> None:
         verbose=False)
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def build(plan: BuildPlan, force: bool = False) -> tuple[dict, bool]:
     """Make plan.library exist: (build.json, whether this call compiled it).  Waits for a
     concurrent build of the same folder instead of compiling twice; `force` compiles again."""
@@ -373,7 +367,7 @@ def build(plan: BuildPlan, force: bool = False) -> tuple[dict, bool]:
             "nvcc": plan.nvcc_version, "sources": plan.source_dir, "notes": list(plan.notes),
             "build_seconds": round(seconds, 1),
             "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        _write_json_atomic(os.path.join(plan.folder, MARKER), marker)
+        atomic_write(os.path.join(plan.folder, MARKER), json.dumps(marker, indent=2) + "\n")
         logger.info("compiled the teacher-cache extension (%s) in %.0f s: %s", plan.flavour,
                     seconds, plan.library)
         return marker, True

@@ -8,7 +8,8 @@
 // contiguous output row, so loads and stores coalesce; the row -> (example, section)
 // decomposition is done once per row.  Scores go to [n_att, Bs, H, P, P] for the Bs examples
 // stored as scores, Q and K to [2, n_att, Bq, H, P, d_h] for the Bq stored as Q and K (the host
-// passes both lists of batch positions; tinybert_fast/cache.py forms the scores Q K^T from them).
+// passes both lists of batch positions; tinybert_fast/cache/reader.py forms the scores Q K^T
+// from them).
 // Checksums are verified on the host while gathering (gather), before the copy.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -147,23 +148,6 @@ void launch_all(const at::Tensor& records, const at::Tensor& offsets, const at::
                                   l.num_logits > 0 ? B : 0, stream);
 }
 
-c10::ScalarType storage_scalar_type(int64_t storage) {
-  switch (storage) {
-    case kFloat32: return at::kFloat;
-    case kBFloat16: return at::kBFloat16;
-    case kFloat16: return at::kHalf;
-    default: return at::kChar;
-  }
-}
-
-void check_cuda_index(const at::Tensor& t, const char* name, int64_t B, const at::Device& dev) {
-  TORCH_CHECK_VALUE(t.device() == dev, name, ": expected a tensor on ", dev, " (where sources[0] "
-                    "is), got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, ": expected int64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == B && t.is_contiguous(), name,
-                    ": expected a contiguous tensor of shape [", B, "], got ", t.sizes());
-}
-
 // CUDA kernel of tinybert_fast_cache::unpack.  sources: exactly one uint8 CUDA tensor holding
 // the staged records (source_index is not read: every record is in sources[0]); offsets and
 // lengths: int64 [B] on the same device, each offset a multiple of 16; crcs must be None (the
@@ -178,47 +162,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& score_examples,
     const c10::optional<at::Tensor>& qk_examples) {
   (void)num_threads;
-  TORCH_CHECK_VALUE(static_cast<int64_t>(layout.size()) == kLayoutInts, "layout: expected ",
-                    kLayoutInts, " integers, got ", layout.size());
-  const Layout l{layout[0], layout[1], layout[2], layout[3],
-                 layout[4], layout[5], layout[6], layout[7]};
-  TORCH_CHECK_VALUE(l.num_logits >= 0 && l.num_hidden >= 0 && l.num_attention >= 0 &&
-                        l.storage >= kFloat32 && l.storage <= kInt8 && l.qk_head_dim >= 0,
-                    "layout: invalid ", layout);
   TORCH_CHECK_VALUE(sources.size() == 1, "sources: the CUDA kernel takes the staged records as "
                     "one tensor, got ", sources.size());
   const at::Tensor& records = sources[0];
-  TORCH_CHECK_VALUE(records.is_cuda() && records.scalar_type() == at::kByte &&
-                        records.dim() == 1 && records.is_contiguous(),
-                    "sources[0]: expected a contiguous 1-D uint8 CUDA tensor, got ",
-                    records.scalar_type(), " ", records.sizes(), " on ", records.device());
+  TORCH_CHECK_VALUE(records.is_cuda(), "sources[0]: expected a CUDA tensor, got device ",
+                    records.device());
+  // The checks of the CPU kernel (teacher_cache.h), with the index tensors on records' device.
+  const Layout l = check_unpack_args(sources, source_index, offsets, lengths, crcs, layout, pad_to,
+                                     out_dtype, records.device());
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(records.data_ptr()) % kAlign == 0,
                     "sources[0]: expected a 16-byte aligned buffer");
   TORCH_CHECK_VALUE(!crcs.has_value(), "crcs: the CUDA kernel does not verify checksums (gather "
                     "verifies them on the host); pass None");
-  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
-                   "out_dtype: expected float32, bfloat16 or float16, got ", out_dtype);
-  TORCH_CHECK_TYPE(l.storage == kInt8 || out_dtype == storage_scalar_type(l.storage),
-                   "out_dtype: records stored as ", storage_scalar_type(l.storage),
-                   " unpack to that dtype, got ", out_dtype);
-  TORCH_CHECK_VALUE(pad_to >= 1, "pad_to: expected >= 1, got ", pad_to);
   const int64_t B = lengths.numel();
-  check_cuda_index(offsets, "offsets", B, records.device());
-  check_cuda_index(lengths, "lengths", B, records.device());
-  (void)source_index;
   const bool with_qk = l.num_attention > 0 && l.qk_head_dim > 0;
   TORCH_CHECK_VALUE(!with_qk || (score_examples.has_value() && qk_examples.has_value()),
                     "score_examples, qk_examples: required when the layout stores Q and K "
                     "(qk_head_dim > 0)");
   Examples on_scores{nullptr, B}, on_qk{nullptr, 0};
   if (score_examples.has_value()) {
-    check_cuda_index(*score_examples, "score_examples", score_examples->numel(), records.device());
+    check_index_tensor(*score_examples, "score_examples", score_examples->numel(),
+                       records.device());
     on_scores = {score_examples->data_ptr<int64_t>(), score_examples->numel()};
   }
   if (qk_examples.has_value()) {
     TORCH_CHECK_VALUE(with_qk || qk_examples->numel() == 0, "qk_examples: the layout stores no Q "
                       "and K, got ", qk_examples->numel(), " positions");
-    check_cuda_index(*qk_examples, "qk_examples", qk_examples->numel(), records.device());
+    check_index_tensor(*qk_examples, "qk_examples", qk_examples->numel(), records.device());
     on_qk = {qk_examples->data_ptr<int64_t>(), qk_examples->numel()};
   }
   TORCH_CHECK_VALUE(on_scores.count + on_qk.count == B, "score_examples, qk_examples: expected ",
