@@ -4,7 +4,8 @@
 
 Every module of tinybert_fast/** and kernels/** (which installs as tinybert_fast.kernels) is
 parsed, never imported; its imports (absolute and relative, at module level or inside functions,
-and importlib.import_module calls with a literal name) give the edges.  `from P import name` is
+and importlib.import_module calls with a literal name; not those under `if TYPE_CHECKING:`,
+which never run) give the edges.  `from P import name` is
 an edge to the module P.name when there is one, else to P.  A package's __init__ is a module of
 its own: importing a.b.c is an edge to a.b.c only (an edge to every parent package would make the
 package's __init__, which imports everything, part of every cycle).
@@ -96,6 +97,19 @@ def _import_module_call(node: ast.Call) -> tuple[str, str | None] | None:
     return name, package
 
 
+def _type_checking_nodes(tree: ast.AST) -> set[ast.AST]:
+    """Every node inside an `if TYPE_CHECKING:` block: imports for annotations only, which
+    never run, so they are no edge of the import graph."""
+    nodes: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and (
+                isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                or isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"):
+            for stmt in node.body:
+                nodes.update(ast.walk(stmt))
+    return nodes
+
+
 def build_graph(root: Path) -> dict[str, Module]:
     """find_modules(root), each with its imports of the package's own modules filled in."""
     modules = find_modules(root)
@@ -110,7 +124,10 @@ def build_graph(root: Path) -> dict[str, Module]:
 
     for module in modules.values():
         tree = ast.parse(module.path.read_text(encoding="utf-8"), filename=str(module.path))
+        type_only = _type_checking_nodes(tree)
         for node in ast.walk(tree):
+            if node in type_only:
+                continue
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     add(module, alias.name, node.lineno)

@@ -22,11 +22,8 @@ import numpy as np
 import torch
 
 from .. import _extension
+from ._fields import LAYOUT_FIELDS
 
-# The `int[] layout` argument of the ops, in order (csrc/teacher_cache.h: TBF_LAYOUT_FIELDS,
-# which the extension reports through layout_fields(); checked against this on load).
-LAYOUT_FIELDS = ("num_logits", "num_hidden", "hidden_size", "num_attention", "num_heads",
-                 "storage", "qk_head_dim", "qk_min_length")
 
 _FLAGS = {"HAS_EXTENSION": lambda s: s.loaded,
           "HAS_CUDA_KERNELS": lambda s: s.cuda_kernels,

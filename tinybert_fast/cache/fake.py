@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from .extension import LAYOUT_FIELDS
+from ._fields import LAYOUT_FIELDS
 
 _NAMESPACE = "tinybert_fast_cache"
 _registered = False

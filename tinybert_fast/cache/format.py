@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .errors import CacheCorruptionError
-from .extension import LAYOUT_FIELDS, crc32c, ops
+from ._fields import LAYOUT_FIELDS
+from .extension import crc32c, ops
 
 FORMAT_NAME = "tinybert-fast teacher cache"
 FORMAT_VERSION = 2  # 2: attention stored as Q and K for long examples (layout of 8 ints)
