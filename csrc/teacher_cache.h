@@ -34,9 +34,9 @@
 #endif
 
 // The `int[] layout` argument of the ops: these integers in this order.  The one place the order
-// is written: Layout below, parse_layout, kLayoutInts and the layout_fields op (which
-// tinybert_fast/cache/_fields.py: LAYOUT_FIELDS, which the loader checks against when the extension loads) all
-// expand this list.
+// is written: Layout below, parse_layout, kLayoutInts and the layout_fields op (whose answer
+// the loader checks against tinybert_fast/cache/_fields.py's LAYOUT_FIELDS when the extension
+// loads) all expand this list.
 #define TBF_LAYOUT_FIELDS(X)                                                              \
   X(num_logits)    /* C; 0 = no logits stored */                                          \
   X(num_hidden)    /* mapped hidden states per example */                                 \
