@@ -28,6 +28,36 @@ logger = logging.getLogger(__name__)
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
+def _teacher_outputs(teacher, inputs: dict, record, att_layers, hid_states,
+                     store_logits: bool) -> dict:
+    """One batch's stored outputs: {logits [B, C] | None, hidden [n_hid, B, L, d] | None,
+    attention [n_att, B, H, L, L] | None, query / key [n_att, B, H, L, d_h] | None}.
+
+    A function of its own for memory: the model output and the per-layer records die when it
+    returns, so only the stacked tensors reach the writer, and nothing of this batch is alive
+    while the next batch's forward runs (as loop locals, the previous batch's records, stacks and
+    output all were: about 3x one batch's score bytes at the peak).
+    """
+    with torch.inference_mode(), record(att_layers) as rec:
+        out = teacher(**inputs, output_hidden_states=bool(hid_states))
+    result = {"logits": None, "hidden": None, "attention": None, "query": None, "key": None}
+    if hid_states:
+        result["hidden"] = torch.stack([out.hidden_states[i] for i in hid_states])
+    layers, is_qk = (rec.layers if att_layers else []), rec.kind == "qk"
+    del rec
+    if layers and is_qk:
+        result["query"] = torch.stack([q for q, _ in layers])
+        result["key"] = torch.stack([k for _, k in layers])
+    elif layers:
+        result["attention"] = torch.stack(layers)
+    del layers
+    if store_logits:
+        result["logits"] = getattr(out, "logits", None)
+        if result["logits"] is None:
+            raise ValueError("logits=True but the teacher's output has no logits")
+    return result
+
+
 def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterable[dict], *,
           attention_layers: Sequence[int], hidden_states: Sequence[int], dtype="bf16",
           logits: bool | None = None, tokenizer=None, max_length: int | None = None,
@@ -115,21 +145,8 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
             if mask is None:
                 raise KeyError("loader batches must carry 'attention_mask' [B, L]")
             lengths = right_padded_lengths(mask, ids)
-            with torch.inference_mode(), record(att_layers) as rec:
-                out = teacher(**inputs, output_hidden_states=bool(hid_states))
-            hidden = (torch.stack([out.hidden_states[i] for i in hid_states])
-                      if hid_states else None)
-            attention = query = key = None
-            if att_layers and rec.kind == "qk":
-                query = torch.stack([q for q, _ in rec.layers])
-                key = torch.stack([k for _, k in rec.layers])
-            elif att_layers:
-                attention = torch.stack(rec.layers)
-            lg = getattr(out, "logits", None)
-            if store_logits and lg is None:
-                raise ValueError("logits=True but the teacher's output has no logits")
-            writer.append(ids, lengths, logits=lg if store_logits else None, hidden=hidden,
-                          attention=attention, query=query, key=key)
+            writer.append(ids, lengths, **_teacher_outputs(teacher, inputs, record, att_layers,
+                                                           hid_states, store_logits))
         complete = writer.close()
     except BaseException:
         writer.__exit__(RuntimeError, None, None)
