@@ -184,7 +184,7 @@ def detect_layout(first_line: str, path: str, task: str | None = None,
     return TsvLayout(line, bom, len(fields), tuple(found))
 
 
-# --- reading ---------------------------------------------------------------------------------------
+# --- reading ----------------------------------------------------------------------------------
 
 class TsvReader:
     """A GLUE TSV file streamed: `layout`, then the data rows as (line number, fields).

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import data
-from ._device import resolve_device
+from ._device import resolve_device  # noqa: F401  (re-exported: train.resolve_device)
 from ._io import atomic_open, fsync_dir, umask
 
 log = logging.getLogger(__name__)

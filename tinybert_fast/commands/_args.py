@@ -12,25 +12,29 @@ from ..distill import config
 
 
 def add_data_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *,
-                       task_required: bool = False, train: bool = True,
+                       task_required: bool = False, train_file: bool = True,
+                       padding: bool = True, limits: tuple[str, ...] = ("train", "eval"),
                        max_length: int | None = None,
                        max_length_help: str = "default 64 single-sentence, 128 pairs") -> None:
-    """--task, --data-dir and --max-length; with `train` (a run that trains or reads training
-    data) also --train-file, --pad-to-max-length, --limit-train and --limit-eval.
+    """The data flags: --task, --data-dir, (--train-file), --max-length,
+    (--pad-to-max-length), and --limit-<split> for each of `limits` ("train", "eval").
 
+    task_required: --task must be given (eval, cache); train_file: the run reads a training
+    set (distill, finetune-teacher, cache); padding: its batches may be padded to --max-length;
     max_length: the default of --max-length (None: the stage decides, as max_length_help says).
     """
     p.add_argument("--task", required=task_required, choices=sorted(glue.TASKS))
     p.add_argument("--data-dir", help="local GLUE TSV folder (default: `datasets` by task name)")
-    if train:
+    if train_file:
         p.add_argument("--train-file",
                        help="training TSV in the task's GLUE layout (e.g. augmented)")
     p.add_argument("--max-length", type=int, default=max_length,
                    help=None if max_length is not None else max_length_help)
-    if train:
+    if padding:
         p.add_argument("--pad-to-max-length", action="store_true")
-        p.add_argument("--limit-train", type=int, help="use the first N training examples")
-        p.add_argument("--limit-eval", type=int, help="use the first N dev examples")
+    for split in limits:
+        what = {"train": "training", "eval": "dev"}[split]
+        p.add_argument(f"--limit-{split}", type=int, help=f"use the first N {what} examples")
 
 
 def add_device_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup,

@@ -17,7 +17,8 @@ HELP = "evaluate a checkpoint on a GLUE task's dev split(s)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
-    add_data_arguments(p, task_required=True, train=False, max_length=128)
+    add_data_arguments(p, task_required=True, train_file=False, padding=False, limits=(),
+                       max_length=128)
     p.add_argument("--split", action="append", help="default: the task's dev split(s)")
     p.add_argument("--batch-size", type=int, default=128)
     add_device_argument(p)

@@ -22,7 +22,8 @@ Modules (the arrows point one way: config <- models, objective, cache_glue <- lo
     models      load_teacher, build_student, student_config, copy_teacher_layers, check_pair
     objective   StudentWithProjection, Objective (the stage's loss terms of a batch)
     cache_glue  open_teacher_cache (explicit arguments), teacher_cache (from a DistillConfig)
-    loop        distill (one stage or "all"), load_training_examples
+    loop        distill (one stage or "all"), training_examples (explicit arguments),
+                load_training_examples (from a DistillConfig)
 
 The names below are imported from their module on first use, so that importing
 tinybert_fast.distill.config (the command line does) does not load the loop.
@@ -36,13 +37,13 @@ import importlib
 _NAMES = {
     **dict.fromkeys(("STAGES", "STAGE_DEFAULTS", "TASK1_EPOCHS", "PRESETS", "PROJECTION_FILE",
                      "TRAINING_FILE", "DistillConfig", "head_trained", "ineffective_settings",
-                     "stage_defaults_table"), ".config"),
+                     "stage_defaults_table", "default_max_length"), ".config"),
     **dict.fromkeys(("STUDENT_ARG", "LOAD_DTYPE", "pretrained", "load_teacher", "build_student",
                      "student_config", "copy_teacher_layers", "check_pair"), ".models"),
     **dict.fromkeys(("StudentWithProjection", "Objective"), ".objective"),
     **dict.fromkeys(("dataset_fingerprint", "cache_attention_storage", "open_teacher_cache",
                      "teacher_cache", "training_source"), ".cache_glue"),
-    **dict.fromkeys(("distill", "load_training_examples"), ".loop"),
+    **dict.fromkeys(("distill", "load_training_examples", "training_examples"), ".loop"),
     # the package modules the loop is built on, reachable as before (distill.data.get_task)
     **dict.fromkeys(("data", "train", "mapping", "capture"), ".."),
 }

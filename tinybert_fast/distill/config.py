@@ -35,6 +35,13 @@ def head_trained(cfg: "DistillConfig", task) -> bool:
         cfg.prediction_weight != 0 or cfg.hard_label_weight != 0))
 
 
+def default_max_length(task: str | None) -> int:
+    """--max-length when none is given: 64 tokens for a single-sentence task, 128 for sentence
+    pairs (and without a task, general distillation's corpus)."""
+    single = task is not None and len(glue.get_task(task).text_columns) == 1
+    return 64 if single else 128
+
+
 @dataclasses.dataclass
 class DistillConfig:
     """Everything a run needs; None means "the stage's default" (STAGE_DEFAULTS)."""
@@ -105,8 +112,7 @@ class DistillConfig:
         if self.stage == "task1" and self.epochs is None and self.task in TASK1_EPOCHS:
             out.epochs = TASK1_EPOCHS[self.task]
         if out.max_length is None:
-            single = self.task is not None and len(glue.get_task(self.task).text_columns) == 1
-            out.max_length = 64 if single else 128
+            out.max_length = default_max_length(self.task)
         for name in ("epochs", "batch_size", "lr", "max_length", "save_steps", "log_steps"):
             if not getattr(out, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(out, name)}")

@@ -25,18 +25,30 @@ from .objective import Objective, StudentWithProjection
 
 log = logging.getLogger("tinybert_fast.distill")
 
-def load_training_examples(cfg: DistillConfig, task):
-    if cfg.stage == "general":
-        if cfg.corpus:
-            examples = data.read_corpus(cfg.corpus)
+def training_examples(task: data.Task | None, *, general: bool = False,
+                      data_dir: str | None = None, train_file: str | None = None,
+                      corpus: str | None = None, limit: int | None = None) -> list[data.Example]:
+    """The training examples of a run: the task's train split (or `train_file`); for general
+    distillation (`general`), the `corpus` file, else the task's text without its labels.
+    limit: the first `limit` examples only."""
+    if general:
+        if corpus:
+            examples = data.read_corpus(corpus)
         elif task is not None:  # task text without labels
             examples = [dataclasses.replace(e, label=None) for e in
-                        data.load_examples(task, "train", cfg.data_dir, cfg.train_file)]
+                        data.load_examples(task, "train", data_dir, train_file)]
         else:
             raise ValueError("general distillation needs --corpus (or --task for its text)")
     else:
-        examples = data.load_examples(task, "train", cfg.data_dir, cfg.train_file)
-    return examples[:cfg.limit_train] if cfg.limit_train else examples
+        examples = data.load_examples(task, "train", data_dir, train_file)
+    return examples[:limit] if limit else examples
+
+
+def load_training_examples(cfg: DistillConfig, task: data.Task | None) -> list[data.Example]:
+    """training_examples with the arguments of a run's config."""
+    return training_examples(task, general=cfg.stage == "general", data_dir=cfg.data_dir,
+                             train_file=cfg.train_file, corpus=cfg.corpus,
+                             limit=cfg.limit_train)
 
 
 def distill(cfg: DistillConfig) -> dict:
