@@ -413,3 +413,22 @@ def test_a_finished_run_reports_and_cleans_up(models, tmp_path, caplog):
                                 teacher_cache=str(tmp_path / "c")))
     assert kept["teacher_cache"]["built"] is False
     assert os.path.isfile(tmp_path / "kept" / "checkpoint" / "trainer_state.pt")
+
+
+def test_sst2_first_steps_keep_their_losses(models, tmp_path):
+    """The loop as a package gives the losses that the single-module loop gave: 20 steps of task
+    step 1 and of step 2 on SST-2 (tiny models), against the record of the code before the split
+    (tests/sst2_first_steps.json; rtol 1e-3 leaves room for another CPU's rounding only)."""
+    with open(os.path.join(os.path.dirname(__file__), "sst2_first_steps.json"),
+              encoding="utf-8") as f:
+        record = json.load(f)
+    for stage in ("task1", "task2"):
+        out = tmp_path / stage
+        distill.distill(_cfg(models, out, stage=stage, limit_train=320, max_steps=20,
+                             eval=False))
+        steps = _log(out)
+        assert [r["step"] for r in steps] == list(range(1, 21))
+        for got, want in zip(steps, record[stage]):
+            terms = {k: v for k, v in want.items() if k != "step"}
+            assert {k: got[k] for k in terms} == pytest.approx(terms, rel=1e-3, abs=1e-7), \
+                (stage, want["step"])
