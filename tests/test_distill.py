@@ -432,3 +432,36 @@ def test_sst2_first_steps_keep_their_losses(models, tmp_path):
             terms = {k: v for k, v in want.items() if k != "step"}
             assert {k: got[k] for k in terms} == pytest.approx(terms, rel=1e-3, abs=1e-7), \
                 (stage, want["step"])
+
+
+def test_open_teacher_cache_with_explicit_arguments_builds_what_distill_opens(models, tmp_path):
+    """The teacher-cache glue without a DistillConfig: what open_teacher_cache builds from
+    explicit arguments is what a run with the same teacher, data and mapping opens."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tinybert_fast import cache, data, mapping, train
+    if not cache.HAS_EXTENSION:
+        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    store = str(tmp_path / "cache")
+    task = data.get_task("sst2")
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    max_length = distill.default_max_length("sst2")
+    examples = distill.training_examples(task, data_dir=SST2, limit=64)
+    train_set = data.TokenizedDataset(examples, tokenizer, max_length)
+    layer_map = mapping.layer_map("uniform", 2,
+                                  AutoConfig.from_pretrained(models["teacher"]).num_hidden_layers)
+    device = torch.device("cpu")
+    teacher = distill.load_teacher(models["teacher"], "task1", task, device)
+    opened, info = distill.open_teacher_cache(
+        store, teacher, tokenizer, train_set, layer_map, device=device,
+        dist_state=train.Distributed(device),
+        source={"task": "sst2", "train_file": None, "data_dir": SST2}, max_length=max_length,
+        progress=False)
+    assert info["built"] and "logits" in opened.layout.fields
+    with pytest.raises(ValueError, match="attention_from"):
+        distill.cache_attention_storage("probs")
+    manifest = os.path.join(store, cache.MANIFEST)
+    stamp = os.stat(manifest).st_mtime_ns
+    out = distill.distill(_cfg(models, tmp_path / "run", teacher_cache=store, max_steps=2))
+    assert out["steps"] == 2 and out["teacher_cache"]["built"] is False
+    assert os.stat(manifest).st_mtime_ns == stamp  # opened, not rebuilt
