@@ -12,7 +12,7 @@ Stages (TinyBERT, Jiao et al. 2019):
 Where this loop differs from TinyBERT's reference scripts, on purpose:
 - the teacher runs in eval mode under no_grad (the scripts left it in training mode, so dropout
   perturbed the targets);
-- MNLI labels follow the `datasets` order (see tinybert_fast.data);
+- MNLI labels follow the `datasets` order (see tinybert_fast.glue);
 - regression (STS-B) step 2 regresses on the teacher's outputs, not on gold labels;
 - batches are padded to their longest example unless --pad-to-max-length (the scripts always
   padded to max_seq_length); the losses keep TinyBERT's semantics on whatever padding there is.
