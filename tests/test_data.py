@@ -157,3 +157,44 @@ def test_task_names_load_through_datasets_like_the_tsv_files(tmp_path, monkeypat
     monkeypatch.setenv("TINYBERT_FAST_GLUE_DATASET", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="could not load.*--data-dir"):
         data.load_examples(data.get_task("sst2"), "dev")
+
+
+def test_one_task_name_normalisation_for_training_and_augmentation():
+    from tinybert_fast import glue
+    from tinybert_fast.augment import detect_layout
+    for spelling in ("SST-2", "sst_2", "Sst 2", "sst2"):
+        assert glue.task_key(spelling) == "sst2"
+        assert data.get_task(spelling).name == "sst2"
+        assert detect_layout("sentence\tlabel", "x.tsv", task=spelling).text_columns == (0,)
+    assert data.get_task is glue.get_task and data.read_tsv is glue.read_tsv
+
+
+def test_training_and_augmentation_read_a_file_alike(tmp_path):
+    """data.read_tsv and the augment reader are the same reader: same layout, same rows."""
+    from tinybert_fast import glue
+    src = tmp_path / "train.tsv"
+    src.write_text("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+                   "1\t1\t2\tA \"quoted\" one.\tB\r\n\n0\t3\t4\tC\tD\n", encoding="utf-8")
+    table = data.read_tsv(str(src), data.get_task("mrpc"))
+    with glue.TsvReader(str(src), "mrpc") as reader:
+        layout, rows = reader.layout, [fields for _, fields in reader]
+    assert table.bom and layout.bom and table.text_idx == layout.text_columns == (3, 4)
+    assert table.label_idx == layout.label_column == 0
+    assert table.rows == rows == [["1", "1", "2", 'A "quoted" one.', "B"],
+                                  ["0", "3", "4", "C", "D"]]
+    assert [e.texts for e in data.table_examples(table, data.get_task("mrpc"), str(src))] == \
+        [('A "quoted" one.', "B"), ("C", "D")]
+
+
+def test_write_tsv_is_atomic_and_refuses_unwritable_fields(tmp_path):
+    t = data.get_task("sst2")
+    out = tmp_path / "out.tsv"
+    out.write_text("old\n", encoding="utf-8")
+    bad = data.TsvTable(["sentence", "label"], [["a\tb", "1"]], (0,), 1)
+    with pytest.raises(ValueError, match="tab or a line break"):
+        data.write_tsv(str(out), bad)
+    assert out.read_text(encoding="utf-8") == "old\n" and os.listdir(tmp_path) == ["out.tsv"]
+    good = data.TsvTable(["sentence", "label"], [['say "hi"', "1"]], (0,), 1)
+    data.write_tsv(str(out), good)
+    assert data.read_tsv(str(out), t).rows == [['say "hi"', "1"]]
+    assert os.listdir(tmp_path) == ["out.tsv"]

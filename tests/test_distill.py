@@ -455,3 +455,55 @@ def test_teacher_layers_init_in_task_step_2_takes_the_mapping(models, tmp_path):
         assert (s_w - t_w).abs().max() < 1e-3
     assert (student.bert.encoder.layer[1].attention.self.query.weight
             - teacher.bert.encoder.layer[1].attention.self.query.weight).abs().max() > 1e-2
+
+
+def test_sst2_first_steps_keep_their_losses(models, tmp_path):
+    """The loop as a package gives the losses that the single-module loop gave: 20 steps of task
+    step 1 and of step 2 on SST-2 (tiny models), against the record of the code before the split
+    (tests/sst2_first_steps.json; rtol 1e-3 leaves room for another CPU's rounding only)."""
+    with open(os.path.join(os.path.dirname(__file__), "sst2_first_steps.json"),
+              encoding="utf-8") as f:
+        record = json.load(f)
+    for stage in ("task1", "task2"):
+        out = tmp_path / stage
+        distill.distill(_cfg(models, out, stage=stage, limit_train=320, max_steps=20,
+                             eval=False))
+        steps = _log(out)
+        assert [r["step"] for r in steps] == list(range(1, 21))
+        for got, want in zip(steps, record[stage]):
+            terms = {k: v for k, v in want.items() if k != "step"}
+            assert {k: got[k] for k in terms} == pytest.approx(terms, rel=1e-3, abs=1e-7), \
+                (stage, want["step"])
+
+
+def test_open_teacher_cache_with_explicit_arguments_builds_what_distill_opens(models, tmp_path):
+    """The teacher-cache glue without a DistillConfig: what open_teacher_cache builds from
+    explicit arguments is what a run with the same teacher, data and mapping opens."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tinybert_fast import cache, data, mapping, train
+    if not cache.HAS_EXTENSION:
+        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    store = str(tmp_path / "cache")
+    task = data.get_task("sst2")
+    tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
+    max_length = distill.default_max_length("sst2")
+    examples = distill.training_examples(task, data_dir=SST2, limit=64)
+    train_set = data.TokenizedDataset(examples, tokenizer, max_length)
+    layer_map = mapping.layer_map("uniform", 2,
+                                  AutoConfig.from_pretrained(models["teacher"]).num_hidden_layers)
+    device = torch.device("cpu")
+    teacher = distill.load_teacher(models["teacher"], "task1", task, device)
+    opened, info = distill.open_teacher_cache(
+        store, teacher, tokenizer, train_set, layer_map, device=device,
+        dist_state=train.Distributed(device),
+        source={"task": "sst2", "train_file": None, "data_dir": SST2}, max_length=max_length,
+        progress=False)
+    assert info["built"] and "logits" in opened.layout.fields
+    with pytest.raises(ValueError, match="attention_from"):
+        distill.cache_attention_storage("probs")
+    manifest = os.path.join(store, cache.MANIFEST)
+    stamp = os.stat(manifest).st_mtime_ns
+    out = distill.distill(_cfg(models, tmp_path / "run", teacher_cache=store, max_steps=2))
+    assert out["steps"] == 2 and out["teacher_cache"]["built"] is False
+    assert os.stat(manifest).st_mtime_ns == stamp  # opened, not rebuilt

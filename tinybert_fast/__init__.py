@@ -10,6 +10,8 @@ eager implementations; tbf.set_backend picks "auto" | "triton" | "torch".
 tbf.TeacherCache stores a teacher's outputs once and serves them every epoch (tinybert_fast.cache;
 imported on first use of these names, and its C++ extension compiled or loaded on first use of the
 cache, so importing tinybert_fast builds and loads nothing).
+tbf.augment(input, output, ...) runs TinyBERT's data augmentation (the package
+tinybert_fast.augment, which can be called; imported on first use).
 """
 
 from . import reference
@@ -25,6 +27,7 @@ __all__ = [
     "attention_mse_qk", "attention_kl",
     "AttentionMSELoss", "HiddenMSELoss", "SoftCrossEntropyLoss", "TinyBertLoss",
     "reference", "set_backend", "get_backend", "TeacherCache", "CacheWriter", "TeacherBatch",
+    "augment",
 ]
 
 _CACHE_NAMES = ("TeacherCache", "CacheWriter", "TeacherBatch")
@@ -34,4 +37,7 @@ def __getattr__(name: str):
     if name in _CACHE_NAMES:
         from . import cache
         return getattr(cache, name)
+    if name == "augment":  # the package, callable as the function (tinybert_fast.augment)
+        import importlib  # not `from . import augment`: that would ask this __getattr__ again
+        return importlib.import_module(".augment", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,13 @@
 """The `tinybert-fast` console script: one subcommand per module.
 
-Each subcommand lives in its own module, which defines
+Each subcommand lives in its own module (tinybert_fast.commands.<name>), which defines
     HELP: str                                  one line for `tinybert-fast --help`
     add_arguments(parser: argparse.ArgumentParser) -> None
     run(args: argparse.Namespace) -> int       the exit status
-and is imported only when its subcommand runs (so `--help` stays fast).
+A command module imports only what its parser needs; what a subcommand runs (the loop, the
+models, augmentation, the teacher cache) is imported by its `run`.  Running a subcommand
+imports that subcommand's module alone; `tinybert-fast --help` (or a command line naming no
+known subcommand) imports every command module, for the list of subcommands.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import sys
 
 # subcommand -> module (relative to tinybert_fast)
 COMMANDS = {
-    "finetune-teacher": ".finetune",
-    "distill": ".distill",
-    "eval": ".evaluate",
+    "finetune-teacher": ".commands.finetune",
+    "distill": ".commands.distill",
+    "eval": ".commands.eval",
     "cache": ".cache_command",
-    "augment": ".augment",
+    "augment": ".commands.augment",
     "build-extension": ".extension_command",
 }
 
@@ -56,12 +59,32 @@ def quiet_libraries(level: str) -> None:
         pass
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _named_command(argv: list[str]) -> str | None:
+    """The subcommand a command line names (its first positional argument), if it is one."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--log-level":
+            i += 2
+            continue
+        if arg.startswith("-"):
+            i += 1
+            continue
+        return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given the command line, with the subparser of the subcommand it names alone
+    (so that only that command's module is imported), else with every subcommand's."""
     parser = argparse.ArgumentParser(prog="tinybert-fast", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    named = _named_command(argv) if argv is not None else None
     for name, module_name in COMMANDS.items():
+        if named is not None and name != named:
+            continue
         module = importlib.import_module(module_name, __package__)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP,
                            formatter_class=HelpFormatter)
@@ -73,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand.  Bad input (a ValueError, or a missing optional package) is one error
     line and exit status 2, with the traceback at --log-level DEBUG."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s")
     quiet_libraries(args.log_level)
     try:

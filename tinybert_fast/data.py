@@ -1,71 +1,28 @@
-"""GLUE tasks: reading (local GLUE TSV directories or `datasets` by task name), tokenising,
-batching, sampling and metrics.
+"""GLUE data for training and evaluation: examples (local GLUE TSV folders, or `datasets` by
+task name), tokenising, batching, sampling and metrics.
 
-Labels follow the `datasets` GLUE label order for every source, so a model trained on TSV files
-and one trained on `datasets` agree.  MNLI in particular is (entailment, neutral, contradiction)
-= (0, 1, 2); TinyBERT's reference scripts used (contradiction, entailment, neutral), which made
-checkpoints and the `datasets` data disagree.
+The tasks and their TSV files (reading, writing, task names) live in `tinybert_fast.glue`; the
+names are re-exported here.  Labels follow the `datasets` GLUE label order for every source (see
+tinybert_fast.glue).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-csv.field_size_limit(sys.maxsize)
+from .glue import TASKS, Task, TsvTable, get_task, read_tsv, task_key, write_tsv
 
+__all__ = ["TASKS", "Task", "TsvTable", "get_task", "read_tsv", "task_key", "write_tsv",
+           "GLUE_DATASET", "Example", "table_examples", "load_examples", "read_corpus",
+           "TokenizedDataset", "collate", "epoch_order", "batch_indices", "compute_metrics",
+           "iterate_batches"]
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-    name: str                      # "sst2"
-    glue_dir: str                  # "SST-2": the folder name in the GLUE download
-    text_columns: tuple[str, ...]  # canonical names: ("sentence",) or ("sentence1", "sentence2")
-    labels: tuple[str, ...] | None  # label names in `datasets` order; None for regression
-    metric: str                    # "accuracy" | "mcc" | "accuracy_f1" | "pearson_spearman"
-    dev_splits: tuple[str, ...] = ("dev",)
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
-
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None
-
-
-TASKS = {
-    "sst2": Task("sst2", "SST-2", ("sentence",), ("0", "1"), "accuracy"),
-    "cola": Task("cola", "CoLA", ("sentence",), ("0", "1"), "mcc"),
-    "mrpc": Task("mrpc", "MRPC", ("sentence1", "sentence2"), ("0", "1"), "accuracy_f1"),
-    "rte": Task("rte", "RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment"),
-                "accuracy"),
-    "stsb": Task("stsb", "STS-B", ("sentence1", "sentence2"), None, "pearson_spearman"),
-    "qnli": Task("qnli", "QNLI", ("sentence1", "sentence2"), ("entailment", "not_entailment"),
-                 "accuracy"),
-    "qqp": Task("qqp", "QQP", ("sentence1", "sentence2"), ("0", "1"), "accuracy_f1"),
-    "mnli": Task("mnli", "MNLI", ("sentence1", "sentence2"),
-                 ("entailment", "neutral", "contradiction"), "accuracy",
-                 dev_splits=("dev_matched", "dev_mismatched")),
-}
-
-# GLUE TSV layouts: (text columns, label column) by header name; CoLA has no header.
-_TSV_COLUMNS = {
-    "sst2": (("sentence",), "label"),
-    "mrpc": (("#1 String", "#2 String"), "Quality"),
-    "rte": (("sentence1", "sentence2"), "label"),
-    "stsb": (("sentence1", "sentence2"), "score"),
-    "qnli": (("question", "sentence"), "label"),
-    "qqp": (("question1", "question2"), "is_duplicate"),
-    "mnli": (("sentence1", "sentence2"), "gold_label"),
-}
-_COLA_COLUMNS = ("source", "label", "original_mark", "sentence")
 # The `datasets` GLUE repository: the hub no longer resolves the namespace-free "glue".  A mirror,
 # or a local folder in its layout (README.md configs, <task>/<split>-*.parquet), can be named with
 # the environment variable TINYBERT_FAST_GLUE_DATASET.
@@ -77,75 +34,10 @@ _HF_COLUMNS = {"sst2": ("sentence",), "cola": ("sentence",), "mrpc": ("sentence1
                "mnli": ("premise", "hypothesis")}
 
 
-def get_task(name: str) -> Task:
-    key = name.lower().replace("-", "")
-    if key not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
-    return TASKS[key]
-
-
 @dataclasses.dataclass
 class Example:
     texts: tuple[str, ...]
     label: float | int | None   # class index, regression score, or None (unlabeled / test)
-
-
-@dataclasses.dataclass
-class TsvTable:
-    """A GLUE TSV file: its header (None for CoLA) and rows, kept to write augmented copies."""
-    header: list[str] | None
-    rows: list[list[str]]
-    text_idx: tuple[int, ...]
-    label_idx: int | None
-    bom: bool = False
-
-
-def read_tsv(path: str, task: Task) -> TsvTable:
-    """Read a GLUE TSV file in its original layout; errors name the file and what is wrong."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (expected a GLUE {task.glue_dir} TSV file)")
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    bom = text.startswith("\ufeff")
-    lines = list(csv.reader(text.lstrip("\ufeff").splitlines(), delimiter="\t",
-                            quoting=csv.QUOTE_NONE))
-    lines = [row for row in lines if row]
-    if not lines:
-        raise ValueError(f"{path}: the file is empty")
-    if task.name == "cola" and lines[0][:2] != ["index", "sentence"]:
-        width = len(_COLA_COLUMNS)
-        bad = [i + 1 for i, row in enumerate(lines) if len(row) != width]
-        if bad:
-            raise ValueError(f"{path}: CoLA rows have {width} tab-separated columns "
-                             f"{_COLA_COLUMNS}; lines {bad[:5]} do not")
-        return TsvTable(None, lines, (3,), 1, bom)
-    header, rows = lines[0], lines[1:]
-    if task.name == "cola":  # CoLA's test file: index, sentence
-        return TsvTable(header, rows, (1,), None, bom)
-    text_cols, label_col = _TSV_COLUMNS[task.name]
-    missing = [c for c in text_cols if c not in header]
-    if missing:
-        raise ValueError(f"{path}: header {header} lacks the {task.name} column(s) {missing}")
-    label_idx = header.index(label_col) if label_col in header else None
-    short = [i + 2 for i, row in enumerate(rows) if len(row) < len(header)]
-    if short:
-        raise ValueError(f"{path}: lines {short[:5]} have fewer columns than the header "
-                         f"({len(header)})")
-    return TsvTable(header, rows, tuple(header.index(c) for c in text_cols), label_idx, bom)
-
-
-def write_tsv(path: str, table: TsvTable) -> None:
-    """Write a table in its GLUE layout, atomically (temp file + rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        if table.bom:
-            f.write("\ufeff")
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar=None,
-                            lineterminator="\n")
-        if table.header is not None:
-            writer.writerow(table.header)
-        writer.writerows(table.rows)
-    os.replace(tmp, path)
 
 
 def _parse_label(value: str, task: Task, where: str):

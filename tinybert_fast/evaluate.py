@@ -1,17 +1,19 @@
-"""`tinybert-fast eval`: GLUE dev metrics of a sequence-classification checkpoint."""
+"""GLUE dev metrics of a sequence-classification checkpoint (the `tinybert-fast eval` subcommand
+is tinybert_fast.commands.eval).  Loads the model with the loop's model loading
+(tinybert_fast.distill.models), not the loop."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 
-from . import data, distill, train
+from . import data, train
+from ._device import resolve_device
+from .distill.config import TRAINING_FILE
+from .distill.models import LOAD_DTYPE, pretrained
 
 log = logging.getLogger(__name__)
-
-HELP = "evaluate a checkpoint on a GLUE task's dev split(s)"
 
 
 def evaluate_checkpoint(model_dir: str, task_name: str, data_dir: str | None = None,
@@ -22,11 +24,11 @@ def evaluate_checkpoint(model_dir: str, task_name: str, data_dir: str | None = N
     matched and mismatched dev sets never share a loader)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     task = data.get_task(task_name)
-    dev = train.resolve_device(device)
-    tokenizer = distill.pretrained("model", AutoTokenizer.from_pretrained, model_dir)
-    model = distill.pretrained("model", AutoModelForSequenceClassification.from_pretrained,
-                               model_dir, dtype=distill.LOAD_DTYPE).to(dev).eval()
-    trained = os.path.join(model_dir, distill.TRAINING_FILE)
+    dev = resolve_device(device)
+    tokenizer = pretrained("model", AutoTokenizer.from_pretrained, model_dir)
+    model = pretrained("model", AutoModelForSequenceClassification.from_pretrained,
+                       model_dir, dtype=LOAD_DTYPE).to(dev).eval()
+    trained = os.path.join(model_dir, TRAINING_FILE)
     if os.path.isfile(trained):
         with open(trained, encoding="utf-8") as f:
             record = json.load(f)
@@ -43,25 +45,3 @@ def evaluate_checkpoint(model_dir: str, task_name: str, data_dir: str | None = N
         ds = data.TokenizedDataset(examples[:limit] if limit else examples, tokenizer, max_length)
         results[split] = train.evaluate(model, ds, task, batch_size, dev, tokenizer.pad_token_id)
     return results
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--task", required=True, choices=sorted(data.TASKS))
-    p.add_argument("--data-dir", help="local GLUE TSV folder (default: `datasets`)")
-    p.add_argument("--split", action="append", help="default: the task's dev split(s)")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--output", help="also write the metrics as JSON here")
-
-
-def run(args: argparse.Namespace) -> int:
-    results = evaluate_checkpoint(args.model, args.task, args.data_dir, args.split,
-                                  args.max_length, args.batch_size, args.device, args.limit)
-    print(json.dumps(results, indent=1))
-    if args.output:
-        train.write_json_atomic(args.output, results)
-    log.info("%s on %s: %s", os.path.basename(os.path.normpath(args.model)), args.task, results)
-    return 0

@@ -1,5 +1,6 @@
 """Training-loop plumbing shared by distillation and fine-tuning: devices, DDP, optimizer and
-schedule, atomic checkpoints with exact resume, logging and evaluation."""
+schedule, atomic checkpoints with exact resume, logging and evaluation.  (`resolve_device` is
+re-exported from tinybert_fast._device, the one device resolution.)"""
 
 from __future__ import annotations
 
@@ -16,23 +17,13 @@ import torch
 import torch.distributed as dist
 
 from . import data
+from ._device import resolve_device  # noqa: F401  (re-exported: train.resolve_device)
+from ._io import atomic_open, fsync_dir, umask
 
 log = logging.getLogger(__name__)
 
 
 # --- devices and processes ---------------------------------------------------------------------
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> this rank's CUDA device when there is one, else CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available")
-    return device
-
 
 class Distributed:
     """torchrun/DDP state: rank and world size from the environment (1 process without it)."""
@@ -117,23 +108,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def _fsync_tree(path: str) -> None:
+    """fsync every file and folder under path (the folders: so their entries are durable)."""
     for root, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        fsync_dir(root)
 
 
 def _usual_modes(path: str) -> None:
     """Give every file and folder under path the mode a plain open/mkdir would (0666 / 0777 less
     the umask): some writers (transformers' safetensors save) create private 0600 temp files and
     rename them, so a saved model would otherwise be unreadable to the rest of a team."""
-    mask = _umask()
+    mask = umask()
     for root, dirs, files in os.walk(path):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
@@ -141,22 +128,29 @@ def _usual_modes(path: str) -> None:
 
 
 def atomic_save_dir(final: str, write) -> None:
-    """Write a directory atomically: `write(tmp_dir)` fills a temporary sibling, which then
-    replaces `final`.  A crash leaves either the old directory (possibly renamed to final.old,
-    which `latest_dir` falls back to) or the new one, never a half-written `final`."""
+    """Write a directory atomically, with the policy of tinybert_fast._io for files: `write(tmp)`
+    fills a temporary sibling folder, whose files get the usual modes and are fsynced with their
+    folders; it then replaces `final` and the parent folder is fsynced.  A crash leaves either
+    the old directory (possibly renamed to final.old, which `latest_dir` falls back to) or the
+    new one, never a half-written `final`."""
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
     tmp = f"{final}.tmp-{os.getpid()}"
     old = f"{final}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write(tmp)
-    _usual_modes(tmp)
-    _fsync_tree(tmp)
+    try:
+        write(tmp)
+        _usual_modes(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(final):
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -186,12 +180,9 @@ class JsonlLog:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """obj as indented JSON at path, written atomically and durably (tinybert_fast._io)."""
+    with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --- evaluation -------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ import argparse
 import json
 import logging
 
-from . import distill
+from ..distill import config
+from ._args import add_training_arguments, config_from_args
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tinybert_fast.finetune")
 
 HELP = "fine-tune a model (a task teacher, or a hard-label baseline) on a GLUE task"
 
@@ -20,15 +21,17 @@ HELP = "fine-tune a model (a task teacher, or a hard-label baseline) on a GLUE t
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help=f"checkpoint dir or hub name, a config.json, or a preset "
-                        f"{sorted(distill.PRESETS)} (random weights; needs --tokenizer)")
+                        f"{sorted(config.PRESETS)} (random weights; needs --tokenizer)")
     p.add_argument("--tokenizer", help="default: the model's")
-    distill.add_common_arguments(p)
+    add_training_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = distill.config_from_args(args, stage="finetune", student=args.model, teacher=None)
-    if cfg.task is None:
+    """Raises ValueError (the CLI's one-line error, exit status 2) for a missing --task."""
+    if args.task is None:
         raise ValueError("--task is required")
-    summary = distill.distill(cfg)
+    from ..distill import distill
+    summary = distill(config_from_args(args, stage="finetune", student=args.model,
+                                       teacher=None))
     log.info("summary: %s", json.dumps(summary))
     return 0

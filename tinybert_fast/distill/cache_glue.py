@@ -1,0 +1,140 @@
+"""Teacher-cache glue: open the teacher cache of a run, or build it first (tinybert_fast.cache
+stores; this module decides what a run needs stored and checks that a cache holds it).
+
+`open_teacher_cache` takes explicit arguments (what `tinybert-fast cache` and the loop pass);
+`teacher_cache(cfg, ...)` reads them from a DistillConfig.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+from .. import data, mapping
+from ..train import Distributed
+from .config import DistillConfig
+
+log = logging.getLogger("tinybert_fast.distill")
+
+def dataset_fingerprint(train_set: data.TokenizedDataset, *, task: str | None,
+                        train_file: str | None, data_dir: str | None) -> dict:
+    """What identifies the training data a cache was built from: its source (task, training file
+    or corpus, GLUE folder) and the sha256 of its token ids (which also pins the tokenizer and
+    max_length)."""
+    h = hashlib.sha256()
+    for ids in train_set.input_ids:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(b"".join(int(i).to_bytes(4, "little") for i in ids))
+    return {"task": task, "train_file": train_file, "data_dir": data_dir,
+            "examples": len(train_set), "input_ids": h.hexdigest()}
+
+
+def cache_attention_storage(attention_from: str) -> str:
+    """How the teacher cache stores attention for a run whose attention loss takes
+    `attention_from` ("scores" | "qk"): the queries and keys of every example when the loss takes
+    them ("qk"), else "auto" (Q and K where they are smaller than the scores, the scores
+    elsewhere; fetched as scores either way)."""
+    if attention_from not in ("scores", "qk"):
+        raise ValueError(f"attention_from must be 'scores' or 'qk'; got {attention_from!r}")
+    return "qk" if attention_from == "qk" else "auto"
+
+
+class _Sized:
+    """An iterable of known length (the cache build's progress bar shows a total and an ETA)."""
+
+    def __init__(self, iterable, length: int):
+        self.iterable, self.length = iterable, length
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedDataset,
+                       layer_map: mapping.LayerMap | None, *, device, dist_state: Distributed,
+                       source: dict, max_length: int, attention: bool = True,
+                       hidden: bool = True, attention_from: str = "scores", dtype: str = "bf16",
+                       batch_size: int = 128, progress: bool = True,
+                       need_logits: bool = False):
+    """(cache, info): open the teacher cache at `path`, building it first if there is none (each
+    DDP rank builds its shard, in batches of `batch_size` examples of similar lengths).
+
+    What it stores: with a layer_map (the intermediate stages), the mapped teacher layers'
+    attention (when `attention`; scores, or Q and K per cache_attention_storage(attention_from))
+    and hidden states (when `hidden`); the logits always, so that `--stage all` builds it once.
+    source: {"task", "train_file", "data_dir"} of the training data (dataset_fingerprint).
+    need_logits: step 2 reads the logits; a cache without them raises ValueError.
+    A cache built for other layers, another attention storage, another teacher or other data is
+    refused with the differences listed.
+    info = {"path", "built" (this call built it), "seconds" (building or opening it, the
+    teacher's pass included), "bytes" (on disk)}.
+    """
+    from .. import cache as cache_mod
+    if not cache_mod.HAS_EXTENSION:
+        raise RuntimeError(f"--teacher-cache needs the teacher-cache extension, which is not "
+                           f"available: {cache_mod.EXTENSION_ERROR}")
+    att = layer_map.teacher_attention_layers if layer_map and attention else []
+    hid = layer_map.teacher_hidden_states if layer_map and hidden else []
+    dataset = dataset_fingerprint(train_set, **source)
+    expect = {"dataset": dataset, "max_length": max_length,
+              "teacher_weights": cache_mod.hash_state_dict(teacher)}
+    if layer_map is not None:
+        expect.update(attention_layers=att, hidden_states=hid)
+    storage = cache_attention_storage(attention_from)
+    if att:
+        expect.update(attention_storage=storage)
+    t0 = time.perf_counter()
+    built = not os.path.isfile(os.path.join(path, cache_mod.MANIFEST))
+    if not built:
+        opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
+    else:
+        # batches of similar lengths: the teacher runs once, on as little padding as possible
+        by_length = sorted(range(len(train_set)), key=lambda i: len(train_set.input_ids[i]))
+        order = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+        mine = order[dist_state.rank::dist_state.world_size]
+        loader = _Sized(({k: v.to(device) if k != "example_id" else v for k, v in b.items()}
+                         for b in data.iterate_batches(train_set, mine, tokenizer.pad_token_id,
+                                                       None, False)), len(mine))
+        log.info("building the teacher cache at %s (%d examples)", path, len(train_set))
+        opened = cache_mod.TeacherCache.build(
+            path, teacher, loader, attention_layers=att, hidden_states=hid,
+            dtype=dtype, tokenizer=tokenizer, max_length=max_length,
+            dataset=dataset, shard=(dist_state.rank, dist_state.world_size),
+            progress=dist_state.is_main and progress, attention_storage=storage)
+        dist_state.barrier()
+        if opened is None:
+            opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
+    fields = opened.layout.fields if opened.layout else []
+    if need_logits and "logits" not in fields:
+        raise ValueError(f"teacher cache {path} stores no logits, which step 2 distils from")
+    info = {"path": path, "built": built, "seconds": time.perf_counter() - t0,
+            "bytes": opened.nbytes}
+    log.info("teacher cache %s: %s in %.1f s, %.1f MB", path, "built" if built else "opened",
+             info["seconds"], info["bytes"] / 1e6)
+    return opened, info
+
+
+def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, device,
+                  dist_state: Distributed):
+    """open_teacher_cache with the arguments a resolved DistillConfig gives (the cache at
+    cfg.teacher_cache; the loop calls this, and `tinybert-fast cache` until it calls
+    open_teacher_cache itself)."""
+    return open_teacher_cache(
+        cfg.teacher_cache, teacher, tokenizer, train_set, layer_map, device=device,
+        dist_state=dist_state, source=training_source(cfg), max_length=cfg.max_length,
+        attention=bool(cfg.attention_weight),
+        hidden=bool(cfg.hidden_weight or cfg.embedding_weight),
+        attention_from=cfg.attention_from, dtype=cfg.cache_dtype,
+        batch_size=cfg.eval_batch_size, progress=cfg.progress,
+        need_logits=cfg.stage == "task2")
+
+
+def training_source(cfg: DistillConfig) -> dict:
+    """The `source` of open_teacher_cache for a run: its task, training file (or corpus) and GLUE
+    folder."""
+    return {"task": cfg.task, "train_file": cfg.train_file or cfg.corpus,
+            "data_dir": cfg.data_dir}

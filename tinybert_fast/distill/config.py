@@ -1,0 +1,166 @@
+"""A distillation run's settings: the stages, their defaults, the student presets and the run's
+configuration (`DistillConfig`), plus what `--help` prints of them.  No torch here: the command
+line builds its parser from these names alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .. import glue
+
+STAGES = ("general", "task1", "task2", "finetune")
+STAGE_DEFAULTS = {
+    "general": dict(epochs=3, batch_size=256, lr=5e-5, warmup_ratio=0.1, schedule="linear"),
+    "task1": dict(epochs=20, batch_size=32, lr=5e-5, warmup_ratio=0.0, schedule="constant"),
+    "task2": dict(epochs=3, batch_size=32, lr=3e-5, warmup_ratio=0.1, schedule="linear"),
+    "finetune": dict(epochs=3, batch_size=32, lr=2e-5, warmup_ratio=0.1, schedule="linear"),
+}
+TASK1_EPOCHS = {"mnli": 10, "qqp": 10, "qnli": 10, "cola": 50}
+
+# Student architectures by name (vocabulary and position sizes come from the teacher).
+PRESETS = {
+    "tinybert4": dict(num_hidden_layers=4, hidden_size=312, num_attention_heads=12,
+                      intermediate_size=1200),
+    "tinybert6": dict(num_hidden_layers=6, hidden_size=768, num_attention_heads=12,
+                      intermediate_size=3072),
+}
+PROJECTION_FILE = "projection.pt"
+TRAINING_FILE = "tinybert_fast.json"   # in an exported model: {"stage", "task", "head_trained"}
+
+
+def head_trained(cfg: "DistillConfig", task) -> bool:
+    """Whether a stage trains the prediction head: task step 2 (with a prediction or hard-label
+    loss) and fine-tuning do; general distillation and task step 1 train the encoder only."""
+    return cfg.stage == "finetune" or (cfg.stage == "task2" and (
+        cfg.prediction_weight != 0 or cfg.hard_label_weight != 0))
+
+
+def default_max_length(task: str | None) -> int:
+    """--max-length when none is given: 64 tokens for a single-sentence task, 128 for sentence
+    pairs (and without a task, general distillation's corpus)."""
+    single = task is not None and len(glue.get_task(task).text_columns) == 1
+    return 64 if single else 128
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Everything a run needs; None means "the stage's default" (STAGE_DEFAULTS)."""
+    stage: str
+    output_dir: str
+    student: str                       # preset name, checkpoint dir, or config.json
+    teacher: str | None = None         # checkpoint dir or hub name (all stages but finetune)
+    task: str | None = None            # GLUE task (all stages but general)
+    data_dir: str | None = None        # local GLUE TSV folder; None -> `datasets`
+    train_file: str | None = None      # e.g. an augmented train.tsv
+    corpus: str | None = None          # general distillation text, one passage per line
+    tokenizer: str | None = None       # default: the teacher's, else the student's
+    init: str = "auto"                 # auto | random | teacher-layers
+    mapping: str = "uniform"
+    mapping_layers: list[int] | None = None
+    mapping_seed: int = 0
+    attention_weight: float = 1.0
+    hidden_weight: float = 1.0
+    embedding_weight: float = 1.0
+    prediction_weight: float = 1.0
+    hard_label_weight: float = 0.0
+    temperature: float = 1.0
+    losses: str = "fused"              # fused | eager
+    teacher_cache: str | None = None   # teacher outputs cached here (built on first use)
+    cache_dtype: str = "bf16"          # fp32 | bf16 | fp16 | int8
+    mask_padding: bool = False         # exclude padded positions from the intermediate losses
+    attention_from: str = "scores"     # scores | qk (attention_mse_qk: both models run SDPA)
+    epochs: float | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup_ratio: float | None = None
+    schedule: str | None = None
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_steps: int | None = None
+    max_length: int | None = None
+    pad_to_max_length: bool = False
+    seed: int = 42
+    device: str = "auto"
+    bf16: str = "auto"                 # auto (on CUDA) | on | off
+    save_steps: int = 500
+    log_steps: int = 50
+    eval_batch_size: int = 128
+    eval: bool = True
+    resume: bool = False
+    keep_checkpoint: bool = False      # keep <output>/checkpoint after a finished run
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    progress: bool = True
+
+    def resolved(self) -> "DistillConfig":
+        """A copy with the stage defaults filled in; validates choices."""
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES + ('all',)}; got {self.stage!r}")
+        if self.losses not in ("fused", "eager"):
+            raise ValueError(f"losses must be 'fused' or 'eager'; got {self.losses!r}")
+        if self.init not in ("auto", "random", "teacher-layers"):
+            raise ValueError(f"init must be auto, random or teacher-layers; got {self.init!r}")
+        if self.attention_from not in ("scores", "qk"):
+            raise ValueError(f"attention_from must be 'scores' or 'qk'; got "
+                             f"{self.attention_from!r}")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"bf16 must be auto, on or off; got {self.bf16!r}")
+        out = dataclasses.replace(self)
+        for key, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        if self.stage == "task1" and self.epochs is None and self.task in TASK1_EPOCHS:
+            out.epochs = TASK1_EPOCHS[self.task]
+        if out.max_length is None:
+            out.max_length = default_max_length(self.task)
+        for name in ("epochs", "batch_size", "lr", "max_length", "save_steps", "log_steps"):
+            if not getattr(out, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(out, name)}")
+        return out
+
+
+def ineffective_settings(cfg: DistillConfig, task: glue.Task | None) -> list[str]:
+    """What a resolved config sets away from its default that has no effect in this stage or on
+    this task (each a sentence naming the flag); the loop logs each as a warning."""
+    defaults = DistillConfig(stage=cfg.stage, output_dir="", student="")
+    changed = {f.name for f in dataclasses.fields(DistillConfig)
+               if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    intermediate = cfg.stage in ("general", "task1")
+    notes = []
+    def note(name, why):
+        if name in changed:
+            notes.append(f"--{name.replace('_', '-')} has no effect {why}")
+    builds_from_teacher = cfg.init == "teacher-layers"   # the mapping picks the copied layers
+    for name in ("attention_weight", "hidden_weight", "embedding_weight", "mapping",
+                 "mapping_layers", "mapping_seed", "attention_from", "mask_padding"):
+        if name.startswith("mapping") and builds_from_teacher:
+            continue
+        if not intermediate:
+            note(name, f"in stage {cfg.stage!r} (it applies to the intermediate-layer losses of "
+                       f"stages general and task1)")
+    for name in ("prediction_weight", "temperature", "hard_label_weight"):
+        if cfg.stage != "task2":
+            note(name, f"in stage {cfg.stage!r} (it applies to task step 2's prediction loss)")
+    if cfg.stage == "task2" and task is not None and task.is_regression:
+        note("temperature", f"on the regression task {task.name!r}: step 2 is the mean squared "
+                            f"error of the teacher's outputs there, not a softmax")
+    if cfg.teacher_cache is None:
+        note("cache_dtype", "without --teacher-cache")
+    return notes
+
+
+
+def stage_defaults_table() -> str:
+    """The optimisation defaults of every stage, as `--help` prints them."""
+    keys = ("epochs", "batch_size", "lr", "warmup_ratio", "schedule")
+    rows = [("stage", "--epochs", "--batch-size", "--lr", "--warmup-ratio", "--schedule")]
+    for stage, values in STAGE_DEFAULTS.items():
+        rows.append((stage, *(f"{values[k]:g}" if isinstance(values[k], float) else
+                              str(values[k]) for k in keys)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    special = ", ".join(f"{t} {n:g}" for t, n in TASK1_EPOCHS.items())
+    return ("defaults per stage (finetune-teacher: the finetune row):\n  "
+            + "\n  ".join(lines)
+            + f"\n  task1 --epochs by task: {special}"
+            + "\n  --max-length: 64 for single-sentence tasks, 128 for sentence pairs")

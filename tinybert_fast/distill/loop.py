@@ -1,0 +1,365 @@
+"""The loop: one stage of a run (or "all": task1, then task2 from task1's student), with
+DDP, checkpoints and exact resume, logging, dev evaluation and the exported model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import torch
+from torch import nn
+
+from .. import data, mapping, train
+from .._device import resolve_device
+from .cache_glue import teacher_cache
+from .config import PROJECTION_FILE, TRAINING_FILE, DistillConfig, head_trained, \
+    ineffective_settings
+from .models import (STUDENT_ARG, _is_checkpoint, _is_pretrained, build_student, check_pair,
+                     load_teacher, pretrained, student_config)
+from .objective import Objective, StudentWithProjection
+
+log = logging.getLogger("tinybert_fast.distill")
+
+def training_examples(task: data.Task | None, *, general: bool = False,
+                      data_dir: str | None = None, train_file: str | None = None,
+                      corpus: str | None = None, limit: int | None = None) -> list[data.Example]:
+    """The training examples of a run: the task's train split (or `train_file`); for general
+    distillation (`general`), the `corpus` file, else the task's text without its labels.
+    limit: the first `limit` examples only."""
+    if general:
+        if corpus:
+            examples = data.read_corpus(corpus)
+        elif task is not None:  # task text without labels
+            examples = [dataclasses.replace(e, label=None) for e in
+                        data.load_examples(task, "train", data_dir, train_file)]
+        else:
+            raise ValueError("general distillation needs --corpus (or --task for its text)")
+    else:
+        examples = data.load_examples(task, "train", data_dir, train_file)
+    return examples[:limit] if limit else examples
+
+
+def load_training_examples(cfg: DistillConfig, task: data.Task | None) -> list[data.Example]:
+    """training_examples with the arguments of a run's config."""
+    return training_examples(task, general=cfg.stage == "general", data_dir=cfg.data_dir,
+                             train_file=cfg.train_file, corpus=cfg.corpus,
+                             limit=cfg.limit_train)
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Run one stage (or "all": task1 then task2); returns the summary written to
+    <output_dir>/summary.json."""
+    if cfg.stage == "all":
+        step1 = dataclasses.replace(cfg, stage="task1",
+                                    output_dir=os.path.join(cfg.output_dir, "task1"))
+        s1 = distill(step1)
+        step2 = dataclasses.replace(cfg, stage="task2", student=s1["model_dir"], init="auto",
+                                    output_dir=os.path.join(cfg.output_dir, "task2"))
+        s2 = distill(step2)
+        return {"stage": "all", "task1": s1, "task2": s2, "model_dir": s2["model_dir"]}
+    cfg = cfg.resolved()
+    summary_path = os.path.join(cfg.output_dir, "summary.json")
+    if cfg.resume and os.path.isfile(summary_path):
+        log.info("%s already finished (%s); nothing to resume", cfg.output_dir, summary_path)
+        with open(summary_path, encoding="utf-8") as f:
+            return json.load(f)
+    return _Run(cfg).train()
+
+
+class _Run:
+    def __init__(self, cfg: DistillConfig):
+        from transformers import AutoConfig, AutoTokenizer, BertConfig
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = train.Distributed(self.device)
+        self.bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and self.device.type == "cuda")
+        train.seed_everything(cfg.seed)
+        if cfg.stage != "general" and cfg.task is None:
+            raise ValueError(f"stage {cfg.stage!r} needs --task")
+        self.task = data.get_task(cfg.task) if cfg.task else None
+        if cfg.stage != "finetune" and not cfg.teacher:
+            raise ValueError(f"stage {cfg.stage!r} needs --teacher")
+
+        # Everything a bad argument can break is checked before the data and models load fully.
+        teacher_config = pretrained("teacher", AutoConfig.from_pretrained, cfg.teacher) \
+            if cfg.teacher else None
+        # the tokenizer: --tokenizer, else the teacher's, else a pretrained student's
+        if cfg.tokenizer:
+            tok_arg, tok_source = "tokenizer (--tokenizer)", cfg.tokenizer
+        elif cfg.teacher:
+            tok_arg, tok_source = "teacher", cfg.teacher
+        elif _is_pretrained(cfg.student):
+            tok_arg, tok_source = STUDENT_ARG, cfg.student
+        else:
+            raise ValueError("no tokenizer: pass --tokenizer (or a --teacher / checkpoint "
+                             "--student that has one)")
+        self.tokenizer = pretrained(tok_arg, AutoTokenizer.from_pretrained, tok_source)
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer {tok_source!r} has no pad token")
+        # presets take vocabulary and position sizes from the teacher (or the tokenizer)
+        self.base_config = teacher_config or BertConfig(vocab_size=len(self.tokenizer))
+        s_config = student_config(cfg.student, self.base_config)
+        self.layer_map = None
+        if cfg.stage in ("general", "task1"):
+            n_t = teacher_config.num_hidden_layers
+            self.layer_map = mapping.layer_map(cfg.mapping, s_config.num_hidden_layers,
+                                               n_t, seed=cfg.mapping_seed,
+                                               layers=cfg.mapping_layers)
+            check_pair(s_config, teacher_config, cfg)
+            if cfg.attention_from == "qk" and any(len(g) > 1 for g in self.layer_map.attention):
+                raise ValueError(f"mapping {cfg.mapping!r} averages teacher score maps, which "
+                                 f"attention_from 'qk' does not form; use --attention-from "
+                                 f"scores with it")
+
+        # the teacher layers a new student is built from (--init teacher-layers): the stage's
+        # mapping, or in task step 2 (no intermediate losses) the mapping the flags give
+        self.init_map = self.layer_map
+        if cfg.init == "teacher-layers" and self.init_map is None and teacher_config is not None:
+            self.init_map = mapping.layer_map(cfg.mapping, s_config.num_hidden_layers,
+                                              teacher_config.num_hidden_layers,
+                                              seed=cfg.mapping_seed, layers=cfg.mapping_layers)
+
+        examples = load_training_examples(cfg, self.task)
+        self.train_set = data.TokenizedDataset(examples, self.tokenizer, cfg.max_length)
+        self.dev_sets = {}
+        if cfg.eval and self.task is not None:
+            for split in self.task.dev_splits:
+                dev = data.load_examples(self.task, split, cfg.data_dir)
+                dev = dev[:cfg.limit_eval] if cfg.limit_eval else dev
+                self.dev_sets[split] = data.TokenizedDataset(dev, self.tokenizer, cfg.max_length)
+
+        self.teacher = (load_teacher(cfg.teacher, cfg.stage, self.task, self.device)
+                        if cfg.stage != "finetune" else None)
+        init = "random" if cfg.init == "auto" else cfg.init
+        self.student = build_student(cfg.student, cfg.stage, self.task, self.base_config, init,
+                                     self.init_map, self.teacher).to(self.device).train()
+        projection = None
+        if self.layer_map is not None and (cfg.hidden_weight or cfg.embedding_weight):
+            d_s, d_t = self.student.config.hidden_size, teacher_config.hidden_size
+            projection = nn.Linear(d_s, d_t)
+            saved = os.path.join(cfg.student, PROJECTION_FILE)
+            if _is_checkpoint(cfg.student) and os.path.isfile(saved):
+                projection.load_state_dict(torch.load(saved, map_location="cpu"))
+            elif init == "teacher-layers":
+                # The student's layers are the teacher's: start the projection at the identity,
+                # so the hidden loss starts at what the copied layers give (a random W would make
+                # step 1's first updates pull the copied layers away from the teacher's).
+                with torch.no_grad():
+                    projection.weight.copy_(torch.eye(d_t, d_s))
+                    projection.bias.zero_()
+            projection = projection.to(self.device)
+        self.model = StudentWithProjection(self.student, projection)
+        self.objective = Objective(cfg, self.task, self.layer_map, self.teacher)
+        self.cache, self.cache_info = None, None
+        if cfg.teacher_cache:
+            self.cache, self.cache_info = teacher_cache(cfg, self.teacher, self.tokenizer,
+                                                        self.train_set, self.layer_map,
+                                                        self.device, self.dist)
+        self.ddp = self.model
+        if self.dist.enabled:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                else None, find_unused_parameters=True)
+
+        self.steps_per_epoch = len(data.batch_indices(
+            len(self.train_set), cfg.batch_size, 0, cfg.seed, rank=self.dist.rank,
+            world_size=self.dist.world_size))
+        total = math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.optimizer = train.make_optimizer(self.model.named_parameters(), cfg.lr,
+                                              cfg.weight_decay)
+        self.scheduler = train.make_schedule(self.optimizer, cfg.schedule, self.total_steps,
+                                             cfg.warmup_ratio)
+        self.step = 0
+        self.examples_seen = 0
+        self.train_seconds = 0.0
+        self.checkpoint_dir = os.path.join(cfg.output_dir, "checkpoint")
+        self.log = train.JsonlLog(os.path.join(cfg.output_dir, "log.jsonl")
+                                  if self.dist.is_main else None)
+        if self.cache_info is not None:
+            self.log.write(event="teacher_cache", stage=cfg.stage, **self.cache_info)
+        for note in ineffective_settings(cfg, self.task):
+            log.warning("%s", note)
+
+    # checkpoints
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "step": self.step,
+                     "examples_seen": self.examples_seen, "train_seconds": self.train_seconds,
+                     "rng": train.rng_state(), "config": dataclasses.asdict(self.cfg)}
+            train.atomic_save_dir(self.checkpoint_dir,
+                                  lambda d: torch.save(state, os.path.join(d, "trainer_state.pt")))
+        self.dist.barrier()
+
+    def maybe_resume(self) -> None:
+        path = train.latest_dir(self.checkpoint_dir) if self.cfg.resume else None
+        if path is None:
+            if self.cfg.resume:
+                log.info("no checkpoint under %s: starting from scratch", self.checkpoint_dir)
+            return
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu",
+                           weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.examples_seen = state["step"], state["examples_seen"]
+        self.train_seconds = state["train_seconds"]
+        train.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def export(self) -> str:
+        """The trained student (save_pretrained + tokenizer + projection) in <output>/model, with
+        TRAINING_FILE saying which stage trained it and whether its prediction head was trained
+        (step 1 and general distillation train the encoder only; `eval` warns on such a model)."""
+        model_dir = os.path.join(self.cfg.output_dir, "model")
+        if self.dist.is_main:
+            def write(d):
+                self.student.save_pretrained(d)
+                self.tokenizer.save_pretrained(d)
+                if self.model.projection is not None:
+                    torch.save(self.model.projection.state_dict(), os.path.join(d, PROJECTION_FILE))
+                train.write_json_atomic(os.path.join(d, TRAINING_FILE), {
+                    "stage": self.cfg.stage, "task": self.cfg.task,
+                    "head_trained": head_trained(self.cfg, self.task)})
+            train.atomic_save_dir(model_dir, write)
+        self.dist.barrier()
+        return model_dir
+
+    def evaluate(self) -> dict:
+        """{split: metrics} on the dev sets: the task's metrics once the head is trained; in the
+        intermediate stages (task1), whose head is untrained, the stage's loss terms on dev
+        ("dev_attention", "dev_hidden", ...; the teacher runs on the dev batches)."""
+        if not self.dist.is_main or not self.dev_sets:
+            return {}
+        if self.objective.intermediate:
+            return {split: self._dev_losses(ds) for split, ds in self.dev_sets.items()}
+        return {split: train.evaluate(self.student, ds, self.task, self.cfg.eval_batch_size,
+                                      self.device, self.tokenizer.pad_token_id, self.bf16)
+                for split, ds in self.dev_sets.items()}
+
+    @torch.no_grad()
+    def _dev_losses(self, dataset) -> dict:
+        """The mean over dev batches of each loss term of the stage's objective."""
+        was_training = self.student.training
+        self.student.eval()
+        sums, n = {}, 0
+        batches = data.batch_indices(len(dataset), self.cfg.eval_batch_size, 0, 0, shuffle=False)
+        for batch in data.iterate_batches(dataset, batches, self.tokenizer.pad_token_id, None,
+                                          False):
+            inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask",
+                                                            "token_type_ids")}
+            with train.autocast(self.device, self.bf16):
+                terms = self.objective(self.model, inputs, None)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            n += 1
+        self.student.train(was_training)
+        return {f"dev_{k}": float(v) / max(n, 1) for k, v in sums.items()}
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.maybe_resume()
+        pad_to = cfg.max_length if cfg.pad_to_max_length else None
+        regression = self.task is not None and self.task.is_regression
+        bar = None
+        if self.dist.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.stage}",
+                       dynamic_ncols=True)
+        evals = []
+        window = {"loss": 0.0, "n": 0, "examples": 0, "tokens": 0, "t0": time.perf_counter()}
+        window_start = self.step
+        while self.step < self.total_steps:
+            epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
+            batches = data.batch_indices(len(self.train_set), cfg.batch_size, epoch, cfg.seed,
+                                         rank=self.dist.rank, world_size=self.dist.world_size)
+            todo = batches[done_in_epoch:]
+            cached = (self.cache.prefetch(todo, self.device, pad_to=pad_to,
+                                          attention="qk" if cfg.attention_from == "qk"
+                                          else "scores")
+                      if self.cache is not None else None)
+            for batch in data.iterate_batches(self.train_set, todo,
+                                              self.tokenizer.pad_token_id, pad_to, regression):
+                t_step = time.perf_counter()
+                terms = self._train_step(batch, next(cached) if cached is not None else None)
+                self.step += 1
+                n_ex = int(batch["input_ids"].shape[0]) * self.dist.world_size
+                self.examples_seen += n_ex
+                self.train_seconds += time.perf_counter() - t_step
+                window["loss"] = window["loss"] + terms["total"]  # on device: no sync per step
+                window["n"] += 1
+                window["examples"] += n_ex
+                window["tokens"] += int(batch["attention_mask"].sum()) * self.dist.world_size
+                if bar is not None:
+                    bar.update(1)
+                    if self.step % cfg.log_steps and self.step - window_start <= cfg.log_steps:
+                        # before the first log step: the throughput so far (no device sync)
+                        elapsed = time.perf_counter() - window["t0"]
+                        bar.set_postfix(ex_s=f"{window['examples'] / max(elapsed, 1e-9):.0f}")
+                if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
+                    self._log_window(window, terms, epoch, bar)
+                if self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+            if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
+                metrics = self.evaluate()
+                if metrics:
+                    evals.append({"epoch": self.step / self.steps_per_epoch, **metrics})
+                    self.log.write(event="eval", stage=cfg.stage, step=self.step, metrics=metrics)
+                    log.info("%s step %d dev %s", cfg.stage, self.step, metrics)
+                if self.step < self.total_steps:
+                    self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        model_dir = self.export()
+        summary = {"stage": cfg.stage, "task": cfg.task, "steps": self.step,
+                   "examples_seen": self.examples_seen,
+                   "train_seconds": self.train_seconds,
+                   "examples_per_second": self.examples_seen / max(self.train_seconds, 1e-9),
+                   "dev": evals[-1] if evals else None, "evals": evals, "model_dir": model_dir,
+                   "losses": cfg.losses, "device": str(self.device),
+                   "world_size": self.dist.world_size, "teacher_cache": self.cache_info}
+        if self.dist.is_main:
+            train.write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), summary)
+            self.log.write(event="summary", **summary)
+            if not cfg.keep_checkpoint:  # the model is exported: the resume state has done its job
+                for path in (self.checkpoint_dir, f"{self.checkpoint_dir}.old"):
+                    shutil.rmtree(path, ignore_errors=True)
+        return summary
+
+    def _train_step(self, batch, cached) -> dict:
+        inputs = {k: batch[k].to(self.device, non_blocking=True)
+                  for k in ("input_ids", "attention_mask", "token_type_ids")}
+        labels = batch["labels"].to(self.device) if "labels" in batch else None
+        with train.autocast(self.device, self.bf16):
+            terms = self.objective(self.ddp, inputs, labels, cached)
+        terms["total"].backward()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _log_window(self, window, terms, epoch, bar) -> None:
+        elapsed = time.perf_counter() - window["t0"]
+        means = self.dist.mean(torch.stack([t.float() for t in terms.values()])).cpu()
+        record = {"event": "train", "stage": self.cfg.stage, "step": self.step, "epoch": epoch,
+                  **{k: float(v) for k, v in zip(terms, means)},
+                  "mean_loss": float(window["loss"]) / max(window["n"], 1),
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "examples_per_second": window["examples"] / max(elapsed, 1e-9),
+                  "tokens_per_second": window["tokens"] / max(elapsed, 1e-9)}
+        self.log.write(**record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['mean_loss']:.4f}",
+                            ex_s=f"{record['examples_per_second']:.0f}")
+        window.update(loss=0.0, n=0, examples=0, tokens=0, t0=time.perf_counter())
+
