@@ -32,8 +32,8 @@ def test_a_subcommand_imports_its_own_module_alone():
         "try:\n    cli.main(['eval', '--help'])\nexcept SystemExit:\n    pass")
     assert "tinybert_fast.commands.eval" in loaded
     others = {"tinybert_fast.commands.distill", "tinybert_fast.commands.finetune",
-              "tinybert_fast.commands.augment", "tinybert_fast.cache_command",
-              "tinybert_fast.extension_command", "tinybert_fast.augment"}
+              "tinybert_fast.commands.augment", "tinybert_fast.commands.cache",
+              "tinybert_fast.commands.build_extension", "tinybert_fast.augment"}
     assert not loaded & (others | HEAVY), sorted(loaded & (others | HEAVY))
 
 

@@ -22,9 +22,9 @@ COMMANDS = {
     "finetune-teacher": ".commands.finetune",
     "distill": ".commands.distill",
     "eval": ".commands.eval",
-    "cache": ".cache_command",
+    "cache": ".commands.cache",
     "augment": ".commands.augment",
-    "build-extension": ".extension_command",
+    "build-extension": ".commands.build_extension",
 }
 
 

@@ -121,8 +121,7 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
 def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, device,
                   dist_state: Distributed):
     """open_teacher_cache with the arguments a resolved DistillConfig gives (the cache at
-    cfg.teacher_cache; the loop calls this, and `tinybert-fast cache` until it calls
-    open_teacher_cache itself)."""
+    cfg.teacher_cache; the loop calls this)."""
     return open_teacher_cache(
         cfg.teacher_cache, teacher, tokenizer, train_set, layer_map, device=device,
         dist_state=dist_state, source=training_source(cfg), max_length=cfg.max_length,

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import _extension as ext
+    from .. import _extension as ext
     if ext.truthy("TBF_NO_EXTENSION"):
         raise ValueError("TBF_NO_EXTENSION=1 is set, which turns the extension off: unset it")
     try:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from . import data, distill, mapping, train
+from .. import mapping
+from ._args import add_data_arguments, add_device_argument
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +21,7 @@ HELP = "run the teacher once over the training data and cache its outputs"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher checkpoint dir or hub name")
-    p.add_argument("--task", required=True, choices=sorted(data.TASKS))
-    p.add_argument("--data-dir", help="local GLUE TSV folder (default: `datasets`)")
-    p.add_argument("--train-file", help="training TSV in the task's GLUE layout (e.g. augmented)")
+    add_data_arguments(p, task_required=True, padding=False, limits=("train",))
     p.add_argument("--output", required=True, help="cache folder")
     p.add_argument("--student-layers", type=int, required=True,
                    help="the student's layer count M (the mapping picks the teacher layers)")
@@ -33,36 +32,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-from", choices=["scores", "qk"], default="scores",
                    help="as for distill: qk stores every example's Q and K (what "
                         "attention_mse_qk reads); scores stores scores, or Q and K where smaller")
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--limit-train", type=int)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto")
+    add_device_argument(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
-    cfg = distill.DistillConfig(
-        stage="task1", output_dir=args.output, student="-", teacher=args.teacher,
-        task=args.task, data_dir=args.data_dir, train_file=args.train_file,
-        mapping=args.mapping, mapping_layers=args.mapping_layers,
-        mapping_seed=args.mapping_seed, teacher_cache=args.output, cache_dtype=args.dtype,
-        attention_from=args.attention_from,
-        max_length=args.max_length, limit_train=args.limit_train,
-        eval_batch_size=args.batch_size, device=args.device, progress=args.progress).resolved()
-    device = train.resolve_device(cfg.device)
-    dist_state = train.Distributed(device)
-    task = data.get_task(cfg.task)
-    n_teacher = distill.pretrained("teacher", AutoConfig.from_pretrained,
-                                   cfg.teacher).num_hidden_layers
-    layer_map = mapping.layer_map(cfg.mapping, args.student_layers, n_teacher,
-                                  seed=cfg.mapping_seed, layers=cfg.mapping_layers)
-    tokenizer = distill.pretrained("teacher", AutoTokenizer.from_pretrained, cfg.teacher)
-    examples = distill.load_training_examples(cfg, task)
-    train_set = data.TokenizedDataset(examples, tokenizer, cfg.max_length)
-    teacher = distill.load_teacher(cfg.teacher, "task1", task, device)
-    cache, info = distill.teacher_cache(cfg, teacher, tokenizer, train_set, layer_map, device,
-                                        dist_state)
+
+    from .. import data, train
+    from .._device import resolve_device
+    from ..distill.cache_glue import open_teacher_cache
+    from ..distill.config import default_max_length
+    from ..distill.loop import training_examples
+    from ..distill.models import load_teacher, pretrained
+
+    device = resolve_device(args.device)
+    task = data.get_task(args.task)
+    max_length = args.max_length or default_max_length(args.task)
+    n_teacher = pretrained("teacher", AutoConfig.from_pretrained, args.teacher).num_hidden_layers
+    layer_map = mapping.layer_map(args.mapping, args.student_layers, n_teacher,
+                                  seed=args.mapping_seed, layers=args.mapping_layers)
+    tokenizer = pretrained("teacher", AutoTokenizer.from_pretrained, args.teacher)
+    examples = training_examples(task, data_dir=args.data_dir, train_file=args.train_file,
+                                 limit=args.limit_train)
+    train_set = data.TokenizedDataset(examples, tokenizer, max_length)
+    teacher = load_teacher(args.teacher, "task1", task, device)
+    cache, info = open_teacher_cache(
+        args.output, teacher, tokenizer, train_set, layer_map, device=device,
+        dist_state=train.Distributed(device),
+        source={"task": args.task, "train_file": args.train_file, "data_dir": args.data_dir},
+        max_length=max_length, attention_from=args.attention_from, dtype=args.dtype,
+        batch_size=args.batch_size, progress=args.progress)
     log.info("teacher cache %s: %d examples, %.1f MB, fields %s, %s in %.1f s", args.output,
              len(train_set), cache.nbytes / 1e6, cache.layout.fields,
              "built" if info["built"] else "opened", info["seconds"])
