@@ -229,6 +229,26 @@ def test_teacher_cache_gives_the_live_teachers_losses(models, tmp_path):
                              mapping="bottom", max_steps=1))
 
 
+def test_a_cache_build_hashes_the_teachers_weights_once(models, tmp_path, monkeypatch):
+    """The run's expected fingerprint and the build share one hash of the teacher's weights
+    (hashing reads every weight: twice was a second pass over a large teacher)."""
+    from tinybert_fast import cache
+    from tinybert_fast.cache import fingerprint
+    if not cache.HAS_EXTENSION:
+        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    calls = []
+    real = fingerprint.hash_state_dict
+
+    def counting(model):
+        calls.append(type(model).__name__)
+        return real(model)
+    monkeypatch.setattr(fingerprint, "hash_state_dict", counting)
+    monkeypatch.setattr(cache, "hash_state_dict", counting)
+    distill.distill(_cfg(models, tmp_path / "run", teacher_cache=str(tmp_path / "cache"),
+                         max_steps=1))
+    assert len(calls) == 1, calls
+
+
 def test_cache_command_builds_what_distill_opens(models, tmp_path):
     from tinybert_fast import cache, cli
     if not cache.HAS_EXTENSION:

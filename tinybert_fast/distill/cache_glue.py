@@ -104,7 +104,8 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
             path, teacher, loader, attention_layers=att, hidden_states=hid,
             dtype=dtype, tokenizer=tokenizer, max_length=max_length,
             dataset=dataset, shard=(dist_state.rank, dist_state.world_size),
-            progress=dist_state.is_main and progress, attention_storage=storage)
+            progress=dist_state.is_main and progress, attention_storage=storage,
+            teacher_weights=expect["teacher_weights"])  # hashed once, above
         dist_state.barrier()
         if opened is None:
             opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
