@@ -120,11 +120,13 @@ def attention_mse(student, teacher, attention_mask: torch.Tensor | None = None,
             keep = keep & (attention_mask != 0)[:, None, :, None]
     total = None
     for s, t in zip(s_layers, t_layers):
-        s = torch.where(s <= MASK_THRESHOLD, torch.zeros_like(s), s)
-        t = torch.where(t <= MASK_THRESHOLD, torch.zeros_like(t), t)
+        # one where per side, with a scalar zero: no [B, H, L, L] zeros tensor and no second
+        # masked copy (this is the CPU path of the loop's attention term)
+        drop_s, drop_t = s <= MASK_THRESHOLD, t <= MASK_THRESHOLD
         if keep is not None:
-            s = torch.where(keep, s, torch.zeros_like(s))
-            t = torch.where(keep, t, torch.zeros_like(t))
+            drop_s, drop_t = drop_s | ~keep, drop_t | ~keep
+        s = torch.where(drop_s, 0.0, s)
+        t = torch.where(drop_t, 0.0, t)
         layer = F.mse_loss(s, t.to(s.dtype), reduction=reduction).float()
         total = layer if total is None else total + layer
     return total
