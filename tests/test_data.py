@@ -112,6 +112,75 @@ def test_metrics_against_hand_computed_values():
         data.compute_metrics(t, [1], [1, 0])
 
 
+def _metrics_as_before(task, p, y):
+    """The hand-written GLUE metrics that compute_metrics had before it used scikit-learn and
+    SciPy (kept here as the reference the library versions must equal)."""
+    p, y = np.asarray(p), np.asarray(y)
+    if task.metric == "pearson_spearman":
+        def pearson(a, b):
+            a, b = a - a.mean(), b - b.mean()
+            den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+            return float((a * b).sum() / den) if den else 0.0
+
+        def ranks(x):
+            order = np.argsort(x, kind="mergesort")
+            r, sx, i = np.empty(len(x)), x[order], 0
+            while i < len(x):
+                j = i
+                while j + 1 < len(x) and sx[j + 1] == sx[i]:
+                    j += 1
+                r[order[i:j + 1]] = (i + j) / 2.0
+                i = j + 1
+            return r
+        p, y = p.astype(np.float64), y.astype(np.float64)
+        pr, sr = pearson(p, y), pearson(ranks(p), ranks(y))
+        return {"pearson": pr, "spearman": sr, "score": (pr + sr) / 2}
+    out = {"accuracy": float((p == y).mean())}
+    tp = float(((p == 1) & (y == 1)).sum())
+    fp, fn = float(((p == 1) & (y != 1)).sum()), float(((p != 1) & (y == 1)).sum())
+    if task.metric == "accuracy_f1":
+        out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        out["score"] = (out["accuracy"] + out["f1"]) / 2
+    elif task.metric == "mcc":
+        tn = float(((p == 0) & (y == 0)).sum())
+        den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        out["mcc"] = (tp * tn - fp * fn) / den if den else 0.0
+        out["score"] = out["mcc"]
+    else:
+        out["score"] = out["accuracy"]
+    return out
+
+
+@pytest.mark.parametrize("task_name, folder", [("cola", "CoLA"), ("mrpc", "MRPC"),
+                                               ("rte", "RTE"), ("sst2", "SST-2")])
+def test_library_metrics_equal_the_previous_ones_on_real_dev_sets(task_name, folder):
+    """scikit-learn's accuracy / F1 / Matthews correlation equal the previous hand-written ones
+    on each real dev set's labels, for predictions of several qualities (a student's: the labels
+    with 10-40% flipped; a constant one; the labels themselves), and SciPy's Pearson/Spearman
+    on regression scores with ties (STS-B has no dev set here)."""
+    path = os.path.join(GLUE, folder)
+    if not os.path.isdir(path):
+        pytest.skip(f"{folder} not found at {path}")
+    task = data.get_task(task_name)
+    y = np.array([e.label for e in data.load_examples(task, "dev", path)])
+    rng = np.random.default_rng(0)
+    cases = [np.where(rng.random(len(y)) < q, 1 - y, y) for q in (0.1, 0.25, 0.4)]
+    cases += [np.zeros_like(y), np.ones_like(y), y.copy()]
+    for p in cases:
+        new, old = data.compute_metrics(task, p, y), _metrics_as_before(task, p, y)
+        assert new.keys() == old.keys()
+        for k in new:
+            assert new[k] == pytest.approx(old[k], abs=1e-12), (k, new[k], old[k])
+    stsb = data.get_task("stsb")
+    scores = np.round(rng.normal(2.5, 1.2, 1500).clip(0, 5) * 5) / 5  # many ties, as STS-B
+    for pred in (scores + rng.normal(0, s, len(scores)) for s in (0.3, 1.0, 3.0)):
+        pred = np.round(pred, 1)
+        new, old = data.compute_metrics(stsb, pred, scores), _metrics_as_before(stsb, pred, scores)
+        for k in new:
+            assert new[k] == pytest.approx(old[k], abs=1e-9), k
+    assert data.compute_metrics(stsb, np.full(10, 2.0), scores[:10])["pearson"] == 0.0
+
+
 def _hub_layout_copy(root, tasks):
     """A local folder laid out like the hub's nyu-mll/glue repository (README.md configs and
     <task>/<split>-00000-of-00001.parquet), made from the GLUE TSV files with the hub's columns

@@ -191,50 +191,35 @@ def batch_indices(n: int, batch_size: int, epoch: int, seed: int, *, shuffle: bo
 
 # --- metrics ----------------------------------------------------------------------------------------
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged (for Spearman's correlation)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    sx = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sx[j + 1] == sx[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0
-        i = j + 1
-    return ranks
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / den) if den else 0.0
-
-
 def compute_metrics(task: Task, predictions, labels) -> dict[str, float]:
-    """GLUE metrics: accuracy; F1 of class 1 (MRPC, QQP); Matthews correlation (CoLA);
-    Pearson/Spearman (STS-B).  predictions: class indices or regression scores."""
+    """GLUE metrics, from scikit-learn and SciPy: accuracy; F1 of class 1 (MRPC, QQP); Matthews
+    correlation (CoLA); Pearson and Spearman correlation (STS-B); "score" is the task's one
+    number (the mean of a pair).  predictions: class indices or regression scores.
+
+    Degenerate inputs give 0, not NaN: F1 with no true positive, and a correlation of a constant
+    prediction (a student that learned one value), where SciPy would warn and return NaN.
+    """
     p, y = np.asarray(predictions), np.asarray(labels)
     if len(p) != len(y) or len(y) == 0:
         raise ValueError(f"predictions ({len(p)}) and labels ({len(y)}) must be non-empty and "
                          f"of equal length")
     if task.metric == "pearson_spearman":
+        from scipy import stats
         p, y = p.astype(np.float64), y.astype(np.float64)
-        pr, sr = _pearson(p, y), _pearson(_ranks(p), _ranks(y))
+        if np.ptp(p) == 0 or np.ptp(y) == 0:  # constant: correlation undefined
+            pr = sr = 0.0
+        else:
+            pr = float(stats.pearsonr(p, y)[0])
+            sr = float(stats.spearmanr(p, y)[0])
         return {"pearson": pr, "spearman": sr, "score": (pr + sr) / 2}
-    out = {"accuracy": float((p == y).mean())}
+    from sklearn import metrics
+    out = {"accuracy": float(metrics.accuracy_score(y, p))}
     if task.metric == "accuracy_f1":
-        tp = float(((p == 1) & (y == 1)).sum())
-        fp, fn = float(((p == 1) & (y != 1)).sum()), float(((p != 1) & (y == 1)).sum())
-        out["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        out["f1"] = float(metrics.f1_score(y, p, pos_label=1, average="binary",
+                                           zero_division=0))
         out["score"] = (out["accuracy"] + out["f1"]) / 2
     elif task.metric == "mcc":
-        tp = float(((p == 1) & (y == 1)).sum())
-        tn = float(((p == 0) & (y == 0)).sum())
-        fp, fn = float(((p == 1) & (y == 0)).sum()), float(((p == 0) & (y == 1)).sum())
-        den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-        out["mcc"] = (tp * tn - fp * fn) / den if den else 0.0
+        out["mcc"] = float(metrics.matthews_corrcoef(y, p))
         out["score"] = out["mcc"]
     else:
         out["score"] = out["accuracy"]
