@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from conftest import require_cache_extension
 from tinybert_fast import distill
 
 from conftest import needs_triton
@@ -206,8 +207,7 @@ def test_teacher_cache_gives_the_live_teachers_losses(models, tmp_path):
     """Step 1 from a (fp32) teacher cache equals step 1 with the live teacher and padded positions
     excluded; `--stage all` builds the cache once and step 2 reads its logits."""
     from tinybert_fast import cache
-    if not cache.HAS_EXTENSION:
-        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    require_cache_extension()
     store = tmp_path / "cache"
     live = distill.distill(_cfg(models, tmp_path / "live", mask_padding=True, max_steps=3))
     cached = distill.distill(_cfg(models, tmp_path / "cached", teacher_cache=str(store),
@@ -234,8 +234,7 @@ def test_a_cache_build_hashes_the_teachers_weights_once(models, tmp_path, monkey
     (hashing reads every weight: twice was a second pass over a large teacher)."""
     from tinybert_fast import cache
     from tinybert_fast.cache import fingerprint
-    if not cache.HAS_EXTENSION:
-        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    require_cache_extension()
     calls = []
     real = fingerprint.hash_state_dict
 
@@ -251,8 +250,7 @@ def test_a_cache_build_hashes_the_teachers_weights_once(models, tmp_path, monkey
 
 def test_cache_command_builds_what_distill_opens(models, tmp_path):
     from tinybert_fast import cache, cli
-    if not cache.HAS_EXTENSION:
-        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    require_cache_extension()
     store = tmp_path / "cache"
     assert cli.main(["--log-level", "WARNING", "cache", "--teacher", models["teacher"],
                      "--task", "sst2", "--data-dir", SST2, "--output", str(store),
@@ -287,8 +285,7 @@ def test_attention_from_qk_with_a_teacher_cache(models, tmp_path):
     """--attention-from qk with --teacher-cache: the cache stores the teacher's Q and K (every
     example) and step 1 gives the live teacher's losses; a cache of scores is refused."""
     from tinybert_fast import cache
-    if not cache.HAS_EXTENSION:
-        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    require_cache_extension()
     kw = dict(attention_from="qk", max_steps=3)
     distill.distill(_cfg(models, tmp_path / "live", mask_padding=True, **kw))
     store = tmp_path / "qk-cache"
@@ -502,8 +499,7 @@ def test_open_teacher_cache_with_explicit_arguments_builds_what_distill_opens(mo
     from transformers import AutoConfig, AutoTokenizer
 
     from tinybert_fast import cache, data, mapping, train
-    if not cache.HAS_EXTENSION:
-        pytest.skip(f"teacher-cache extension not built: {cache.EXTENSION_ERROR}")
+    require_cache_extension()
     store = str(tmp_path / "cache")
     task = data.get_task("sst2")
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
