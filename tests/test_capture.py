@@ -58,3 +58,42 @@ def test_record_errors(pair):
         capturing(**batch)
         with pytest.raises(RuntimeError, match="twice"):
             capturing(**batch)
+
+
+def test_stacked_record_is_the_same_scores_in_one_buffer(pair):
+    """stacked=True: the same scores (bitwise), written into one [n, B, H, L, L] buffer with no
+    copy (the layers are slots of it, `stacked` is the buffer itself), and the same gradients
+    through the model as the per-layer tensors stacked by torch.stack."""
+    _, capturing, batch = pair
+    capturing.train(False)
+
+    def scores_and_grads(stacked):
+        capturing.zero_grad()
+        with capture.record_scores([2, 0], stacked=stacked) as rec:
+            out = capturing(**batch)
+        scores = rec.stacked if stacked else torch.stack(rec.layers)
+        loss = (scores.clamp(min=-100) ** 2).mean() + out.logits.square().sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in capturing.named_parameters() if p.grad is not None}
+        return rec, scores, grads
+
+    rec, stacked, grads = scores_and_grads(True)
+    _, want, want_grads = scores_and_grads(False)
+    assert stacked.shape == (2, 3, 4, 9, 9) and stacked.requires_grad
+    assert torch.equal(stacked.detach(), want.detach())
+    assert grads.keys() == want_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=0, atol=0, msg=name)
+    # slots of one buffer, in the order asked for: no copy anywhere
+    s2, s0 = rec.layers
+    assert stacked.data_ptr() == s2.data_ptr()
+    assert s0.data_ptr() == s2.data_ptr() + s2.numel() * s2.element_size()
+    with torch.no_grad(), capture.record_scores([1], stacked=True) as rec:
+        capturing(**batch)
+    assert not rec.stacked.requires_grad
+    with capture.record_scores([1]) as rec:
+        capturing(**batch)
+    with pytest.raises(RuntimeError, match="stacked=True"):
+        rec.stacked
+    with pytest.raises(ValueError, match="stacked=True records scores"):
+        capture.ScoreRecord([1], "qk", stacked=True)

@@ -298,3 +298,90 @@ def test_tinybert4_dimensions():
     module = tbf.TinyBertLoss(312, 768)
     assert module.proj.in_features == 312 and module.proj.out_features == 768
     assert sum(p.numel() for p in module.parameters()) == 312 * 768 + 768
+
+
+# --- distillation_terms: the loop's objective -------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distillation_terms_every_term(backend):
+    """Each term equals its loss function; the total is the weighted sum in the documented order;
+    distillation_loss is its four-term form."""
+    tbf.set_backend(backend)
+    x = stage_inputs()
+    labels = torch.tensor([0, 2, 1], device=DEVICE)
+    emb_s, emb_t = x["student_hidden"][0], x["teacher_hidden"][0]
+    w = dict(attention_weight=0.5, embedding_weight=3.0, hidden_weight=2.0,
+             prediction_weight=0.25, hard_label_weight=4.0)
+    terms = tbf.distillation_terms(
+        **{k: v for k, v in x.items() if k not in ("student_hidden", "teacher_hidden")},
+        student_embedding=emb_s, teacher_embedding=emb_t, student_hidden=x["student_hidden"][1:],
+        teacher_hidden=x["teacher_hidden"][1:], labels=labels, temperature=2.0, **w)
+    assert list(terms) == ["attention", "embedding", "hidden", "prediction", "hard", "total"]
+    want = {
+        "attention": tbf.attention_mse(x["student_attention"], x["teacher_attention"],
+                                       x["attention_mask"]),
+        "embedding": tbf.hidden_mse(emb_s, emb_t, x["weight"], x["bias"]),
+        "hidden": tbf.hidden_mse(x["student_hidden"][1:], x["teacher_hidden"][1:], x["weight"],
+                                 x["bias"]),
+        "prediction": tbf.soft_cross_entropy(x["student_logits"], x["teacher_logits"], 2.0),
+        "hard": torch.nn.functional.cross_entropy(x["student_logits"], labels),
+    }
+    for name, value in want.items():
+        torch.testing.assert_close(terms[name], value, msg=name)
+    total = sum(w[f"{n}_weight" if n != "hard" else "hard_label_weight"] * v
+                for n, v in want.items())
+    torch.testing.assert_close(terms["total"], total)
+    four = tbf.distillation_loss(**x, temperature=2.0)
+    same = tbf.distillation_terms(**x, temperature=2.0)
+    for name in ("total", "attention", "hidden", "prediction"):
+        torch.testing.assert_close(getattr(four, name), same[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+def test_distillation_terms_attention_from_qk(mask_padding):
+    """Q and K give attention_mse_qk; mask_padding also drops padded query rows, which equals the
+    score path's mask_queries on the scores Q K^T / sqrt(d) + bias."""
+    x = stage_inputs()
+    mask = x["attention_mask"]
+    q_s, k_s = make((N_LAYERS, B, H, L, 8)), make((N_LAYERS, B, H, L, 8))
+    q_t, k_t = (make((N_LAYERS, B, H, L, 16), requires_grad=False) for _ in range(2))
+    terms = tbf.distillation_terms(student_query=q_s, student_key=k_s, teacher_query=q_t,
+                                   teacher_key=k_t, attention_mask=mask,
+                                   mask_padding=mask_padding)
+    bias = R.key_mask_bias(mask)
+    scores = [R.attention_scores(q.double(), k.double(), bias.double())
+              for q, k in ((q_s, k_s), (q_t, k_t))]
+    want = R.attention_mse(*scores, mask, mask_queries=mask_padding)
+    assert_rel("attention from Q, K", terms["attention"], want, 1e-5)
+    if not mask_padding:
+        torch.testing.assert_close(terms["attention"],
+                                   tbf.attention_mse_qk(q_s, k_s, q_t, k_t, mask))
+    with pytest.raises(ValueError, match="needs all four"):
+        tbf.distillation_terms(student_query=q_s, student_key=k_s, teacher_query=q_t)
+    with pytest.raises(ValueError, match="not both"):
+        tbf.distillation_terms(student_query=q_s, student_key=k_s, teacher_query=q_t,
+                               teacher_key=k_t, student_attention=x["student_attention"],
+                               teacher_attention=x["teacher_attention"])
+
+
+def test_distillation_terms_labels_and_regression():
+    z_s, z_t = make((5, 3)), make((5, 3), requires_grad=False)
+    labels = torch.tensor([0, 1, 2, 1, 0], device=DEVICE)
+    hard = tbf.distillation_terms(student_logits=z_s, labels=labels)
+    assert list(hard) == ["hard", "total"]
+    torch.testing.assert_close(hard["total"], torch.nn.functional.cross_entropy(z_s, labels))
+    r_s, r_t = make((5, 1)), make((5, 1), requires_grad=False)
+    y = torch.randn(5, device=DEVICE)
+    reg = tbf.distillation_terms(student_logits=r_s, teacher_logits=r_t, labels=y,
+                                 regression=True, hard_label_weight=0.5)
+    torch.testing.assert_close(reg["prediction"], (r_s - r_t).square().mean())
+    torch.testing.assert_close(reg["hard"], (r_s[:, 0] - y).square().mean())
+    torch.testing.assert_close(reg["total"], reg["prediction"] + 0.5 * reg["hard"])
+    with pytest.raises(ValueError, match="student_logits was given without teacher_logits"):
+        tbf.distillation_terms(student_logits=z_s)
+    with pytest.raises(ValueError, match="labels were given without student_logits"):
+        tbf.distillation_terms(labels=labels)
+    with pytest.raises(ValueError, match="no inputs"):
+        tbf.distillation_terms()
+    with pytest.raises(ValueError, match="weight"):
+        tbf.distillation_terms(student_embedding=z_s, teacher_embedding=z_t)

@@ -3,7 +3,8 @@
     import tinybert_fast as tbf
     loss = tbf.attention_mse(student_scores, teacher_scores, attention_mask)
 
-Public losses: attention_mse, hidden_mse, soft_cross_entropy, distillation_loss (and the modules
+Public losses: attention_mse, hidden_mse, soft_cross_entropy, distillation_loss, distillation_terms
+(every term of a stage's objective, the training loop's; and the modules
 AttentionMSELoss, HiddenMSELoss, SoftCrossEntropyLoss, TinyBertLoss); from queries and keys,
 attention_mse_qk (TinyBERT's loss) and attention_kl (MiniLM's).  tbf.reference holds the
 eager implementations; tbf.set_backend picks "auto" | "triton" | "torch".
@@ -17,13 +18,14 @@ tinybert_fast.augment, which can be called; imported on first use).
 from . import reference
 from ._backend import get_backend, set_backend
 from .losses import (AttentionMSELoss, DistillLoss, HiddenMSELoss, SoftCrossEntropyLoss,
-                     TinyBertLoss, distillation_loss)
+                     TinyBertLoss, distillation_loss, distillation_terms)
 from .ops import attention_kl, attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention_mse", "hidden_mse", "soft_cross_entropy", "distillation_loss", "DistillLoss",
+    "attention_mse", "hidden_mse", "soft_cross_entropy", "distillation_loss", "distillation_terms",
+    "DistillLoss",
     "attention_mse_qk", "attention_kl",
     "AttentionMSELoss", "HiddenMSELoss", "SoftCrossEntropyLoss", "TinyBertLoss",
     "reference", "set_backend", "get_backend", "TeacherCache", "CacheWriter", "TeacherBatch",

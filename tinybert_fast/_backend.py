@@ -10,6 +10,7 @@ The initial value comes from the environment variable TINYBERT_FAST_BACKEND.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -32,6 +33,16 @@ def set_backend(name: str) -> str:
     global _backend
     previous, _backend = _backend, _validate(name, "backend")
     return previous
+
+
+@contextlib.contextmanager
+def selected(name: str):
+    """The backend `name` for the block (the previous one after it)."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def get_backend() -> str:

@@ -18,6 +18,10 @@ a custom attention implementation receives no padding mask.  The mask it receive
         out = model(**batch, output_hidden_states=True)
     scores.layers   # list of [B, H, L, L], in the order the indices were given
 
+`record_scores(layers, stacked=True)` writes the layers' scores into one [n, B, H, L, L] buffer as
+they are computed (no copy): `scores.stacked` is that buffer, differentiable, which the losses
+take in one kernel launch for all layers (a list launches once per layer).
+
 `record_qk(layers)` records each layer's (Q, K) [B, H, L, d] instead and leaves the attention
 itself to SDPA on every layer: the input of `tinybert_fast.attention_mse_qk`, which computes the
 same loss without the L x L scores.
@@ -37,14 +41,59 @@ from .reference import attention_scores
 ATTN_IMPLEMENTATION = "tinybert_fast"
 
 
+class _ScoresIntoSlot(torch.autograd.Function):
+    """attention_scores(query, key, bias, scaling) written into `slot` (a tensor of its own that
+    shares the record's buffer) instead of a new tensor; backward as the eager formula's."""
+
+    @staticmethod
+    def forward(ctx, query, key, bias, slot, scaling):
+        scores = torch.matmul(query, key.transpose(-1, -2))
+        if bias is None:
+            torch.mul(scores, scaling, out=slot)
+        else:  # the same operations, in the same order, as reference.attention_scores
+            torch.add(scores.mul_(scaling), bias, out=slot)
+        ctx.mark_dirty(slot)
+        ctx.save_for_backward(query, key)
+        ctx.scaling = scaling
+        return slot
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key = ctx.saved_tensors
+        g = grad.to(query.dtype) * ctx.scaling
+        d_query = torch.matmul(g, key) if ctx.needs_input_grad[0] else None
+        d_key = torch.matmul(g.transpose(-1, -2), query) if ctx.needs_input_grad[1] else None
+        return d_query, d_key, None, None, None
+
+
+class _StackedSlots(torch.autograd.Function):
+    """The buffer under n consecutive slots as one [n, ...] tensor, without a copy; its gradient
+    goes back to the slots as views (grad.unbind(0)), also without a copy."""
+
+    @staticmethod
+    def forward(ctx, *slots):
+        first = slots[0]
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                       (len(slots), *first.shape))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.unbind(0)
+
+
 class ScoreRecord:
     """Pre-softmax scores (kind "scores") or (Q, K) pairs (kind "qk") of chosen layers, filled
-    during a forward pass."""
+    during a forward pass.  stacked=True (scores only): the scores are written into one
+    [n_layers, B, H, L, L] buffer, given by `.stacked`."""
 
-    def __init__(self, layer_indices: Iterable[int], kind: str = "scores"):
+    def __init__(self, layer_indices: Iterable[int], kind: str = "scores", stacked: bool = False):
         if kind not in ("scores", "qk"):
             raise ValueError(f"kind must be 'scores' or 'qk'; got {kind!r}")
+        if stacked and kind != "scores":
+            raise ValueError("stacked=True records scores (kind 'scores'); Q and K stay per layer")
         self.kind = kind
+        self.stacked_buffer = stacked
+        self._buffer: torch.Tensor | None = None
         self.layer_indices = [int(i) for i in layer_indices]
         if len(set(self.layer_indices)) != len(self.layer_indices):
             raise ValueError(f"layer indices must be distinct; got {self.layer_indices}")
@@ -59,6 +108,35 @@ class ScoreRecord:
             raise RuntimeError(f"layer {layer_idx} was recorded twice in one record_scores block: "
                                f"run one forward pass per block")
         self._scores[layer_idx] = scores
+
+    def scores_into_buffer(self, layer_idx: int, query, key, bias, scaling: float
+                           ) -> torch.Tensor:
+        """Compute this layer's scores (reference.attention_scores) into its slot of the buffer,
+        allocated at the first layer: [n_layers, B, H, L, L] in the scores' dtype."""
+        shape = (*query.shape[:-1], key.shape[-2])
+        dtype = query.dtype if bias is None else torch.promote_types(query.dtype, bias.dtype)
+        if self._buffer is None:
+            self._buffer = torch.empty((len(self.layer_indices), *shape), dtype=dtype,
+                                       device=query.device)
+        elif tuple(self._buffer.shape[1:]) != shape or self._buffer.dtype != dtype:
+            raise RuntimeError(f"layer {layer_idx}'s scores are {list(shape)} {dtype}, the "
+                               f"record's buffer holds {list(self._buffer.shape[1:])} "
+                               f"{self._buffer.dtype}: a stacked record needs equal layers")
+        i = self.layer_indices.index(layer_idx)
+        numel = self._buffer[0].numel()
+        slot = query.new_empty(0, dtype=dtype).set_(
+            self._buffer.untyped_storage(), self._buffer.storage_offset() + i * numel, shape)
+        scores = _ScoresIntoSlot.apply(query, key, bias, slot, scaling)
+        self.put(layer_idx, scores)
+        return scores
+
+    @property
+    def stacked(self) -> torch.Tensor:
+        """The recorded scores as one [n_layers, B, H, L, L] tensor (stacked=True: the buffer
+        itself, differentiable, no copy)."""
+        if not self.stacked_buffer:
+            raise RuntimeError("this record was not made with stacked=True")
+        return _StackedSlots.apply(*self.layers)
 
     @property
     def layers(self) -> list:
@@ -85,9 +163,10 @@ def _recording(record: ScoreRecord):
         _ACTIVE.reset(token)
 
 
-def record_scores(layer_indices: Iterable[int]):
-    """Record the pre-softmax attention scores of these layers (0-based) in the block's forward."""
-    return _recording(ScoreRecord(layer_indices, "scores"))
+def record_scores(layer_indices: Iterable[int], *, stacked: bool = False):
+    """Record the pre-softmax attention scores of these layers (0-based) in the block's forward;
+    stacked=True writes them into one buffer (ScoreRecord.stacked)."""
+    return _recording(ScoreRecord(layer_indices, "scores", stacked))
 
 
 def record_qk(layer_indices: Iterable[int]):
@@ -111,8 +190,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         scaling = query.shape[-1] ** -0.5
     # the model's own scaling, multiplied, and its additive mask as given: what its eager
     # attention computes
-    scores = attention_scores(query, key, attention_mask, scaling=scaling)
-    record.put(layer_idx, scores)
+    if record.stacked_buffer:
+        scores = record.scores_into_buffer(layer_idx, query, key, attention_mask, scaling)
+    else:
+        scores = attention_scores(query, key, attention_mask, scaling=scaling)
+        record.put(layer_idx, scores)
     probs = F.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import attention_mse, hidden_mse, soft_cross_entropy
+from .ops import attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
 
 
 class DistillLoss(NamedTuple):
@@ -23,6 +23,108 @@ def _pair(name_s: str, s, name_t: str, t) -> bool:
         given, missing = (name_s, name_t) if t is None else (name_t, name_s)
         raise ValueError(f"{given} was given without {missing}; pass both or neither")
     return s is not None
+
+
+def _query_rows_zeroed(q: Tensor, attention_mask: Tensor) -> Tensor:
+    """q [B, H, L, d] (or stacked [n, B, H, L, d]) with padded query rows set to 0: their rows of
+    Q K^T are then 0 in both models, which excludes them from the loss from Q and K."""
+    rows = (attention_mask != 0)[:, None, :, None].to(q.dtype)
+    return q * rows
+
+
+def distillation_terms(*, student_attention=None, teacher_attention=None, student_query=None,
+                       student_key=None, teacher_query=None, teacher_key=None,
+                       attention_mask: Tensor | None = None, student_embedding=None,
+                       teacher_embedding=None, student_hidden=None, teacher_hidden=None,
+                       weight: Tensor | None = None, bias: Tensor | None = None,
+                       student_logits: Tensor | None = None, teacher_logits: Tensor | None = None,
+                       labels: Tensor | None = None, temperature: float = 1.0,
+                       regression: bool = False, attention_weight: float = 1.0,
+                       embedding_weight: float = 1.0, hidden_weight: float = 1.0,
+                       prediction_weight: float = 1.0, hard_label_weight: float = 1.0,
+                       mask_padding: bool = False) -> dict[str, Tensor]:
+    """Every term of a TinyBERT stage's objective, and their weighted sum (the training loop's
+    objective; distillation_loss is its four-term form):
+
+        total = attention_weight  * attention    attention_mse(S_s, S_t, attention_mask), or
+                                                 attention_mse_qk(Q_s, K_s, Q_t, K_t, ...)
+              + embedding_weight  * embedding    hidden_mse(E_s, E_t, weight, bias)
+              + hidden_weight     * hidden       hidden_mse(H_s, H_t, weight, bias)
+              + prediction_weight * prediction   soft_cross_entropy(z_s, z_t, temperature);
+                                                 regression: mean((z_s - z_t)^2)
+              + hard_label_weight * hard         cross_entropy(z_s, labels);
+                                                 regression: mean((z_s[:, 0] - labels)^2)
+
+    A term is computed when its inputs are given (student and teacher; labels for "hard") and
+    returned under its name with "total" last; a term with weight 0 is still computed and
+    reported (it adds 0 to the total).  Attention comes from scores or from Q and K, not both.
+    Shapes are those of the loss functions: pass stacked scores [n_layers, B, H, L, L] and states
+    [n_states, B, L, d] to get one kernel launch per term (lists launch once per layer).
+    attention_mask [B, L] (1 = token) masks padded keys; mask_padding=True also excludes padded
+    query rows (for Q/K by zeroing those rows of Q) and padded tokens' states (needed with cached
+    teacher outputs, which store no padding).  Logits are [B, C] (regression: [B, 1], labels [B]).
+    """
+    if mask_padding and attention_mask is None:
+        raise ValueError("mask_padding=True needs attention_mask [B, L]")
+    terms: dict[str, Tensor] = {}
+    by_scores = _pair("student_attention", student_attention, "teacher_attention",
+                      teacher_attention)
+    qk = {"student_query": student_query, "student_key": student_key,
+          "teacher_query": teacher_query, "teacher_key": teacher_key}
+    given = [name for name, value in qk.items() if value is not None]
+    if given and len(given) != 4:
+        missing = [name for name in qk if name not in given]
+        raise ValueError(f"{', '.join(given)} given without {', '.join(missing)}: the loss from "
+                         f"Q and K needs all four")
+    if by_scores and given:
+        raise ValueError("pass the attention as scores (student_attention/teacher_attention) or "
+                         "as Q and K (student_query/...), not both")
+    if by_scores:
+        terms["attention"] = attention_mse(student_attention, teacher_attention, attention_mask,
+                                           mask_queries=mask_padding)
+    elif given:
+        q_s, q_t = student_query, teacher_query
+        if mask_padding:
+            q_s = [_query_rows_zeroed(q, attention_mask) for q in q_s] \
+                if isinstance(q_s, (list, tuple)) else _query_rows_zeroed(q_s, attention_mask)
+            q_t = [_query_rows_zeroed(q, attention_mask) for q in q_t] \
+                if isinstance(q_t, (list, tuple)) else _query_rows_zeroed(q_t, attention_mask)
+        terms["attention"] = attention_mse_qk(q_s, student_key, q_t, teacher_key, attention_mask)
+    token_mask = attention_mask if mask_padding else None
+    for name, s, t in (("embedding", student_embedding, teacher_embedding),
+                       ("hidden", student_hidden, teacher_hidden)):
+        if _pair(f"student_{name}", s, f"teacher_{name}", t):
+            if weight is None:
+                raise ValueError(f"weight [d_t, d_s] is required with student_{name}/"
+                                 f"teacher_{name}")
+            terms[name] = hidden_mse(s, t, weight, bias, token_mask=token_mask)
+    if teacher_logits is not None and student_logits is None:
+        raise ValueError("teacher_logits was given without student_logits; pass both or neither")
+    if student_logits is not None and teacher_logits is None and labels is None:
+        raise ValueError("student_logits was given without teacher_logits (or labels); pass "
+                         "teacher_logits for the prediction loss and/or labels for the "
+                         "hard-label loss")
+    if teacher_logits is not None:
+        terms["prediction"] = (F.mse_loss(student_logits.float(), teacher_logits.float())
+                               if regression else
+                               soft_cross_entropy(student_logits, teacher_logits, temperature))
+    if labels is not None:
+        if student_logits is None:
+            raise ValueError("labels were given without student_logits")
+        terms["hard"] = (F.mse_loss(student_logits.float()[:, 0], labels.float()) if regression
+                         else F.cross_entropy(student_logits.float(), labels))
+    weights = {"attention": attention_weight, "embedding": embedding_weight,
+               "hidden": hidden_weight, "prediction": prediction_weight,
+               "hard": hard_label_weight}
+    total = None
+    for name, value in terms.items():
+        weighted = value if weights[name] == 1.0 else value * weights[name]
+        total = weighted if total is None else total + weighted
+    if total is None:
+        raise ValueError("distillation_loss got no inputs: pass attention scores, hidden states "
+                         "and/or logits (student and teacher)")
+    terms["total"] = total
+    return terms
 
 
 def distillation_loss(*, student_attention=None, teacher_attention=None, attention_mask=None,
@@ -42,37 +144,26 @@ def distillation_loss(*, student_attention=None, teacher_attention=None, attenti
     TinyBERT keeps; cached teacher outputs need it).  A term whose inputs are not given is skipped: general
     distillation and task step 1 pass scores and states; task step 2 passes logits.  Shapes are
     those of the three functions; pass stacked tensors ([n_layers, B, H, L, L] scores,
-    [n_states, B, L, d] states) to get one kernel per term.
+    [n_states, B, L, d] states) to get one kernel per term.  The terms are computed by
+    distillation_terms, which adds the embedding term apart from the states, attention from Q and
+    K, hard labels and regression (the training loop's objective).
 
     Kernel launches on the fused path, forward: per term one fused kernel + one partial-sum
     reduction (hidden adds one column-sum reduction when training), then at most five scalar
     operations for the weighted sum; backward: one kernel for each of attention and prediction,
     and two to four cuBLAS products + scalar scalings for hidden.  No host synchronisation.
     """
-    if mask_padding and attention_mask is None:
-        raise ValueError("mask_padding=True needs attention_mask [B, L]")
-    terms: dict[str, Tensor | None] = {"attention": None, "hidden": None, "prediction": None}
-    if _pair("student_attention", student_attention, "teacher_attention", teacher_attention):
-        terms["attention"] = attention_mse(student_attention, teacher_attention, attention_mask,
-                                           mask_queries=mask_padding)
-    if _pair("student_hidden", student_hidden, "teacher_hidden", teacher_hidden):
-        if weight is None:
-            raise ValueError("weight [d_t, d_s] is required with student_hidden/teacher_hidden")
-        terms["hidden"] = hidden_mse(student_hidden, teacher_hidden, weight, bias,
-                                     token_mask=attention_mask if mask_padding else None)
-    if _pair("student_logits", student_logits, "teacher_logits", teacher_logits):
-        terms["prediction"] = soft_cross_entropy(student_logits, teacher_logits, temperature)
-    weights = {"attention": attention_weight, "hidden": hidden_weight,
-               "prediction": prediction_weight}
-    total = None
-    for name, value in terms.items():
-        if value is not None:
-            weighted = value if weights[name] == 1.0 else value * weights[name]
-            total = weighted if total is None else total + weighted
-    if total is None:
-        raise ValueError("distillation_loss got no inputs: pass attention scores, hidden states "
-                         "and/or logits (student and teacher)")
-    return DistillLoss(total, **terms)
+    if student_logits is not None and teacher_logits is None:
+        raise ValueError("student_logits was given without teacher_logits; pass both or neither")
+    terms = distillation_terms(
+        student_attention=student_attention, teacher_attention=teacher_attention,
+        attention_mask=attention_mask, student_hidden=student_hidden,
+        teacher_hidden=teacher_hidden, weight=weight, bias=bias, student_logits=student_logits,
+        teacher_logits=teacher_logits, temperature=temperature,
+        attention_weight=attention_weight, hidden_weight=hidden_weight,
+        prediction_weight=prediction_weight, mask_padding=mask_padding)
+    return DistillLoss(terms["total"], terms.get("attention"), terms.get("hidden"),
+                       terms.get("prediction"))
 
 
 class AttentionMSELoss(nn.Module):

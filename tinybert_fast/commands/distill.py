@@ -51,8 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="softmax temperature of step 2's soft cross-entropy (no effect on a "
                         "regression task)")
     g.add_argument("--losses", choices=["fused", "eager"], default="fused",
-                   help="fused: the registered ops (Triton on CUDA tensors; on CPU tensors the "
-                        "eager reference, as backend 'auto' does); eager: tinybert_fast.reference")
+                   help="fused: the registered ops on the backend in effect (default 'auto': "
+                        "Triton on CUDA tensors, the eager reference on CPU tensors); eager: "
+                        "backend 'torch', the eager reference everywhere (the same as "
+                        "TINYBERT_FAST_BACKEND=torch)")
     g.add_argument("--attention-from", choices=["scores", "qk"], default="scores",
                    help="qk: the attention loss from Q and K (tbf.attention_mse_qk); student and "
                         "teacher then run SDPA attention on every layer (with --teacher-cache, "

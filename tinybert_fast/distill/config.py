@@ -64,7 +64,7 @@ class DistillConfig:
     prediction_weight: float = 1.0
     hard_label_weight: float = 0.0
     temperature: float = 1.0
-    losses: str = "fused"              # fused | eager
+    losses: str = "fused"              # fused | eager (= tbf.set_backend("torch") for the run)
     teacher_cache: str | None = None   # teacher outputs cached here (built on first use)
     cache_dtype: str = "bf16"          # fp32 | bf16 | fp16 | int8
     mask_padding: bool = False         # exclude padded positions from the intermediate losses

@@ -3,12 +3,13 @@ teacher's (run live, or read from the teacher cache)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import capture, glue, reference
-from .. import ops as fused_ops
+from .. import _backend, capture, glue
+from ..losses import distillation_terms
 from .config import DistillConfig
 
 class StudentWithProjection(nn.Module):
@@ -34,13 +35,25 @@ def _mean(tensors):
     return tensors[0] if len(tensors) == 1 else torch.stack(tensors).mean(0)
 
 
+def _mapped(stacked, order, groups):
+    """The mapped targets [len(groups), ...] from `stacked` [len(order), ...] (the entries of the
+    layers in `order`): `stacked` itself when each group is one layer, in order (a cache's and a
+    stacked record's case: no copy), else a stack of each group's entry (the mean for a group of
+    several)."""
+    position = {layer: i for i, layer in enumerate(order)}
+    if [[position[g] for g in group] for group in groups] == [[i] for i in range(len(order))]:
+        return stacked
+    return torch.stack([_mean([stacked[position[g]] for g in group]) for group in groups])
+
+
 class Objective:
-    """The stage's loss.  `losses` picks the implementation: the fused ops (tinybert_fast, which
-    follow tbf.set_backend) or the eager reference (tinybert_fast.reference)."""
+    """The stage's loss: tinybert_fast.distillation_terms on the student's outputs and the
+    teacher's (run live, or read from the teacher cache), the mapped layers stacked so that each
+    term launches once.  cfg.losses "eager" runs it on backend "torch" (the eager reference)."""
 
     def __init__(self, cfg: DistillConfig, task: glue.Task | None, layer_map, teacher):
         self.cfg, self.task, self.layer_map, self.teacher = cfg, task, layer_map, teacher
-        self.impl = fused_ops if cfg.losses == "fused" else reference
+        self.backend = "torch" if cfg.losses == "eager" else None
         self.intermediate = cfg.stage in ("general", "task1")
         self.need_att = self.intermediate and cfg.attention_weight != 0
         self.need_hid = self.intermediate and (cfg.hidden_weight != 0 or
@@ -49,107 +62,90 @@ class Objective:
     def __call__(self, model: nn.Module, inputs: dict, labels, cached=None) -> dict:
         """model: StudentWithProjection (or DDP of it); cached: the batch's TeacherBatch when the
         teacher's outputs come from a cache.  Returns the loss terms and "total"."""
-        if self.intermediate:
-            return self._intermediate(model, inputs, cached)
-        return self._prediction(model, inputs, labels, cached)
+        with (_backend.selected(self.backend) if self.backend else contextlib.nullcontext()):
+            if self.intermediate:
+                return self._intermediate(model, inputs, cached)
+            return self._prediction(model, inputs, labels, cached)
 
     def _teacher_intermediates(self, inputs, cached):
-        """{teacher layer: scores [B, H, L, L] (or (Q, K))} and {state index: hidden state}."""
-        lm = self.layer_map
+        """The teacher's mapped targets: attention as stacked scores [n, B, H, L, L] or as
+        stacked (Q, K) [n, B, H, L, d] each, and states [n + 1, B, L, d] (state 0 = the
+        embeddings); None where not needed."""
+        lm, qk = self.layer_map, self.cfg.attention_from == "qk"
+        order = lm.teacher_attention_layers
+        attention = states = None
         if cached is not None:
-            scores = {}
-            if self.need_att and self.cfg.attention_from == "qk":  # a cache of Q and K
-                scores = dict(zip(lm.teacher_attention_layers,
-                                  zip(cached.query.unbind(0), cached.key.unbind(0))))
+            if self.need_att and qk:  # a cache of Q and K
+                attention = (_mapped(cached.query, order, lm.attention),
+                             _mapped(cached.key, order, lm.attention))
             elif self.need_att:
-                scores = dict(zip(lm.teacher_attention_layers, cached.attention.unbind(0)))
-            states = dict(zip(lm.teacher_hidden_states, cached.hidden.unbind(0))) \
-                if self.need_hid else {}
-            return scores, states
-        with torch.no_grad(), self._record(lm.teacher_attention_layers) as t_rec:
+                attention = _mapped(cached.attention, order, lm.attention)
+            if self.need_hid:
+                states = _mapped(cached.hidden, lm.teacher_hidden_states, lm.hidden)
+            return attention, states
+        with torch.no_grad(), self._record(order) as t_rec:
             t_out = self.teacher(**inputs, output_hidden_states=self.need_hid)
-        scores = dict(zip(lm.teacher_attention_layers, t_rec.layers)) if self.need_att else {}
-        return scores, (dict(enumerate(t_out.hidden_states)) if self.need_hid else {})
+            if self.need_att and qk:
+                q, k = (torch.stack(x) for x in zip(*t_rec.layers))
+                attention = (_mapped(q, order, lm.attention), _mapped(k, order, lm.attention))
+            elif self.need_att:
+                attention = _mapped(t_rec.stacked, order, lm.attention)
+            if self.need_hid:
+                used = lm.teacher_hidden_states
+                states = _mapped(torch.stack([t_out.hidden_states[i] for i in used]), used,
+                                 lm.hidden)
+        return attention, states
 
     def _record(self, layers):
-        """Record scores (or Q and K) of these layers during the next forward, when needed."""
+        """Record scores (into one stacked buffer) or Q and K of these layers during the next
+        forward, when needed."""
         layers = layers if self.need_att else []
         if self.cfg.attention_from == "qk":
             return capture.record_qk(layers)
-        return capture.record_scores(layers)
-
-    def _attention_from_qk(self, s_pairs, t_pairs, inputs, mask):
-        """attention_mse_qk over the mapped layers.  Padded keys are excluded as the score path's
-        mask bias excludes them; with mask_padding, padded query rows too (their Q rows are
-        zeroed in both models, which zeroes those rows of both score maps)."""
-        key_mask = inputs["attention_mask"]
-        q_s, k_s = zip(*s_pairs)
-        q_t, k_t = zip(*(t_pairs[group[0]] for group in self.layer_map.attention))
-        if mask is not None:
-            rows = mask[:, None, :, None].to(q_s[0].dtype)
-            q_s = [q * rows for q in q_s]
-            q_t = [q * rows.to(q.dtype) for q in q_t]
-        return self.impl.attention_mse_qk(list(q_s), list(k_s), list(q_t), list(k_t), key_mask)
+        return capture.record_scores(layers, stacked=True)
 
     def _intermediate(self, model, inputs, cached):
         cfg, lm = self.cfg, self.layer_map
-        t_scores, t_hidden = self._teacher_intermediates(inputs, cached)
-        # padded positions: excluded when asked, and always with a cache (it stores none)
-        mask = inputs["attention_mask"] if (cfg.mask_padding or cached is not None) else None
+        t_attention, t_states = self._teacher_intermediates(inputs, cached)
         n_student = len(lm.attention)
         with self._record(range(n_student)) as s_rec:
             s_out, w, b = model(**inputs, output_hidden_states=self.need_hid)
-        terms = {}
-        total = 0.0
+        given = {}
         if self.need_att and cfg.attention_from == "qk":
-            terms["attention"] = self._attention_from_qk(s_rec.layers, t_scores, inputs, mask)
-            total = total + cfg.attention_weight * terms["attention"]
+            q_s, k_s = (torch.stack(x) for x in zip(*s_rec.layers))
+            given.update(student_query=q_s, student_key=k_s, teacher_query=t_attention[0],
+                         teacher_key=t_attention[1])
         elif self.need_att:
-            target = [_mean([t_scores[i] for i in group]) for group in lm.attention]
-            terms["attention"] = self.impl.attention_mse(s_rec.layers, target, mask,
-                                                         mask_queries=mask is not None)
-            total = total + cfg.attention_weight * terms["attention"]
+            given.update(student_attention=s_rec.stacked, teacher_attention=t_attention)
         if self.need_hid:
-            t_states = [_mean([t_hidden[i] for i in group]) for group in lm.hidden]
-            s_states = list(s_out.hidden_states)
-            tm = {"token_mask": mask}
-            # each term under its own name (the log shows them apart whatever the weights)
-            terms["embedding"] = self.impl.hidden_mse(s_states[0], t_states[0], w, b, **tm)
-            terms["hidden"] = self.impl.hidden_mse(s_states[1:], t_states[1:], w, b, **tm)
-            total = (total + cfg.embedding_weight * terms["embedding"]
-                     + cfg.hidden_weight * terms["hidden"])
-        terms["total"] = total
-        return terms
+            s_states = s_out.hidden_states
+            given.update(student_embedding=s_states[0], teacher_embedding=t_states[0],
+                         student_hidden=torch.stack(s_states[1:]), teacher_hidden=t_states[1:],
+                         weight=w, bias=b)
+        # padded positions: excluded when asked, and always with a cache (it stores none)
+        return distillation_terms(
+            **given, attention_mask=inputs["attention_mask"],
+            mask_padding=cfg.mask_padding or cached is not None,
+            attention_weight=cfg.attention_weight, embedding_weight=cfg.embedding_weight,
+            hidden_weight=cfg.hidden_weight)
 
     def _prediction(self, model, inputs, labels, cached):
         cfg, task = self.cfg, self.task
         s_logits = model(**inputs)[0].logits
-        terms = {}
-        total = 0.0
+        t_logits = None
         if cfg.stage == "task2" and cfg.prediction_weight != 0:
             if cached is not None:
                 t_logits = cached.logits
             else:
                 with torch.no_grad():
                     t_logits = self.teacher(**inputs).logits
-            if task.is_regression:
-                terms["prediction"] = F.mse_loss(s_logits.float(), t_logits.float())
-            else:
-                terms["prediction"] = self.impl.soft_cross_entropy(s_logits, t_logits,
-                                                                   cfg.temperature)
-            total = total + cfg.prediction_weight * terms["prediction"]
         hard_weight = 1.0 if cfg.stage == "finetune" else cfg.hard_label_weight
-        if hard_weight != 0:
-            if labels is None:
-                raise ValueError("the training data has no labels, which the hard-label loss "
-                                 "needs")
-            if task.is_regression:
-                terms["hard"] = F.mse_loss(s_logits.float()[:, 0], labels.float())
-            else:
-                terms["hard"] = F.cross_entropy(s_logits.float(), labels)
-            total = total + hard_weight * terms["hard"]
-        if not terms:
+        if hard_weight != 0 and labels is None:
+            raise ValueError("the training data has no labels, which the hard-label loss needs")
+        if t_logits is None and hard_weight == 0:
             raise ValueError("the objective is empty: every loss weight is 0")
-        terms["total"] = total
-        return terms
-
+        return distillation_terms(
+            student_logits=s_logits, teacher_logits=t_logits,
+            labels=labels if hard_weight != 0 else None, temperature=cfg.temperature,
+            regression=task.is_regression, prediction_weight=cfg.prediction_weight,
+            hard_label_weight=hard_weight)
