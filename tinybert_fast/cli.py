@@ -24,6 +24,7 @@ COMMANDS = {
     "eval": ".commands.eval",
     "cache": ".commands.cache",
     "augment": ".commands.augment",
+    "study": ".commands.study",
     "build-extension": ".commands.build_extension",
 }
 

@@ -323,7 +323,9 @@ class _Run:
                    "examples_seen": self.examples_seen,
                    "train_seconds": self.train_seconds,
                    "examples_per_second": self.examples_seen / max(self.train_seconds, 1e-9),
-                   "dev": evals[-1] if evals else None, "evals": evals, "model_dir": model_dir,
+                   "dev": evals[-1] if evals else None, "evals": evals,
+                   "dev_examples": {split: len(ds) for split, ds in self.dev_sets.items()},
+                   "model_dir": model_dir,
                    "losses": cfg.losses, "device": str(self.device),
                    "world_size": self.dist.world_size, "teacher_cache": self.cache_info}
         if self.dist.is_main:

