@@ -30,7 +30,7 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     dloss/dz_s = T * (p_s - p_t) * (reduction scale).  Classes where the teacher's logit is -inf
     contribute 0.
 
-    Fused path: one pass over C per row (online softmax over C tiles, fp32) that keeps three fp32
+    Fused path: one pass over C per row (online softmax over C tiles, fp32) that keeps five fp32
     numbers per row; the backward is one pass that writes the gradient(s).  No N*C intermediate is
     materialised or saved.
     """
@@ -50,7 +50,9 @@ def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: f
 
 # --- registered ops ------------------------------------------------------------------------------
 # [N, C] logits; `scale` folds in the reduction (the op multiplies T^2 in).  Forward outputs (loss,
-# row statistics fp32 [3, N] = (lse(z_s/T), lse(z_t/T), kl)).
+# row statistics fp32 [5, N] = (m_s, r_s, m_t, r_t, kl)): m = max_c z, r = ln sum_c exp((z - m)/T),
+# so log p = (z - m)/T - r (the maximum subtracted before the scaling, as torch.log_softmax does;
+# see kernels/kl_div.py), and kl the row's KL without T^2.
 
 @torch.library.custom_op("tinybert_fast::kl_divergence", mutates_args=())
 def _kl_div_op(student: Tensor, teacher: Tensor, temperature: float, scale: float
@@ -61,19 +63,35 @@ def _kl_div_op(student: Tensor, teacher: Tensor, temperature: float, scale: floa
 @_kl_div_op.register_fake
 def _(student, teacher, temperature, scale):
     return (student.new_empty((), dtype=torch.float32),
-            student.new_empty((3, student.shape[0]), dtype=torch.float32))
+            student.new_empty((kernels.N_STATS, student.shape[0]), dtype=torch.float32))
 
 
 @_kl_div_op.register_kernel("cpu")
 def _(student, teacher, temperature, scale):
     if _backend.cpu_kernel_runs_triton():
         return kernels.kl_divergence_forward(student, teacher, temperature, scale)
-    x, u = student.float() / temperature, teacher.float() / temperature
-    lse_s, lse_t = torch.logsumexp(x, dim=1), torch.logsumexp(u, dim=1)
-    p_t = torch.exp(u - lse_t[:, None])
-    # p_t = 0 (u = -inf): no term, and no -inf - -inf
-    kl = torch.where(p_t > 0, p_t * (u - x), 0.0).sum(1) + (lse_s - lse_t)
-    return kl.sum() * (scale * temperature * temperature), torch.stack([lse_s, lse_t, kl])
+    (m_s, r_s, log_p_s), (m_t, r_t, log_p_t) = (_log_softmax_parts(z, temperature)
+                                                  for z in (student, teacher))
+    p_t = log_p_t.exp()
+    # p_t = 0 (z_t = -inf): no term, and no -inf - -inf
+    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(1)
+    return (kl.sum() * (scale * temperature * temperature),
+            torch.stack([m_s, r_s, m_t, r_t, kl]))
+
+
+def _log_softmax_parts(z: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, r, log p) of [N, C] logits in fp32: m = max_c z, r = ln sum_c exp((z - m)/T),
+    log p = (z - m)/T - r."""
+    z = z.float()
+    m = z.amax(1)
+    x = (z - m[:, None]) / temperature
+    r = torch.logsumexp(x, dim=1)
+    return m, r, x - r[:, None]
+
+
+def _log_probs(z: Tensor, m: Tensor, r: Tensor, temperature: float) -> Tensor:
+    """log softmax(z/T) [N, C] fp32 from the forward's statistics m, r [N]."""
+    return (z.float() - m[:, None]) / temperature - r[:, None]
 
 
 @torch.library.custom_op("tinybert_fast::kl_divergence_backward", mutates_args=())
@@ -103,9 +121,9 @@ def _(grad, student, teacher, stats, temperature, scale, need_student, need_teac
                                                 need_student, need_teacher)
         return _or_empty(ds, student), _or_empty(dt, teacher)
     coef = grad.float() * (scale * temperature)
-    lse_s, lse_t, kl = stats
-    log_p_s = student.float() / temperature - lse_s[:, None]
-    log_p_t = teacher.float() / temperature - lse_t[:, None]
+    m_s, r_s, m_t, r_t, kl = stats
+    log_p_s = _log_probs(student, m_s, r_s, temperature)
+    log_p_t = _log_probs(teacher, m_t, r_t, temperature)
     p_t = torch.exp(log_p_t)
     ds = (coef * (log_p_s.exp() - p_t)).to(student.dtype) if need_student else None
     dt = None
