@@ -325,6 +325,51 @@ def test_mixed_devices(backend):
         tbf.kl_divergence(_t(4, 5), _t(4, 5, device="cpu"))
 
 
+# --- backends ----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def reference_calls(monkeypatch):
+    """Records calls of tinybert_fast.reference.kl_divergence (the op module calls it through the
+    module)."""
+    calls, original = [], tbf.reference.kl_divergence
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tbf.reference, "kl_divergence", spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("auto", marks=cpu_only)])
+def test_routes_to_reference(reference_calls, backend, device):
+    """Backend "torch" (and "auto" on CPU tensors) runs the eager reference, no registered op."""
+    tbf.set_backend(backend)
+    zs, zt = logits((4, 7)), logits((4, 7))
+    loss = tbf.kl_divergence(zs, zt, 2.5)
+    assert len(reference_calls) == 1
+    with pytest.raises(AssertionError):
+        assert_fused(loss)
+
+
+def test_triton_routes_to_fused(reference_calls, fused, device):
+    loss = tbf.kl_divergence(logits((4, 7)), logits((4, 7)), 2.5)
+    assert reference_calls == []
+    assert_fused(loss)
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    """Backend "triton" on CPU tensors without TRITON_INTERPRET=1: a RuntimeError saying so; the
+    registered op itself still runs (its CPU kernel is PyTorch then)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tbf.set_backend("triton")
+    zs, zt = torch.randn(4, 7), torch.randn(4, 7)
+    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1"):
+        tbf.kl_divergence(zs, zt)
+    loss, _ = ops.kl_divergence(zs, zt, 1.0, 0.25)
+    assert_rel("op", loss, ref(zs.double(), zt.double()), 1e-5)
+
+
 # --- registered ops ----------------------------------------------------------------------------------
 
 @cpu_only
