@@ -51,6 +51,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
 from tinybert_fast.kernels import attention_kl, attention_mse, attention_qk, hidden_mse, soft_ce
+from tinybert_fast.kernels import kl_div
 
 RESULTS = Path(__file__).resolve().parent / "results" / "static"
 META = torch.device("meta")
@@ -257,6 +258,22 @@ def calls_soft_ce(quick):
                                                 not quick))
 
 
+def calls_kl_div(quick):
+    # the benchmark's shapes first, then tests' SHAPES; the teacher gradient in the full table
+    shapes = [(32 * 128, 2), (32 * 128, 30522)] if quick else [
+        (32 * 128, 2), (32 * 128, 30522), (32, 30522), (7, 3), (6, 1271), (37, 2), (4, 30522),
+        (3, 5000)]
+    dtypes = [(BF16, BF16)] if quick else [(BF16, BF16), (F32, F32), (F16, F16), (F32, BF16)]
+    for (N, C), (ds, dt) in _product(shapes, dtypes):
+        s, t = _t(N, C, dtype=ds), _t(N, C, dtype=dt)
+        yield f"kl_div N{N}C{C} {DT[ds]}/{DT[dt]}", lambda s=s, t=t: (
+            kl_div.kl_divergence_forward(s, t, 2.0, 1.0),
+            kl_div.kl_divergence_backward(_t(), s, t, _t(kl_div.N_STATS, s.shape[0]), 2.0, 1.0,
+                                          True, False),
+            None if quick else kl_div.kl_divergence_backward(
+                _t(), s, t, _t(kl_div.N_STATS, s.shape[0]), 2.0, 1.0, True, True))
+
+
 # (B, H, L, d_s, d_t): TinyBERT4 <- BERT-base at L = 128 (the real shape), the benchmark's lengths
 # (B*L = 8192), tests' SHAPES, and wider heads (d = 64 / 128, the widest the kernels take).
 QK_REAL = (32, 12, 128, 26, 64)
@@ -336,7 +353,7 @@ def calls_attention_kl(quick):
 
 
 CALLS = (calls_attention_mse, calls_hidden_mse, calls_soft_ce, calls_attention_qk,
-         calls_attention_kl)
+         calls_attention_kl, calls_kl_div)
 
 
 def _product(*lists):

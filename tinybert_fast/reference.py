@@ -243,3 +243,33 @@ def attention_kl(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = None,
         layer = layer.float()
         total = layer if total is None else total + layer
     return total
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  temperature: float = 1.0, reduction: str = "batchmean") -> torch.Tensor:
+    """Knowledge-distillation KL (Hinton et al.; DistilBERT): T^2 * KL(p_t || p_s) per row of
+    [..., C] logits, p = softmax(z / T), reduced.
+
+    per row: kl = sum_c p_t,c * (log p_t,c - log p_s,c)
+    "batchmean": T^2 * sum_rows kl / N;  "mean": T^2 * sum_rows kl / (N*C);  "sum": T^2 * sum_rows kl
+    Classes where the teacher's logit is -inf (p_t = 0) contribute 0.  Computes in the inputs'
+    dtype (promoted to a common one where they differ); returns an fp32 scalar.
+    """
+    _checks.check_reduction(reduction, "soft_ce")
+    temperature = _checks.check_temperature(temperature)
+    z_s, z_t = _checks.logits_2d(student_logits, teacher_logits, fused=False)
+    dtype = torch.promote_types(z_s.dtype, z_t.dtype)
+    lp_s = F.log_softmax(z_s.to(dtype) / temperature, dim=-1)
+    lp_t = F.log_softmax(z_t.to(dtype) / temperature, dim=-1)
+    # p_t = 0 (teacher logit -inf): both log-probabilities -> 0 before the product, so that
+    # neither 0 * (-inf) in the forward nor its gradient is NaN; the term there is 0
+    has_mass = lp_t > -math.inf
+    lp_t = torch.where(has_mass, lp_t, 0.0)
+    lp_s = torch.where(has_mass, lp_s, 0.0)
+    terms = torch.where(has_mass, lp_t.exp() * (lp_t - lp_s), 0.0)
+    total = terms.sum() * (temperature * temperature)
+    if reduction == "mean":
+        total = total / terms.numel()
+    elif reduction == "batchmean":
+        total = total / z_s.shape[0]
+    return total.float()

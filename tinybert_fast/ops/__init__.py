@@ -4,6 +4,8 @@ from .attention_kl import attention_kl
 from .attention_mse import attention_mse
 from .attention_qk import attention_mse_qk
 from .hidden_mse import hidden_mse
+from .kl_div import kl_divergence
 from .soft_ce import soft_cross_entropy
 
-__all__ = ["attention_kl", "attention_mse", "attention_mse_qk", "hidden_mse", "soft_cross_entropy"]
+__all__ = ["attention_kl", "attention_mse", "attention_mse_qk", "hidden_mse", "soft_cross_entropy",
+           "kl_divergence"]

@@ -1,0 +1,102 @@
+"""Knowledge-distillation KL (T^2 * KL(p_t || p_s), "batchmean") over N = B*L = 4096 rows at C = 2
+(classification) and C = 30522 (the MLM vocabulary, DistilBERT's loss), temperature 2.
+
+Student logits require grad; teacher logits do not.  Traffic model: forward reads both logit
+sets; backward reads both and writes dZ_s; a full pass at best reads both once and writes dZ_s.
+
+    python -m benchmarks.bench_kl_div [--quick] [--out DIR]   # the table, results/<device>/kl_div.json
+    pytest benchmarks/bench_kl_div.py                          # pytest-benchmark, full passes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+
+import tinybert_fast as tbf
+
+from ._providers import fused_backend_for, providers
+from .common import PROVIDERS, Case, add_ratios, benchmark_full_pass, device_info, device_slug, \
+    format_table, run_case, write_results
+
+DTYPE = torch.bfloat16
+TEMPERATURE = 2.0
+
+
+def case(N: int, C: int, dtype=DTYPE, temperature: float = TEMPERATURE) -> Case:
+    es = torch.tensor([], dtype=dtype).element_size()
+    nbytes = N * C * es
+
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(0)
+        zs = torch.randn((N, C), generator=g, device=device, dtype=dtype) * 2
+        zt = torch.randn((N, C), generator=g, device=device, dtype=dtype) * 2
+        inputs = {"student": zs.requires_grad_(), "teacher": zt}
+        call = lambda impl, inp: impl(inp["student"], inp["teacher"], temperature)
+        fns = providers(tbf.reference.kl_divergence, tbf.kl_divergence, call)
+        liger = liger_kl(device, temperature)
+        if liger is not None:
+            fns["liger"] = lambda inp: liger(inp["student"], inp["teacher"])
+        return inputs, fns
+
+    return Case("kl_div", f"N={N} C={C} T={temperature}", dict(N=N, C=C, T=temperature), make,
+                {"fwd": 2 * nbytes, "bwd": 3 * nbytes, "full": 3 * nbytes})
+
+
+def liger_kl(device: str, temperature: float):
+    """Liger-Kernel's fused KL divergence, when installed (CUDA only), as a user of it writes this
+    loss: log_softmax of both logit sets divided by T, "batchmean", times T^2."""
+    if device != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import LigerKLDIVLoss
+    except ImportError:
+        return None
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    t2 = temperature * temperature
+    return lambda zs, zt: kl(torch.log_softmax(zs.float() / temperature, -1),
+                             torch.log_softmax(zt.float() / temperature, -1)) * t2
+
+
+def cases(quick: bool = False) -> list[Case]:
+    if quick:
+        return [case(8, 2), case(4, 1000)]
+    return [case(32 * 128, 2), case(32 * 128, 30522)]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("which", [0, 1], ids=["C=2", "C=large"])
+def test_kl_div_full(benchmark, bench_device, provider, which):
+    benchmark_full_pass(benchmark, cases(quick=bench_device != "cuda")[which], provider,
+                        bench_device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kl_div", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        parser.error("no GPU: the CPU smoke mode runs the Triton interpreter; set TRITON_INTERPRET=1")
+    quick = args.quick or device == "cpu"
+    fused_backend_for(device)
+    info = device_info(device)
+    rows, path = [], None
+    for c in cases(quick):
+        rows += run_case(c, device, quick=quick)
+        add_ratios(rows)
+        path = write_results(rows, info, os.path.join(args.out, device_slug(info)), "kl_div")
+        print(f"  done kl_div {c.label}", file=sys.stderr, flush=True)
+    print(format_table(rows))
+    print(f"# wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
