@@ -6,7 +6,8 @@
 Public losses: attention_mse, hidden_mse, soft_cross_entropy, distillation_loss, distillation_terms
 (every term of a stage's objective, the training loop's; and the modules
 AttentionMSELoss, HiddenMSELoss, SoftCrossEntropyLoss, TinyBertLoss); from queries and keys,
-attention_mse_qk (TinyBERT's loss) and attention_kl (MiniLM's).  tbf.reference holds the
+attention_mse_qk (TinyBERT's loss) and attention_kl (MiniLM's); attention_kl_scores (MiniLM's
+from captured score maps, attention_mse's inputs).  tbf.reference holds the
 eager implementations; tbf.set_backend picks "auto" | "triton" | "torch".
 tbf.TeacherCache stores a teacher's outputs once and serves them every epoch (tinybert_fast.cache;
 imported on first use of these names, and its C++ extension compiled or loaded on first use of the
@@ -20,6 +21,7 @@ from ._backend import get_backend, set_backend
 from .losses import (AttentionMSELoss, DistillLoss, HiddenMSELoss, SoftCrossEntropyLoss,
                      TinyBertLoss, distillation_loss, distillation_terms)
 from .ops import attention_kl, attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
+from .ops import attention_kl_scores
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,7 @@ __all__ = [
     "attention_mse", "hidden_mse", "soft_cross_entropy", "distillation_loss", "distillation_terms",
     "DistillLoss",
     "attention_mse_qk", "attention_kl",
+    "attention_kl_scores",
     "AttentionMSELoss", "HiddenMSELoss", "SoftCrossEntropyLoss", "TinyBertLoss",
     "reference", "set_backend", "get_backend", "TeacherCache", "CacheWriter", "TeacherBatch",
     "augment",

@@ -1,9 +1,11 @@
 """Registered torch ops (torch.library) behind the public losses, with autograd and fake kernels."""
 
 from .attention_kl import attention_kl
+from .attention_kl_scores import attention_kl_scores
 from .attention_mse import attention_mse
 from .attention_qk import attention_mse_qk
 from .hidden_mse import hidden_mse
 from .soft_ce import soft_cross_entropy
 
-__all__ = ["attention_kl", "attention_mse", "attention_mse_qk", "hidden_mse", "soft_cross_entropy"]
+__all__ = ["attention_kl", "attention_mse", "attention_mse_qk", "hidden_mse", "soft_cross_entropy",
+           "attention_kl_scores"]
