@@ -89,15 +89,20 @@ def _valid_rows(mask_ptr, rows, n_rows, b, i, mask_strides, HAS_MASK: tl.constex
 def _load_tile(s_ptr, t_ptr, mask_ptr, s_row, t_row, b, row_ok, cols, L, s_strides, t_strides,
                mask_strides, HAS_MASK: tl.constexpr):
     """One [rows, cols] tile of S_s and S_t in fp32 (0 outside `ok`) and `ok`: a valid row and a
-    token key j < L.  Nothing is read outside `ok`."""
-    ok = row_ok[:, None] & (cols < L)[None, :]
+    token key j < L.  The scores are loaded under the tile's bounds alone (a mask that is constant
+    along contiguous keys keeps the loads vectorised; a mask loaded from memory would make them
+    scalar) and zeroed on padded keys, so that what those hold (anything, NaN) never enters."""
+    inb = row_ok[:, None] & (cols < L)[None, :]
     c = cols[None, :].to(tl.int64)
+    s = tl.load(s_ptr + s_row[:, None] + c * s_strides[4], mask=inb, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + t_row[:, None] + c * t_strides[4], mask=inb, other=0.0).to(tl.float32)
+    ok = inb
     if HAS_MASK:
         keep = tl.load(mask_ptr + b[:, None].to(tl.int64) * mask_strides[0] + c * mask_strides[1],
-                       mask=ok, other=0)
-        ok = ok & (keep != 0)
-    s = tl.load(s_ptr + s_row[:, None] + c * s_strides[4], mask=ok, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + t_row[:, None] + c * t_strides[4], mask=ok, other=0.0).to(tl.float32)
+                       mask=inb, other=0)
+        ok = inb & (keep != 0)
+        s = tl.where(ok, s, 0.0)
+        t = tl.where(ok, t, 0.0)
     return s, t, ok
 
 
