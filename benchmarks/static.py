@@ -52,6 +52,7 @@ from triton.runtime.jit import JITFunction
 
 from tinybert_fast.kernels import attention_kl, attention_mse, attention_qk, hidden_mse, soft_ce
 from tinybert_fast.kernels import kl_div
+from tinybert_fast.kernels import attention_kl_scores
 
 RESULTS = Path(__file__).resolve().parent / "results" / "static"
 META = torch.device("meta")
@@ -352,8 +353,30 @@ def calls_attention_kl(quick):
         yield _qk_name("attention_kl", shape, ds, dt, md, hf), call
 
 
+def calls_attention_kl_scores(quick):
+    # (B, H, L): the real shape and the benchmark's lengths first, then tests' SHAPES (bf16, fp32)
+    real = [(32, 12, 128)]
+    shapes = real if quick else real + [(32, 12, 64), (32, 12, 512), (3, 5, 37), (2, 1, 1),
+                                        (1, 3, 130), (4, 2, 16)]
+    for B, H, L in shapes:
+        dtypes = [(BF16, BF16)] if quick else (
+            [(BF16, BF16), (F32, F32), (F16, F16), (F32, BF16)] if (B, H, L) in real
+            else [(BF16, BF16), (F32, F32)])
+        for (ds, dt), md in _product(dtypes, [torch.bool] if quick else [torch.bool, None]):
+            s, t = _t(4, B, H, L, L, dtype=ds), _t(4, B, H, L, L, dtype=dt)
+            m = None if md is None else _mask(B, L, md)
+            name = f"attention_kl_scores B{B}H{H}L{L} {DT[ds]}/{DT[dt]} mask={_mname(md)}"
+            # backward: the student's gradient (training), and both (teacher gradients too)
+            yield name, lambda s=s, t=t, m=m, L=L: (
+                attention_kl_scores.attention_kl_scores_forward([s], [t], m),
+                [attention_kl_scores.attention_kl_scores_backward(
+                    _t(), _t(5, 4 * B * H * L), [s], [t], m, True, need_t)
+                 for need_t in ((False,) if quick else (False, True))])
+
+
 CALLS = (calls_attention_mse, calls_hidden_mse, calls_soft_ce, calls_attention_qk,
-         calls_attention_kl, calls_kl_div)
+         calls_attention_kl, calls_kl_div,
+         calls_attention_kl_scores)
 
 
 def _product(*lists):

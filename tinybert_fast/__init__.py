@@ -6,7 +6,8 @@
 Public losses: attention_mse, hidden_mse, soft_cross_entropy, distillation_loss, distillation_terms
 (every term of a stage's objective, the training loop's; and the modules
 AttentionMSELoss, HiddenMSELoss, SoftCrossEntropyLoss, TinyBertLoss); from queries and keys,
-attention_mse_qk (TinyBERT's loss) and attention_kl (MiniLM's).  tbf.reference holds the
+attention_mse_qk (TinyBERT's loss) and attention_kl (MiniLM's); attention_kl_scores (MiniLM's
+from captured score maps, attention_mse's inputs).  tbf.reference holds the
 eager implementations; tbf.set_backend picks "auto" | "triton" | "torch".
 kl_divergence: the T^2-scaled logit KL of Hinton et al. and DistilBERT (beside soft_cross_entropy).
 tbf.TeacherCache stores a teacher's outputs once and serves them every epoch (tinybert_fast.cache;
@@ -21,7 +22,7 @@ from ._backend import get_backend, set_backend
 from .losses import (AttentionMSELoss, DistillLoss, HiddenMSELoss, SoftCrossEntropyLoss,
                      TinyBertLoss, distillation_loss, distillation_terms)
 from .ops import attention_kl, attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
-from .ops import kl_divergence
+from .ops import attention_kl_scores, kl_divergence
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "DistillLoss",
     "attention_mse_qk", "attention_kl",
     "kl_divergence",
+    "attention_kl_scores",
     "AttentionMSELoss", "HiddenMSELoss", "SoftCrossEntropyLoss", "TinyBertLoss",
     "reference", "set_backend", "get_backend", "TeacherCache", "CacheWriter", "TeacherBatch",
     "augment",

@@ -273,3 +273,47 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     elif reduction == "batchmean":
         total = total / z_s.shape[0]
     return total.float()
+def attention_kl_scores(student, teacher, attention_mask: torch.Tensor | None = None,
+                        reduction: str = "mean") -> torch.Tensor:
+    """The eager form of tinybert_fast.attention_kl_scores: MiniLM's attention-distribution KL
+    from captured pre-softmax scores, log_softmax over the tokens, KL(P_t || P_s) per query row.
+
+    student, teacher: scores S = Q K^T / sqrt(d) + mask_bias, [B, H, L, L], [n_layers, B, H, L, L]
+    or a list of [B, H, L, L].  Keys j with attention_mask[b, j] == 0 are -inf before the softmax
+    (probability exactly 0, whatever the scores hold there), padded query rows are excluded.
+    "mean": per layer sum_{b,h,i valid} KL_i / (H * T), T = tokens of the batch (B*L without a
+    mask; a batch without tokens gives 0), summed over layers; "sum": no division.  Without a
+    mask every row and key counts.  Materialises four [B, H, L, L] tensors per layer; computes
+    in the inputs' dtype (promoted to a common one where they differ).
+    """
+    _checks.check_reduction(reduction, "attention")
+    s_layers, _ = _checks.attention_layers("student", student)
+    t_layers, _ = _checks.attention_layers("teacher", teacher)
+    _checks.check_attention(s_layers, t_layers, attention_mask, fused=False)
+    B, H, L, _ = s_layers[0].shape
+    keys = tokens = None
+    if attention_mask is not None:
+        tokens = attention_mask != 0
+        # a sequence without tokens keeps all its keys, so that no softmax row is empty (NaN):
+        # its query rows are all excluded below
+        keys = (tokens | ~tokens.any(-1, keepdim=True))[:, None, None, :]
+    denom = B * H * L if tokens is None else H * tokens.sum().clamp_min(1)
+    total = None
+    for s, t in zip(s_layers, t_layers):
+        dtype = torch.promote_types(s.dtype, t.dtype)
+        s, t = s.to(dtype), t.to(dtype)
+        if keys is not None:
+            s, t = s.masked_fill(~keys, -math.inf), t.masked_fill(~keys, -math.inf)
+        lp_s, lp_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+        if keys is not None:
+            # -inf -> 0 on padded keys, where P_t = 0: no NaN in 0 * (-inf + inf), nor in its
+            # gradient; the KL term there is exp(0) * (0 - 0) = 0
+            lp_s = torch.where(keys, lp_s, 0.0)
+            lp_t = torch.where(keys, lp_t, 0.0)
+        kl = F.kl_div(lp_s, lp_t, reduction="none", log_target=True).sum(-1)  # [B, H, L]
+        if tokens is not None:
+            kl = torch.where(tokens[:, None, :], kl, 0.0)
+        layer = kl.sum() if reduction == "sum" else kl.sum() / denom
+        layer = layer.float()
+        total = layer if total is None else total + layer
+    return total

@@ -1,6 +1,7 @@
 """Registered torch ops (torch.library) behind the public losses, with autograd and fake kernels."""
 
 from .attention_kl import attention_kl
+from .attention_kl_scores import attention_kl_scores
 from .attention_mse import attention_mse
 from .attention_qk import attention_mse_qk
 from .hidden_mse import hidden_mse
@@ -8,4 +9,5 @@ from .kl_div import kl_divergence
 from .soft_ce import soft_cross_entropy
 
 __all__ = ["attention_kl", "attention_mse", "attention_mse_qk", "hidden_mse", "soft_cross_entropy",
-           "kl_divergence"]
+           "kl_divergence",
+           "attention_kl_scores"]

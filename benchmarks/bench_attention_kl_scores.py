@@ -1,0 +1,112 @@
+"""MiniLM's attention-distribution KL from captured score maps (tbf.attention_kl_scores),
+TinyBERT4 <- BERT-base: 4 mapped layers, 12 heads, B=32, L in {64, 128, 512}, bfloat16, the shapes
+of bench_attention_mse (the same inputs, the other loss on them).
+
+Scores ~ N(0, 3^2) with the -10000 bias on padded keys and about 10% of the keys padded (the
+mask passed too).  Student scores require grad; teacher scores do not (as in training).
+
+Providers:
+    eager    tinybert_fast.reference.attention_kl_scores: masked log_softmax of both maps,
+             F.kl_div (several [B, H, L, L] temporaries per layer)
+    compile  torch.compile of the same
+    fused    tbf.attention_kl_scores: one row-wise kernel per stacked tensor with an online
+             softmax of both sides over key tiles; backward recomputes P from 5 fp32 statistics
+             per query row and writes dS_s
+
+Fused traffic model: forward reads S and T and writes the statistics; backward reads S, T and the
+statistics and writes dS: 2 + 3 passes over n*B*H*L*L, plus 20 bytes per query row each way.
+
+`python -m benchmarks.bench_attention_kl_scores [--quick] [--out DIR]` times forward, backward
+and full passes with peak memory through the common harness and writes
+results/<device>/attention_kl_scores.json (on CPU: tiny shapes in Triton's interpreter, a smoke
+run whose timings say nothing about GPUs; it needs TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+
+import tinybert_fast as tbf
+
+from ._providers import fused_backend_for, providers
+from .common import MODES, PROVIDERS, Case, add_ratios, benchmark_full_pass, device_info, \
+    device_slug, format_table, run_case, write_results
+
+DTYPE = torch.bfloat16
+MASK_BIAS = -10000.0
+STATS_BYTES_PER_ROW = 5 * 4  # mx_s, c_s, mx_t, c_t, KL in fp32
+
+
+def case(B: int, L: int, layers: int = 4, H: int = 12, dtype=DTYPE) -> Case:
+    numel = layers * B * H * L * L
+    stats = STATS_BYTES_PER_ROW * layers * B * H * L
+    es = torch.tensor([], dtype=dtype).element_size()
+
+    def make(device):
+        g = torch.Generator(device=device).manual_seed(0)
+        lengths = torch.randint(int(0.8 * L), L + 1, (B,), generator=g, device=device)
+        lengths[0] = L
+        mask = torch.arange(L, device=device)[None, :] < lengths[:, None]
+        pad = (~mask)[None, :, None, None, :]
+
+        def scores():
+            x = torch.randn((layers, B, H, L, L), generator=g, device=device, dtype=dtype) * 3.0
+            return x.masked_fill_(pad, MASK_BIAS)
+        inputs = {"student": scores().requires_grad_(), "teacher": scores(), "mask": mask}
+        call = lambda impl, inp: impl(inp["student"], inp["teacher"], inp["mask"])
+        return inputs, providers(tbf.reference.attention_kl_scores, tbf.attention_kl_scores, call)
+
+    return Case("kl_scores", f"B={B} L={L} layers={layers}",
+                dict(B=B, L=L, H=H, layers=layers), make,
+                {"fwd": 2 * numel * es + stats, "bwd": 3 * numel * es + stats,
+                 "full": 5 * numel * es + 2 * stats})
+
+
+def cases(quick: bool = False) -> list[Case]:
+    if quick:
+        return [case(2, 32, layers=2, H=4)]
+    return [case(32, L) for L in (64, 128, 512)]
+
+
+@pytest.mark.parametrize("provider", ("eager", "compile", "fused"))
+def test_attention_kl_scores_full(benchmark, bench_device, provider):
+    benchmark_full_pass(benchmark, cases(quick=bench_device != "cuda")[0], provider,
+                        bench_device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention_kl_scores",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--providers", default="eager,compile,fused")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.providers.split(",") if p not in PROVIDERS]
+    if unknown:
+        parser.error(f"--providers: unknown {unknown}; choose from eager, compile, fused")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        parser.error("no GPU: the CPU smoke mode runs the Triton interpreter; set TRITON_INTERPRET=1")
+    quick = args.quick or device == "cpu"
+    fused_backend_for(device)
+    info = device_info(device)
+    rows = []
+    for c in cases(quick):
+        rows += run_case(c, device, args.providers.split(","), args.modes.split(","), quick)
+    add_ratios(rows)
+    print(format_table(rows))
+    path = write_results(rows, info, os.path.join(args.out, device_slug(info)),
+                         "attention_kl_scores")
+    print(f"# wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

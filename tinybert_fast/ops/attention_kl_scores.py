@@ -1,0 +1,241 @@
+"""MiniLM's attention-distribution KL from captured score maps: public function -> registered ops
+`tinybert_fast::attention_kl_scores(_backward)` -> kernels
+`tinybert_fast.kernels.attention_kl_scores`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _checks, reference
+from ..kernels import attention_kl_scores as kernels
+from ._autograd import register_autograd
+
+
+def attention_kl_scores(student, teacher, attention_mask: Tensor | None = None,
+                        reduction: str = "mean") -> Tensor:
+    """MiniLM's attention-distribution loss from pre-softmax score maps, summed over mapped layers
+    (fp32 scalar): KL(P_t || P_s) per query row, one pass over the maps.
+
+    Args:
+        student, teacher: pre-softmax attention scores S = QK^T/sqrt(d_head) + mask_bias (the
+            inputs of tbf.attention_mse, e.g. from tinybert_fast.capture or the teacher cache),
+            as one layer [B, H, L, L], stacked layers [n_layers, B, H, L, L], or a list/tuple of
+            [B, H, L, L] (one per mapped layer).  float16 / bfloat16 / float32, any strides;
+            student and teacher dtypes may differ.
+        attention_mask: optional [B, L], 1 (or True) = token, 0 = padding.  Padded keys are
+            excluded from both softmaxes (probability 0, whatever the scores hold there: the
+            -10000 or dtype-minimum bias, or anything else); padded query rows are excluded (they
+            add nothing and get zero gradient).  A sequence without tokens contributes 0.
+            Without a mask every row and key counts.
+        reduction: "mean" (MiniLM) or "sum".
+
+    With the key mask m[b, j] and, per (layer, b, h) and query row i,
+        P_x,ij = m[b,j] exp(S_x,ij) / sum_k m[b,k] exp(S_x,ik)             (x = s, t)
+        KL_i   = sum_j P_t,ij (log P_t,ij - log P_s,ij)
+    the loss is
+        "mean": sum_layers 1 / (H * T) * sum_{b,h} sum_{i: m[b,i]=1} KL_i
+        "sum":  sum_layers sum_{b,h} sum_{i: m[b,i]=1} KL_i
+    with T = sum_{b,i} m[b,i] the tokens of the batch (B*L without a mask; counted on the device,
+    a batch without tokens gives 0): tbf.attention_kl's reduction, so that
+    attention_kl_scores(Q_s K_s^T / sqrt(d_s) + bias, Q_t K_t^T / sqrt(d_t) + bias, m) equals
+    attention_kl(q_s, k_s, q_t, k_t, m).
+
+    Gradients flow to whichever of student/teacher require them.  With c the reduction scale and
+    g the incoming gradient (read on the device: no host synchronisation), on valid rows and keys
+    (0 on padded keys and rows):
+        dS_s = g c (P_s - P_t),    dS_t = g c P_t ((log P_t - log P_s) - KL_i)
+
+    Fused path: forward one kernel launch per stacked tensor (per layer for lists) + one
+    partial-sum reduction ("mean" with a mask adds a few scalar ops counting T on the device);
+    backward one launch per stacked tensor.  Saved for backward: the inputs and 5 fp32 per query
+    row (each side's row maximum and log-sum of exponentials below it, and KL_i: [5, n*B*H*L]).
+    Accuracy: fp32 accumulation; every term is taken against the row's own maximum, so the
+    absolute error of KL_i is ~eps_fp32 * max_j |S_ij - max_k S_ik| (a student equal to its
+    teacher gives exactly 0).
+    """
+    _checks.check_reduction(reduction, "attention")
+    s_layers, s_stacked = _checks.attention_layers("student", student)
+    t_layers, t_stacked = _checks.attention_layers("teacher", teacher)
+    if not _backend.use_fused(s_layers[0]):
+        return reference.attention_kl_scores(student, teacher, attention_mask, reduction)
+    _checks.check_attention(s_layers, t_layers, attention_mask, fused=True)
+    if s_stacked is not None and t_stacked is not None:
+        s_groups, t_groups = [s_stacked], [t_stacked]
+    else:
+        s_groups = [x.unsqueeze(0) for x in s_layers]
+        t_groups = [x.unsqueeze(0) for x in t_layers]
+    loss, _ = torch.ops.tinybert_fast.attention_kl_scores(s_groups, t_groups, attention_mask,
+                                                          reduction)
+    return loss
+
+
+def reduction_scale(attention_mask: Tensor | None, student: list[Tensor], reduction: str):
+    """c of the loss: 1 ("sum"), 1/(B*H*L) ("mean", no mask), or 1/(H * max(T, 1)) with T the
+    tokens of attention_mask, a 0-dim fp32 tensor computed on the device ("mean" with a mask).
+    Groups are [n, B, H, L, L]."""
+    _checks.check_reduction(reduction, "attention")
+    _, B, H, L, _ = student[0].shape
+    if reduction == "sum":
+        return 1.0
+    if attention_mask is None:
+        return 1.0 / (B * H * L)
+    return 1.0 / (torch.count_nonzero(attention_mask).clamp_min(1) * H).to(torch.float32)
+
+
+# --- registered ops ------------------------------------------------------------------------------
+# Groups are [n, B, H, L, L] tensors (one stacked tensor, or one per layer); `reduction` gives the
+# scale (on the device with a mask).  Outputs: the loss and the per-row statistics [5, R] fp32
+# (mx_s, c_s, mx_t, c_t, KL for the R = sum(n)*B*H*L query rows; 0 on padded rows) that backward
+# reuses.  The default kernel launches Triton; the CPU kernel computes the same in PyTorch unless
+# backend "triton" runs the kernels in Triton's interpreter.
+
+@torch.library.custom_op("tinybert_fast::attention_kl_scores", mutates_args=())
+def _attention_kl_scores_op(student: list[Tensor], teacher: list[Tensor],
+                            attention_mask: Optional[Tensor], reduction: str
+                            ) -> tuple[Tensor, Tensor]:
+    return _triton_forward(student, teacher, attention_mask, reduction)
+
+
+@_attention_kl_scores_op.register_fake
+def _(student, teacher, attention_mask, reduction):
+    return (student[0].new_empty((), dtype=torch.float32),
+            student[0].new_empty(kernels.stats_shape(student), dtype=torch.float32))
+
+
+def _triton_forward(student, teacher, attention_mask, reduction):
+    scale = reduction_scale(attention_mask, student, reduction)
+    kl_sum, stats = kernels.attention_kl_scores_forward(student, teacher, attention_mask)
+    return kl_sum * scale, stats
+
+
+def _torch_valid(s: Tensor, attention_mask: Tensor | None):
+    """(ok, rows) for one [n, B, H, L, L] group: valid (row, key) pairs [n, B, H, L, L] and valid
+    rows [n, B, H, L] (None, None without a mask)."""
+    if attention_mask is None:
+        return None, None
+    tok = attention_mask != 0
+    rows = tok[None, :, None, :].expand(s.shape[:-1])
+    return rows[..., None] & tok[None, :, None, None, :], rows
+
+
+def _torch_log_probs(x: Tensor, ok: Tensor | None, rows: Tensor | None):
+    """(x - mx, mx, c) in fp32 for one side of a group, log P = x - mx - c (see the kernels)."""
+    x = x.float()
+    if ok is None:
+        mx = x.amax(-1)
+        a = x - mx[..., None]
+        return a, mx, torch.log(a.exp().sum(-1))
+    mx = torch.where(rows, torch.where(ok, x, -torch.inf).amax(-1), 0.0)
+    a = x - mx[..., None]
+    l = torch.where(ok, a.exp(), 0.0).sum(-1)
+    return a, mx, torch.log(torch.where(rows, l, 1.0))
+
+
+@_attention_kl_scores_op.register_kernel("cpu")
+def _(student, teacher, attention_mask, reduction):
+    if _backend.cpu_kernel_runs_triton():
+        return _triton_forward(student, teacher, attention_mask, reduction)
+    scale = reduction_scale(attention_mask, student, reduction)
+    stats = []
+    for s, t in zip(student, teacher):
+        ok, rows = _torch_valid(s, attention_mask)
+        a_s, mx_s, c_s = _torch_log_probs(s, ok, rows)
+        a_t, mx_t, c_t = _torch_log_probs(t, ok, rows)
+        terms = a_t.exp() * (a_t - a_s)
+        if ok is not None:
+            terms = torch.where(ok, terms, 0.0)  # padded keys may hold anything
+        kl = c_s - c_t + terms.sum(-1) / c_t.exp()
+        if rows is not None:
+            kl = torch.where(rows, kl, 0.0)
+        stats.append(torch.stack([mx_s, c_s, mx_t, c_t, kl]).reshape(kernels.N_STATS, -1))
+    stats = torch.cat(stats, 1)
+    return stats[-1].sum() * scale, stats
+
+
+@torch.library.custom_op("tinybert_fast::attention_kl_scores_backward", mutates_args=())
+def _attention_kl_scores_backward_op(grad: Tensor, stats: Tensor, student: list[Tensor],
+                                     teacher: list[Tensor], attention_mask: Optional[Tensor],
+                                     reduction: str, need_student: bool, need_teacher: bool
+                                     ) -> tuple[list[Tensor], list[Tensor]]:
+    return _triton_backward(grad, stats, student, teacher, attention_mask, reduction,
+                            need_student, need_teacher)
+
+
+def _coef(grad: Tensor, attention_mask, student, reduction) -> Tensor:
+    """g * c as a 0-dim fp32 tensor on the device (no host synchronisation)."""
+    return (grad.to(torch.float32) * reduction_scale(attention_mask, student, reduction)
+            ).reshape(()).contiguous()
+
+
+def _triton_backward(grad, stats, student, teacher, attention_mask, reduction, need_student,
+                     need_teacher):
+    coef = _coef(grad, attention_mask, student, reduction)
+    return kernels.attention_kl_scores_backward(coef, stats, student, teacher, attention_mask,
+                                                need_student, need_teacher)
+
+
+@_attention_kl_scores_backward_op.register_fake
+def _(grad, stats, student, teacher, attention_mask, reduction, need_student, need_teacher):
+    gs = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student] if need_student else []
+    gt = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teacher] if need_teacher else []
+    return gs, gt
+
+
+@_attention_kl_scores_backward_op.register_kernel("cpu")
+def _(grad, stats, student, teacher, attention_mask, reduction, need_student, need_teacher):
+    if _backend.cpu_kernel_runs_triton():
+        return _triton_backward(grad, stats, student, teacher, attention_mask, reduction,
+                                need_student, need_teacher)
+    coef = _coef(grad, attention_mask, student, reduction)
+    gs, gt = [], []
+    row0 = 0
+    for s, t in zip(student, teacher):
+        ok, _ = _torch_valid(s, attention_mask)
+        n_rows = s.shape[:-1].numel()
+        mx_s, c_s, mx_t, c_t, kl = (x.reshape(s.shape[:-1])[..., None]
+                                    for x in stats[:, row0:row0 + n_rows])
+        row0 += n_rows
+        lp_s = (s.float() - mx_s) - c_s
+        lp_t = (t.float() - mx_t) - c_t
+        p_s, p_t = lp_s.exp(), lp_t.exp()
+        d_t = p_t * ((lp_t - lp_s) - kl)
+        if ok is not None:
+            p_s, p_t = torch.where(ok, p_s, 0.0), torch.where(ok, p_t, 0.0)
+            d_t = torch.where(ok, d_t, 0.0)
+        if need_student:
+            gs.append(((p_s - p_t) * coef).to(s.dtype).contiguous())
+        if need_teacher:
+            gt.append((d_t * coef).to(t.dtype).contiguous())
+    return gs, gt
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, attention_mask, reduction = inputs
+    _, stats = output
+    ctx.n_groups = len(student)
+    ctx.reduction = reduction
+    ctx.has_mask = attention_mask is not None
+    ctx.mark_non_differentiable(stats)
+    # no zeros_like(stats) for its (absent) gradient: it would double its memory
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(stats, *student, *teacher,
+                          *([attention_mask] if ctx.has_mask else []))
+
+
+def _backward(ctx, grad, _grad_stats):
+    stats, *saved = ctx.saved_tensors
+    n = ctx.n_groups
+    student, teacher = list(saved[:n]), list(saved[n:2 * n])
+    attention_mask = saved[2 * n] if ctx.has_mask else None
+    need_s, need_t = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
+    gs, gt = torch.ops.tinybert_fast.attention_kl_scores_backward(
+        grad, stats, student, teacher, attention_mask, ctx.reduction, need_s, need_t)
+    # list inputs take a list of gradients (None entries where none is needed)
+    return (gs if need_s else [None] * n), (gt if need_t else [None] * n), None, None
+
+
+register_autograd(_attention_kl_scores_op, _backward, _setup_context)
