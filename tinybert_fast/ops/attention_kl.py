@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _backend, _checks, reference
 from ..kernels import attention_kl as kernels
 from ._qk import empty_grads, first_layer, qk_inputs, register_qk_autograd
+from ._reduction import row_kl_scale
 
 
 def attention_kl(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
@@ -72,18 +73,6 @@ def attention_kl(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
     return loss
 
 
-def reduction_scale(attention_mask: Tensor | None, q_s: list[Tensor], reduction: str):
-    """c of the loss: 1 ("sum"), 1/(B*H*L) ("mean", no mask), or 1/(H * max(T, 1)) with T the
-    tokens of attention_mask, a 0-dim fp32 tensor computed on the device ("mean" with a mask)."""
-    _checks.check_reduction(reduction, "attention")
-    _, B, H, L, _ = q_s[0].shape
-    if reduction == "sum":
-        return 1.0
-    if attention_mask is None:
-        return 1.0 / (B * H * L)
-    return 1.0 / (torch.count_nonzero(attention_mask).clamp_min(1) * H).to(torch.float32)
-
-
 # --- registered ops ------------------------------------------------------------------------------
 # Groups are [n, B, H, L, d] tensors (one stacked tensor, or one per layer).  Outputs: the loss and
 # the per-row statistics [3, N, L] fp32 (lse_s, lse_t, KL_i for the N = sum(n)*B*H heads; 0 on
@@ -103,7 +92,7 @@ def _(q_s, k_s, q_t, k_t, attention_mask, reduction):
 
 
 def _triton_forward(q_s, k_s, q_t, k_t, attention_mask, reduction):
-    scale = reduction_scale(attention_mask, q_s, reduction)
+    scale = row_kl_scale(attention_mask, q_s, reduction)
     kl_sum, stats = kernels.attention_kl_forward(q_s, k_s, q_t, k_t, attention_mask)
     return kl_sum * scale, stats
 
@@ -128,7 +117,7 @@ def _torch_groups(q_s, k_s, q_t, k_t, attention_mask):
 def _(q_s, k_s, q_t, k_t, attention_mask, reduction):
     if _backend.cpu_kernel_runs_triton():
         return _triton_forward(q_s, k_s, q_t, k_t, attention_mask, reduction)
-    scale = reduction_scale(attention_mask, q_s, reduction)
+    scale = row_kl_scale(attention_mask, q_s, reduction)
     stats = []
     for z_s, z_t, ok in _torch_groups(q_s, k_s, q_t, k_t, attention_mask):
         if ok is None:
@@ -157,7 +146,7 @@ def _attention_kl_backward_op(
 
 def _coef(grad: Tensor, attention_mask, q_s, reduction) -> Tensor:
     """g * c as a 0-dim fp32 tensor on the device (no host synchronisation)."""
-    return (grad.to(torch.float32) * reduction_scale(attention_mask, q_s, reduction)).reshape(())
+    return (grad.to(torch.float32) * row_kl_scale(attention_mask, q_s, reduction)).reshape(())
 
 
 def _triton_backward(grad, stats, q_s, k_s, q_t, k_t, attention_mask, reduction, need):

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import _backend, _checks, reference
 from ..kernels import attention_kl_scores as kernels
 from ._autograd import register_autograd
+from ._reduction import row_kl_scale
 
 
 def attention_kl_scores(student, teacher, attention_mask: Tensor | None = None,
@@ -73,19 +74,6 @@ def attention_kl_scores(student, teacher, attention_mask: Tensor | None = None,
     return loss
 
 
-def reduction_scale(attention_mask: Tensor | None, student: list[Tensor], reduction: str):
-    """c of the loss: 1 ("sum"), 1/(B*H*L) ("mean", no mask), or 1/(H * max(T, 1)) with T the
-    tokens of attention_mask, a 0-dim fp32 tensor computed on the device ("mean" with a mask).
-    Groups are [n, B, H, L, L]."""
-    _checks.check_reduction(reduction, "attention")
-    _, B, H, L, _ = student[0].shape
-    if reduction == "sum":
-        return 1.0
-    if attention_mask is None:
-        return 1.0 / (B * H * L)
-    return 1.0 / (torch.count_nonzero(attention_mask).clamp_min(1) * H).to(torch.float32)
-
-
 # --- registered ops ------------------------------------------------------------------------------
 # Groups are [n, B, H, L, L] tensors (one stacked tensor, or one per layer); `reduction` gives the
 # scale (on the device with a mask).  Outputs: the loss and the per-row statistics [5, R] fp32
@@ -107,7 +95,7 @@ def _(student, teacher, attention_mask, reduction):
 
 
 def _triton_forward(student, teacher, attention_mask, reduction):
-    scale = reduction_scale(attention_mask, student, reduction)
+    scale = row_kl_scale(attention_mask, student, reduction)
     kl_sum, stats = kernels.attention_kl_scores_forward(student, teacher, attention_mask)
     return kl_sum * scale, stats
 
@@ -139,7 +127,7 @@ def _torch_log_probs(x: Tensor, ok: Tensor | None, rows: Tensor | None):
 def _(student, teacher, attention_mask, reduction):
     if _backend.cpu_kernel_runs_triton():
         return _triton_forward(student, teacher, attention_mask, reduction)
-    scale = reduction_scale(attention_mask, student, reduction)
+    scale = row_kl_scale(attention_mask, student, reduction)
     stats = []
     for s, t in zip(student, teacher):
         ok, rows = _torch_valid(s, attention_mask)
@@ -167,7 +155,7 @@ def _attention_kl_scores_backward_op(grad: Tensor, stats: Tensor, student: list[
 
 def _coef(grad: Tensor, attention_mask, student, reduction) -> Tensor:
     """g * c as a 0-dim fp32 tensor on the device (no host synchronisation)."""
-    return (grad.to(torch.float32) * reduction_scale(attention_mask, student, reduction)
+    return (grad.to(torch.float32) * row_kl_scale(attention_mask, student, reduction)
             ).reshape(()).contiguous()
 
 
