@@ -3,7 +3,9 @@
 from .attention_kl import attention_kl
 from .attention_mse import attention_mse
 from .attention_qk import attention_mse_qk
+from .hidden_cosine import hidden_cosine
 from .hidden_mse import hidden_mse
 from .soft_ce import soft_cross_entropy
 
-__all__ = ["attention_kl", "attention_mse", "attention_mse_qk", "hidden_mse", "soft_cross_entropy"]
+__all__ = ["attention_kl", "attention_mse", "attention_mse_qk", "hidden_cosine", "hidden_mse",
+           "soft_cross_entropy"]
