@@ -218,7 +218,9 @@ def _(grad, student, teacher, weight, bias, coef, mean, token_mask, need_student
     dy = []
     if need_teacher:
         d = (alpha[:, None] * p - beta_y[:, None] * y) * -s
-        dy = [di.view(t.shape).to(t.dtype) for di, t in zip(d.split(group_rows), teacher)]
+        # copy=True: the groups' gradients must not be views of one tensor (op outputs alias)
+        dy = [di.view(t.shape).to(t.dtype, copy=True)
+              for di, t in zip(d.split(group_rows), teacher)]
     return dx, dy, dw, db
 
 
