@@ -201,21 +201,24 @@ def _hidden_cosine_bwd_kernel(
                  mask=in_bounds)
 
 
-def gemm_config(dtype: torch.dtype) -> dict:
+def gemm_config(dtype: torch.dtype, two_outputs: bool = False) -> dict:
     """Tile sizes for the projection: 16-bit operands feed the tensor cores in 128x128 tiles;
-    full fp32 ("ieee") products run on the FMA units and take smaller tiles."""
+    full fp32 ("ieee") products run on the FMA units and take smaller tiles.  two_outputs (the
+    backward writing both G and dY): 16-bit tiles 128x64, since the second epilogue tile would
+    spill at 128x128 (ptxas on sm_90: 255 registers + 12 bytes of spills)."""
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64 if two_outputs else 128, BLOCK_K=64, num_warps=8,
+                num_stages=3)
 
 
-def _gemm_setup(student, weight):
+def _gemm_setup(student, weight, two_outputs: bool = False):
     """(M, N, K, dot_fp32, config, input precision, rows per group) of a launch."""
     M = student[0].shape[1]
     N, K = weight.shape
     dot_fp32 = dot_in_fp32(student[0].dtype, weight.dtype, student[0].device)
     dot_dtype = torch.float32 if dot_fp32 else student[0].dtype
-    return (M, N, K, dot_fp32, gemm_config(dot_dtype), dot_precision(dot_dtype),
+    return (M, N, K, dot_fp32, gemm_config(dot_dtype, two_outputs), dot_precision(dot_dtype),
             [s.shape[0] * M for s in student])
 
 
@@ -273,7 +276,8 @@ def hidden_cosine_backward(s: torch.Tensor, student: list[torch.Tensor],
     partials fp32 [row blocks, d_t], dY = -s (alpha p - beta_y y) per group [n_g, M, d_t] in the
     teacher's dtype); G and its column sums are empty unless need_g, dY [] unless need_dy.
     """
-    M, N, K, dot_fp32, cfg, precision, rows_per_group = _gemm_setup(student, weight)
+    M, N, K, dot_fp32, cfg, precision, rows_per_group = _gemm_setup(student, weight,
+                                                                    need_g and need_dy)
     device = student[0].device
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     num_n = triton.cdiv(N, bn)

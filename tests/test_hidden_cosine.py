@@ -561,3 +561,40 @@ def test_compile_fullgraph(as_list, device):
     for a, e in zip(torch.autograd.grad(got, inputs2, g),
                     torch.autograd.grad(want, (x, y, w, b), g)):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
+
+
+def test_op_with_defaults_omitted(torch_cpu_kernels):
+    """token_mask left at its default (the dispatcher drops it): one gradient per argument passed
+    (tinybert_fast.ops._autograd)."""
+    x = make((2, 14, 5), device="cpu")
+    y = make((2, 14, 6), device="cpu", requires_grad=False)
+    w, b = projection(5, 6, device="cpu")
+    loss = ops.hidden_cosine([x], [y], w, b, True, True)[0]
+    got = torch.autograd.grad(loss * 3.0, [x, w, b])
+    r = upcast([x, w, b])
+    want = ref(list(r[0]), list(y.double()), r[1], r[2])
+    expect = torch.autograd.grad(want * 3.0, r)
+    assert_rel("loss", loss, want.double(), 1e-6)
+    for a, e in zip(got, expect):
+        assert_rel("grad", a, e, 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto", pytest.param("triton", marks=needs_triton)])
+def test_backend_routing(backend, monkeypatch, device):
+    """Backend "torch" (and "auto" on CPU tensors) runs the eager reference; otherwise the op."""
+    tbf.set_backend(backend)
+    calls = []
+    original = tbf.reference.hidden_cosine
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tbf.reference, "hidden_cosine", spy)
+    x, y = states(1, 2, 5, 4), states(1, 2, 5, 6)
+    w, b = projection(4, 6)
+    loss = tbf.hidden_cosine(x, y, w, b)
+    expect_reference = backend == "torch" or (backend == "auto" and device == "cpu")
+    assert bool(calls) == expect_reference
+    if not expect_reference:
+        assert_fused(loss)
