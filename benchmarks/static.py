@@ -53,6 +53,7 @@ from triton.runtime.jit import JITFunction
 from tinybert_fast.kernels import attention_kl, attention_mse, attention_qk, hidden_mse, soft_ce
 from tinybert_fast.kernels import kl_div
 from tinybert_fast.kernels import attention_kl_scores
+from tinybert_fast.kernels import hidden_cosine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "static"
 META = torch.device("meta")
@@ -246,6 +247,39 @@ def calls_hidden_mse(quick):
         yield name, call
 
 
+def calls_hidden_cosine(quick):
+    # (M = B*L, d_s, d_t, states): the real TinyBERT4 <- BERT-base shapes, then tests' SHAPES
+    real = [(4 * 128, 312, 768, 5), (32 * 128, 312, 768, 5)]
+    shapes = real[:1] if quick else real + [
+        (3 * 37, 26, 50, 1), (2 * 19, 100, 130, 3), (1, 7, 3, 1), (2 * 5, 9, 2, 1),
+        (4 * 19, 26, 50, 2)]
+    dtypes = [BF16] if quick else [BF16, F32, F16]
+    precisions = ["highest"] if quick else ["highest", "high"]
+    for (M, ks, kt, n), dt, prec, save, tm in _product(
+            shapes, dtypes, precisions, [True] if quick else [True, False],
+            [False] if quick else [False, True]):
+        if prec == "high" and dt != F32:
+            continue
+        x, y = _t(n, M, ks, dtype=dt), _t(n, M, kt, dtype=dt)
+        w, b = _t(kt, ks, dtype=dt), _t(kt, dtype=dt)
+        m = _t(M, dtype=torch.bool) if tm else None
+        name = f"hidden_cosine M{M}K{ks}N{kt} {DT[dt]} fp32_matmul={prec} coef={save} tm={tm}"
+
+        def call(x=x, y=y, w=w, b=b, save=save, m=m, prec=prec, n=n, M=M):
+            old = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(prec)
+            try:
+                hidden_cosine.hidden_cosine_forward([x], [y], w, b, 1.0, 1e-8, save, m)
+                if save:  # the backward: (student/weight/bias, teacher) gradients needed
+                    coef = _t(n * M, hidden_cosine.N_SUMS)
+                    for need in [(True, False)] if quick else [(True, False), (True, True),
+                                                              (False, True)]:
+                        hidden_cosine.hidden_cosine_backward(_t(), [x], [y], w, b, coef, *need)
+            finally:
+                torch.set_float32_matmul_precision(old)
+        yield name, call
+
+
 def calls_soft_ce(quick):
     shapes = [(32 * 128, 2), (32 * 128, 30522)] if quick else [
         (32 * 128, 2), (32 * 128, 30522), (32, 3), (6, 1271), (37, 2), (5, 3), (4, 30522),
@@ -375,8 +409,7 @@ def calls_attention_kl_scores(quick):
 
 
 CALLS = (calls_attention_mse, calls_hidden_mse, calls_soft_ce, calls_attention_qk,
-         calls_attention_kl, calls_kl_div,
-         calls_attention_kl_scores)
+         calls_attention_kl, calls_kl_div, calls_attention_kl_scores, calls_hidden_cosine)
 
 
 def _product(*lists):

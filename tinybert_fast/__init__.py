@@ -15,6 +15,7 @@ imported on first use of these names, and its C++ extension compiled or loaded o
 cache, so importing tinybert_fast builds and loads nothing).
 tbf.augment(input, output, ...) runs TinyBERT's data augmentation (the package
 tinybert_fast.augment, which can be called; imported on first use).
+tbf.hidden_cosine is the projected hidden-state cosine loss (1 - cos per token), beside hidden_mse.
 """
 
 from . import reference
@@ -22,7 +23,7 @@ from ._backend import get_backend, set_backend
 from .losses import (AttentionMSELoss, DistillLoss, HiddenMSELoss, SoftCrossEntropyLoss,
                      TinyBertLoss, distillation_loss, distillation_terms)
 from .ops import attention_kl, attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
-from .ops import attention_kl_scores, kl_divergence
+from .ops import attention_kl_scores, hidden_cosine, kl_divergence
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "attention_mse_qk", "attention_kl",
     "kl_divergence",
     "attention_kl_scores",
+    "hidden_cosine",
     "AttentionMSELoss", "HiddenMSELoss", "SoftCrossEntropyLoss", "TinyBertLoss",
     "reference", "set_backend", "get_backend", "TeacherCache", "CacheWriter", "TeacherBatch",
     "augment",

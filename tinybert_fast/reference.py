@@ -316,4 +316,45 @@ def attention_kl_scores(student, teacher, attention_mask: torch.Tensor | None = 
         layer = kl.sum() if reduction == "sum" else kl.sum() / denom
         layer = layer.float()
         total = layer if total is None else total + layer
+# Norm floor of tbf.hidden_cosine, as torch.nn.functional.cosine_similarity's default eps.
+HIDDEN_COSINE_EPS = 1e-8
+
+
+def hidden_cosine(student, teacher, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  reduction: str = "mean", *, token_mask: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Projected hidden-state cosine loss: sum over states of the per-token 1 - cos(p, y).
+
+    p = student @ weight.T + bias ([M, d_t] per state), y = teacher ([M, d_t]);
+    cos = <p, y> / (max(|p|, eps) * max(|y|, eps)), eps = HIDDEN_COSINE_EPS (1e-8).
+    student [..., d_s] / teacher [..., d_t] per state (rank 4 = stacked states, or a list);
+    weight [d_t, d_s]; bias [d_t] or None.  reduction "mean": per state the mean over its tokens
+    (over the unmasked tokens when token_mask [B, L] / [M], 0 = padding, is given; 0 when none
+    is), summed over states; "sum": summed over tokens and states.
+    """
+    _checks.check_reduction(reduction, "hidden")
+    s_states, _ = _checks.hidden_states("student", student)
+    t_states, _ = _checks.hidden_states("teacher", teacher)
+    _checks.check_hidden(s_states, t_states, weight, bias, fused=False)
+    keep = _checks.token_mask(token_mask, s_states[0])
+    if keep is not None:
+        keep = keep != 0
+    total = None
+    for s, t in zip(s_states, t_states):
+        p = F.linear(s, weight.to(s.dtype), None if bias is None else bias.to(s.dtype))
+        y = t.to(p.dtype)
+        # clamp_min: below eps the norm is the constant eps (no gradient through it)
+        denom = (torch.linalg.vector_norm(p, dim=-1).clamp_min(HIDDEN_COSINE_EPS)
+                 * torch.linalg.vector_norm(y, dim=-1).clamp_min(HIDDEN_COSINE_EPS))
+        per_token = 1.0 - (p * y).sum(-1) / denom
+        if keep is not None:
+            per_token = torch.where(keep, per_token, 0.0)
+        if reduction == "sum":
+            state = per_token.sum()
+        elif keep is None:
+            state = per_token.mean()
+        else:
+            state = per_token.sum() / keep.sum().clamp_min(1)
+        state = state.float()
+        total = state if total is None else total + state
     return total
