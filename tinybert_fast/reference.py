@@ -316,6 +316,9 @@ def attention_kl_scores(student, teacher, attention_mask: torch.Tensor | None = 
         layer = kl.sum() if reduction == "sum" else kl.sum() / denom
         layer = layer.float()
         total = layer if total is None else total + layer
+    return total
+
+
 # Norm floor of tbf.hidden_cosine, as torch.nn.functional.cosine_similarity's default eps.
 HIDDEN_COSINE_EPS = 1e-8
 
