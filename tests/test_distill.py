@@ -523,3 +523,34 @@ def test_open_teacher_cache_with_explicit_arguments_builds_what_distill_opens(mo
     out = distill.distill(_cfg(models, tmp_path / "run", teacher_cache=store, max_steps=2))
     assert out["steps"] == 2 and out["teacher_cache"]["built"] is False
     assert os.stat(manifest).st_mtime_ns == stamp  # opened, not rebuilt
+
+
+def test_loss_variants_reach_the_objective(models, tmp_path):
+    """--attention-loss kl, --hidden-loss cosine / none, --prediction-loss kl / mse: the loop's
+    first step logs the variant's terms (KL and cosine differ from the MSEs; "none" drops the
+    terms), with a live teacher and with a teacher cache."""
+    def first(name, **kw):
+        distill.distill(_cfg(models, tmp_path / name, max_steps=1, **kw))
+        return _log(tmp_path / name)[0]
+
+    mse = first("mse")
+    kl_cos = first("kl_cos", attention_loss="kl", hidden_loss="cosine")
+    assert set(kl_cos) >= {"attention", "embedding", "hidden", "total"}
+    assert kl_cos["attention"] != pytest.approx(mse["attention"], rel=1e-3)
+    assert 0 < kl_cos["hidden"] < 2 * (len(models) + 1)  # sum over states of 1 - cos in [0, 2]
+    assert kl_cos["total"] == pytest.approx(
+        kl_cos["attention"] + kl_cos["hidden"] + kl_cos["embedding"], rel=1e-5)
+    no_hidden = first("no_hidden", hidden_loss="none")
+    assert "hidden" not in no_hidden and "embedding" not in no_hidden
+    assert no_hidden["attention"] == pytest.approx(mse["attention"], rel=1e-6)
+    soft = first("soft", stage="task2")
+    pred_kl = first("pred_kl", stage="task2", prediction_loss="kl", temperature=2.0)
+    pred_mse = first("pred_mse", stage="task2", prediction_loss="mse")
+    assert len({round(r["prediction"], 6) for r in (soft, pred_kl, pred_mse)}) == 3
+    from conftest import require_cache_extension
+    require_cache_extension()
+    cache = str(tmp_path / "cache")
+    cached = first("kl_cached", attention_loss="kl", hidden_loss="cosine", teacher_cache=cache)
+    live = first("kl_masked", attention_loss="kl", hidden_loss="cosine", mask_padding=True)
+    for term in ("attention", "hidden", "embedding"):  # bf16 cache: close to the live teacher
+        assert cached[term] == pytest.approx(live[term], rel=2e-2, abs=1e-4), term

@@ -385,3 +385,55 @@ def test_distillation_terms_labels_and_regression():
         tbf.distillation_terms()
     with pytest.raises(ValueError, match="weight"):
         tbf.distillation_terms(student_embedding=z_s, teacher_embedding=z_t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_distillation_terms_loss_variants(backend):
+    """attention_loss / hidden_loss / prediction_loss pick the study's variants: each term is
+    the named loss function's value, "none" drops the term(s)."""
+    tbf.set_backend(backend)
+    x = stage_inputs()
+    mask = x["attention_mask"]
+    emb_s, emb_t = x["student_hidden"][0], x["teacher_hidden"][0]
+    states = dict(student_embedding=emb_s, teacher_embedding=emb_t,
+                  student_hidden=x["student_hidden"][1:], teacher_hidden=x["teacher_hidden"][1:],
+                  weight=x["weight"], bias=x["bias"])
+    kl = tbf.distillation_terms(student_attention=x["student_attention"],
+                                teacher_attention=x["teacher_attention"], attention_mask=mask,
+                                attention_loss="kl", hidden_loss="cosine", **states)
+    torch.testing.assert_close(kl["attention"], tbf.attention_kl_scores(
+        x["student_attention"], x["teacher_attention"], mask))
+    torch.testing.assert_close(kl["embedding"], tbf.hidden_cosine(emb_s, emb_t, x["weight"],
+                                                                  x["bias"]))
+    torch.testing.assert_close(kl["hidden"], tbf.hidden_cosine(
+        x["student_hidden"][1:], x["teacher_hidden"][1:], x["weight"], x["bias"]))
+    masked = tbf.distillation_terms(**states, attention_mask=mask, mask_padding=True,
+                                    hidden_loss="cosine")
+    torch.testing.assert_close(masked["hidden"], tbf.hidden_cosine(
+        x["student_hidden"][1:], x["teacher_hidden"][1:], x["weight"], x["bias"],
+        token_mask=mask))
+    only_att = tbf.distillation_terms(student_attention=x["student_attention"],
+                                      teacher_attention=x["teacher_attention"], hidden_loss="none",
+                                      **states)
+    assert list(only_att) == ["attention", "total"]
+    z_s, z_t = x["student_logits"], x["teacher_logits"]
+    pred_kl = tbf.distillation_terms(student_logits=z_s, teacher_logits=z_t, temperature=2.0,
+                                     prediction_loss="kl")
+    torch.testing.assert_close(pred_kl["prediction"], tbf.kl_divergence(z_s, z_t, 2.0))
+    pred_mse = tbf.distillation_terms(student_logits=z_s, teacher_logits=z_t,
+                                      prediction_loss="mse")
+    torch.testing.assert_close(pred_mse["prediction"], (z_s - z_t).square().mean())
+    for name, bad in (("attention_loss", "cosine"), ("hidden_loss", "kl"),
+                      ("prediction_loss", "ce")):
+        with pytest.raises(ValueError, match=rf"{name} must be one of"):
+            tbf.distillation_terms(student_logits=z_s, teacher_logits=z_t, **{name: bad})
+
+
+def test_distillation_terms_attention_kl_from_qk():
+    x = stage_inputs()
+    mask = x["attention_mask"]
+    q_s, k_s = make((N_LAYERS, B, H, L, 8)), make((N_LAYERS, B, H, L, 8))
+    q_t, k_t = (make((N_LAYERS, B, H, L, 16), requires_grad=False) for _ in range(2))
+    terms = tbf.distillation_terms(student_query=q_s, student_key=k_s, teacher_query=q_t,
+                                   teacher_key=k_t, attention_mask=mask, attention_loss="kl")
+    torch.testing.assert_close(terms["attention"], tbf.attention_kl(q_s, k_s, q_t, k_t, mask))

@@ -22,8 +22,8 @@ from . import reference
 from ._backend import get_backend, set_backend
 from .losses import (AttentionMSELoss, DistillLoss, HiddenMSELoss, SoftCrossEntropyLoss,
                      TinyBertLoss, distillation_loss, distillation_terms)
-from .ops import attention_kl, attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
-from .ops import attention_kl_scores, hidden_cosine, kl_divergence
+from .ops import (attention_kl, attention_kl_scores, attention_mse, attention_mse_qk, hidden_cosine,
+                  hidden_mse, kl_divergence, soft_cross_entropy)
 
 __version__ = "0.1.0"
 

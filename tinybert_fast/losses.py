@@ -7,7 +7,12 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import attention_mse, attention_mse_qk, hidden_mse, soft_cross_entropy
+from .ops import (attention_kl, attention_kl_scores, attention_mse, attention_mse_qk,
+                  hidden_cosine, hidden_mse, kl_divergence, soft_cross_entropy)
+
+ATTENTION_LOSSES = ("mse", "kl", "none")
+HIDDEN_LOSSES = ("mse", "cosine", "none")
+PREDICTION_LOSSES = ("soft_ce", "kl", "mse")
 
 
 class DistillLoss(NamedTuple):
@@ -42,7 +47,9 @@ def distillation_terms(*, student_attention=None, teacher_attention=None, studen
                        regression: bool = False, attention_weight: float = 1.0,
                        embedding_weight: float = 1.0, hidden_weight: float = 1.0,
                        prediction_weight: float = 1.0, hard_label_weight: float = 1.0,
-                       mask_padding: bool = False) -> dict[str, Tensor]:
+                       mask_padding: bool = False, attention_loss: str = "mse",
+                       hidden_loss: str = "mse", prediction_loss: str = "soft_ce"
+                       ) -> dict[str, Tensor]:
     """Every term of a TinyBERT stage's objective, and their weighted sum (the training loop's
     objective; distillation_loss is its four-term form):
 
@@ -55,6 +62,15 @@ def distillation_terms(*, student_attention=None, teacher_attention=None, studen
               + hard_label_weight * hard         cross_entropy(z_s, labels);
                                                  regression: mean((z_s[:, 0] - labels)^2)
 
+    The loss of each term can be another than TinyBERT's (the study's variants):
+        attention_loss "kl": MiniLM's KL(softmax(S_t) || softmax(S_s)) per query row over the
+            unpadded keys, padded rows excluded (attention_kl_scores; from Q and K,
+            attention_kl); "none": no attention term.
+        hidden_loss "cosine": 1 - cos(X W^T + b, Y) per token (hidden_cosine), for the
+            embedding and hidden terms; "none": neither term.
+        prediction_loss "kl": T^2 KL(p_t || p_s) / N (kl_divergence); "mse": mean((z_s -
+            z_t)^2) on the logits (what a regression task always uses).
+
     A term is computed when its inputs are given (student and teacher; labels for "hard") and
     returned under its name with "total" last; a term with weight 0 is still computed and
     reported (it adds 0 to the total).  Attention comes from scores or from Q and K, not both.
@@ -66,6 +82,11 @@ def distillation_terms(*, student_attention=None, teacher_attention=None, studen
     """
     if mask_padding and attention_mask is None:
         raise ValueError("mask_padding=True needs attention_mask [B, L]")
+    for name, value, choices in (("attention_loss", attention_loss, ATTENTION_LOSSES),
+                                 ("hidden_loss", hidden_loss, HIDDEN_LOSSES),
+                                 ("prediction_loss", prediction_loss, PREDICTION_LOSSES)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}; got {value!r}")
     terms: dict[str, Tensor] = {}
     by_scores = _pair("student_attention", student_attention, "teacher_attention",
                       teacher_attention)
@@ -79,9 +100,17 @@ def distillation_terms(*, student_attention=None, teacher_attention=None, studen
     if by_scores and given:
         raise ValueError("pass the attention as scores (student_attention/teacher_attention) or "
                          "as Q and K (student_query/...), not both")
-    if by_scores:
+    if attention_loss == "none":
+        pass
+    elif by_scores and attention_loss == "kl":
+        terms["attention"] = attention_kl_scores(student_attention, teacher_attention,
+                                                 attention_mask)
+    elif by_scores:
         terms["attention"] = attention_mse(student_attention, teacher_attention, attention_mask,
                                            mask_queries=mask_padding)
+    elif given and attention_loss == "kl":
+        terms["attention"] = attention_kl(student_query, student_key, teacher_query,
+                                          teacher_key, attention_mask)
     elif given:
         q_s, q_t = student_query, teacher_query
         if mask_padding:
@@ -93,11 +122,12 @@ def distillation_terms(*, student_attention=None, teacher_attention=None, studen
     token_mask = attention_mask if mask_padding else None
     for name, s, t in (("embedding", student_embedding, teacher_embedding),
                        ("hidden", student_hidden, teacher_hidden)):
-        if _pair(f"student_{name}", s, f"teacher_{name}", t):
+        if _pair(f"student_{name}", s, f"teacher_{name}", t) and hidden_loss != "none":
             if weight is None:
                 raise ValueError(f"weight [d_t, d_s] is required with student_{name}/"
                                  f"teacher_{name}")
-            terms[name] = hidden_mse(s, t, weight, bias, token_mask=token_mask)
+            state_loss = hidden_cosine if hidden_loss == "cosine" else hidden_mse
+            terms[name] = state_loss(s, t, weight, bias, token_mask=token_mask)
     if teacher_logits is not None and student_logits is None:
         raise ValueError("teacher_logits was given without student_logits; pass both or neither")
     if student_logits is not None and teacher_logits is None and labels is None:
@@ -105,9 +135,12 @@ def distillation_terms(*, student_attention=None, teacher_attention=None, studen
                          "teacher_logits for the prediction loss and/or labels for the "
                          "hard-label loss")
     if teacher_logits is not None:
-        terms["prediction"] = (F.mse_loss(student_logits.float(), teacher_logits.float())
-                               if regression else
-                               soft_cross_entropy(student_logits, teacher_logits, temperature))
+        if regression or prediction_loss == "mse":
+            terms["prediction"] = F.mse_loss(student_logits.float(), teacher_logits.float())
+        elif prediction_loss == "kl":
+            terms["prediction"] = kl_divergence(student_logits, teacher_logits, temperature)
+        else:
+            terms["prediction"] = soft_cross_entropy(student_logits, teacher_logits, temperature)
     if labels is not None:
         if student_logits is None:
             raise ValueError("labels were given without student_logits")

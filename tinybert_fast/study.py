@@ -201,9 +201,10 @@ def _layer_sets(cfg) -> dict | None:
     lm = mapping.layer_map(cfg.mapping, s_config.num_hidden_layers, t_config.num_hidden_layers,
                            seed=cfg.mapping_seed, layers=cfg.mapping_layers)
     check_pair(s_config, t_config, cfg)
-    return {"attention": lm.teacher_attention_layers if cfg.attention_weight else [],
-            "hidden": lm.teacher_hidden_states if (cfg.hidden_weight or cfg.embedding_weight)
-            else []}
+    attention = cfg.attention_weight and cfg.attention_loss != "none"
+    hidden = (cfg.hidden_weight or cfg.embedding_weight) and cfg.hidden_loss != "none"
+    return {"attention": lm.teacher_attention_layers if attention else [],
+            "hidden": lm.teacher_hidden_states if hidden else []}
 
 
 def _cache_key(cfg) -> str:

@@ -50,6 +50,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=1.0,
                    help="softmax temperature of step 2's soft cross-entropy (no effect on a "
                         "regression task)")
+    g.add_argument("--attention-loss", choices=config.LOSS_CHOICES["attention_loss"],
+                   default="mse",
+                   help="mse: TinyBERT's score MSE; kl: MiniLM's KL(softmax(S_t) || "
+                        "softmax(S_s)) per query row over the unpadded keys (padded rows "
+                        "excluded; tbf.attention_kl_scores, or tbf.attention_kl with "
+                        "--attention-from qk); none: no attention term")
+    g.add_argument("--hidden-loss", choices=config.LOSS_CHOICES["hidden_loss"], default="mse",
+                   help="mse: TinyBERT's projected MSE; cosine: 1 - cos(X W^T + b, Y) per token "
+                        "(tbf.hidden_cosine); none: no embedding and hidden terms")
+    g.add_argument("--prediction-loss", choices=config.LOSS_CHOICES["prediction_loss"],
+                   default="soft_ce",
+                   help="step 2 on a classification task: soft_ce (TinyBERT's soft "
+                        "cross-entropy), kl (T^2 KL(p_t || p_s) / N, Hinton's; "
+                        "tbf.kl_divergence) or mse (of the logits)")
     g.add_argument("--losses", choices=["fused", "eager"], default="fused",
                    help="fused: the registered ops on the backend in effect (default 'auto': "
                         "Triton on CUDA tensors, the eager reference on CPU tensors); eager: "

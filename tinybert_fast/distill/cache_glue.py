@@ -126,8 +126,8 @@ def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, 
     return open_teacher_cache(
         cfg.teacher_cache, teacher, tokenizer, train_set, layer_map, device=device,
         dist_state=dist_state, source=training_source(cfg), max_length=cfg.max_length,
-        attention=bool(cfg.attention_weight),
-        hidden=bool(cfg.hidden_weight or cfg.embedding_weight),
+        attention=bool(cfg.attention_weight) and cfg.attention_loss != "none",
+        hidden=bool(cfg.hidden_weight or cfg.embedding_weight) and cfg.hidden_loss != "none",
         attention_from=cfg.attention_from, dtype=cfg.cache_dtype,
         batch_size=cfg.eval_batch_size, progress=cfg.progress,
         need_logits=cfg.stage == "task2")

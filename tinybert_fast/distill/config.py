@@ -42,6 +42,11 @@ def default_max_length(task: str | None) -> int:
     return 64 if single else 128
 
 
+# the loss variants (tinybert_fast.distillation_terms); the first of each is TinyBERT's
+LOSS_CHOICES = {"attention_loss": ("mse", "kl", "none"), "hidden_loss": ("mse", "cosine", "none"),
+                "prediction_loss": ("soft_ce", "kl", "mse")}
+
+
 @dataclasses.dataclass
 class DistillConfig:
     """Everything a run needs; None means "the stage's default" (STAGE_DEFAULTS)."""
@@ -64,6 +69,9 @@ class DistillConfig:
     prediction_weight: float = 1.0
     hard_label_weight: float = 0.0
     temperature: float = 1.0
+    attention_loss: str = "mse"        # mse (TinyBERT) | kl (MiniLM's distribution KL) | none
+    hidden_loss: str = "mse"           # mse (TinyBERT) | cosine | none
+    prediction_loss: str = "soft_ce"   # soft_ce (TinyBERT) | kl (Hinton, T^2) | mse (logits)
     losses: str = "fused"              # fused | eager (= tbf.set_backend("torch") for the run)
     teacher_cache: str | None = None   # teacher outputs cached here (built on first use)
     cache_dtype: str = "bf16"          # fp32 | bf16 | fp16 | int8
@@ -103,6 +111,9 @@ class DistillConfig:
         if self.attention_from not in ("scores", "qk"):
             raise ValueError(f"attention_from must be 'scores' or 'qk'; got "
                              f"{self.attention_from!r}")
+        for name, choices in LOSS_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}; got {getattr(self, name)!r}")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be auto, on or off; got {self.bf16!r}")
         out = dataclasses.replace(self)
@@ -132,18 +143,22 @@ def ineffective_settings(cfg: DistillConfig, task: glue.Task | None) -> list[str
             notes.append(f"--{name.replace('_', '-')} has no effect {why}")
     builds_from_teacher = cfg.init == "teacher-layers"   # the mapping picks the copied layers
     for name in ("attention_weight", "hidden_weight", "embedding_weight", "mapping",
-                 "mapping_layers", "mapping_seed", "attention_from", "mask_padding"):
+                 "mapping_layers", "mapping_seed", "attention_from", "mask_padding",
+                 "attention_loss", "hidden_loss"):
         if name.startswith("mapping") and builds_from_teacher:
             continue
         if not intermediate:
             note(name, f"in stage {cfg.stage!r} (it applies to the intermediate-layer losses of "
                        f"stages general and task1)")
-    for name in ("prediction_weight", "temperature", "hard_label_weight"):
+    for name in ("prediction_weight", "temperature", "hard_label_weight", "prediction_loss"):
         if cfg.stage != "task2":
             note(name, f"in stage {cfg.stage!r} (it applies to task step 2's prediction loss)")
     if cfg.stage == "task2" and task is not None and task.is_regression:
-        note("temperature", f"on the regression task {task.name!r}: step 2 is the mean squared "
-                            f"error of the teacher's outputs there, not a softmax")
+        for name in ("temperature", "prediction_loss"):
+            note(name, f"on the regression task {task.name!r}: step 2 is the mean squared "
+                       f"error of the teacher's outputs there, not a softmax")
+    if cfg.stage == "task2" and cfg.prediction_loss == "mse":
+        note("temperature", "with --prediction-loss mse (the logits are compared as they are)")
     if cfg.teacher_cache is None:
         note("cache_dtype", "without --teacher-cache")
     return notes

@@ -55,9 +55,11 @@ class Objective:
         self.cfg, self.task, self.layer_map, self.teacher = cfg, task, layer_map, teacher
         self.backend = "torch" if cfg.losses == "eager" else None
         self.intermediate = cfg.stage in ("general", "task1")
-        self.need_att = self.intermediate and cfg.attention_weight != 0
-        self.need_hid = self.intermediate and (cfg.hidden_weight != 0 or
-                                               cfg.embedding_weight != 0)
+        self.need_att = (self.intermediate and cfg.attention_weight != 0
+                         and cfg.attention_loss != "none")
+        self.need_hid = (self.intermediate and (cfg.hidden_weight != 0 or
+                                                cfg.embedding_weight != 0)
+                         and cfg.hidden_loss != "none")
 
     def __call__(self, model: nn.Module, inputs: dict, labels, cached=None) -> dict:
         """model: StudentWithProjection (or DDP of it); cached: the batch's TeacherBatch when the
@@ -127,7 +129,8 @@ class Objective:
             **given, attention_mask=inputs["attention_mask"],
             mask_padding=cfg.mask_padding or cached is not None,
             attention_weight=cfg.attention_weight, embedding_weight=cfg.embedding_weight,
-            hidden_weight=cfg.hidden_weight)
+            hidden_weight=cfg.hidden_weight, attention_loss=cfg.attention_loss,
+            hidden_loss=cfg.hidden_loss)
 
     def _prediction(self, model, inputs, labels, cached):
         cfg, task = self.cfg, self.task
@@ -147,5 +150,5 @@ class Objective:
         return distillation_terms(
             student_logits=s_logits, teacher_logits=t_logits,
             labels=labels if hard_weight != 0 else None, temperature=cfg.temperature,
-            regression=task.is_regression, prediction_weight=cfg.prediction_weight,
-            hard_label_weight=hard_weight)
+            regression=task.is_regression, prediction_loss=cfg.prediction_loss,
+            prediction_weight=cfg.prediction_weight, hard_label_weight=hard_weight)
