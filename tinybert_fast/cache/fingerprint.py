@@ -14,6 +14,7 @@ examples).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 
@@ -110,7 +111,8 @@ def sequence_digests(input_ids, token_type_ids=None) -> np.ndarray:
     tinybert_fast.data.TokenizedDataset holds them; token_type_ids: lists of the same lengths,
     or None for all 0)."""
     lens = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
-    flat = np.fromiter((int(t) for x in input_ids for t in x), dtype="<i8", count=int(lens.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(input_ids), dtype="<i8",
+                       count=int(lens.sum()))
     if token_type_ids is None:
         types = np.zeros_like(flat)
     else:
@@ -118,12 +120,13 @@ def sequence_digests(input_ids, token_type_ids=None) -> np.ndarray:
                 len(t) != n for t, n in zip(token_type_ids, lens.tolist())):
             raise ValueError("token_type_ids: expected one list per example, as long as its "
                              "input_ids")
-        types = np.fromiter((int(t) for x in token_type_ids for t in x), dtype="<i8",
+        types = np.fromiter(itertools.chain.from_iterable(token_type_ids), dtype="<i8",
                             count=int(lens.sum()))
-    ends = np.cumsum(lens).tolist()
+    ends = (8 * np.cumsum(lens)).tolist()
     starts = [0] + ends[:-1]
-    return np.array([_digest(flat[a:b].tobytes(), types[a:b].tobytes())
-                     for a, b in zip(starts, ends)], dtype=np.int64)
+    ids_b, types_b = flat.tobytes(), types.tobytes()
+    return np.fromiter((_digest(ids_b[a:b], types_b[a:b]) for a, b in zip(starts, ends)),
+                       dtype=np.int64, count=len(ends))
 
 
 def tokens_fingerprint(example_ids, digests) -> dict | None:

@@ -187,7 +187,8 @@ class CacheWriter:
     """Streams teacher outputs of one shard into a cache folder (the low-level writer).
 
         w = CacheWriter(path, dtype="bf16", fingerprint={...}, shard=(rank, world_size))
-        w.append(example_ids, lengths, logits=..., hidden=..., attention=...)   # per batch
+        w.append(example_ids, lengths, logits=..., hidden=..., attention=...,
+                 input_ids=..., token_type_ids=...)                      # per batch
         w.close()      # index; the manifest once every shard is closed
 
     append() takes padded batch tensors on any device, in any float dtype:
@@ -206,7 +207,11 @@ class CacheWriter:
     `chunk_examples` examples.  A writer opened on a folder where a build of the same fingerprint
     was interrupted resumes it: `committed` holds the example ids already stored, and append()
     skips them (ids appended twice otherwise are an error).  `fingerprint` (a JSON-able dict) is
-    stored in the manifest; `format_version` and `dtype` are added to it.
+    stored in the manifest; `format_version` and `dtype` are added to it, and at the end
+    `example_ids` and `tokens` (fingerprint.tokens_fingerprint of the token digests of every
+    example: give append input_ids, and token_type_ids if any, for that; None without them).
+    Opening a folder removes the temp files a killed write left there (remove_temp_files); a
+    resumed shard's committed chunks are checked against their CRC32C first (verify_chunks).
     """
 
     def __init__(self, path: str | os.PathLike, dtype="bf16", *, fingerprint: dict | None = None,
