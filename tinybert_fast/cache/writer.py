@@ -455,9 +455,9 @@ class CacheWriter:
         if self._has_tokens is None:
             self._has_tokens = input_ids is not None
         elif self._has_tokens != (input_ids is not None):
-            raise ValueError("input_ids: give them with every batch of a cache or with none (this "
-                             f"cache's earlier batches came {'with' if self._has_tokens else 'without'}"
-                             " them)")
+            had = "with" if self._has_tokens else "without"
+            raise ValueError(f"input_ids: give them with every batch of a cache or with none "
+                             f"(this cache's earlier batches came {had} them)")
         hidden = _stack("hidden", hidden, 3)
         attention = _stack("attention", attention, 4)
         query, key = _stack("query", query, 4), _stack("key", key, 4)

@@ -11,6 +11,8 @@ import logging
 import os
 import time
 
+import numpy as np
+
 from .. import data, mapping
 from ..train import Distributed
 from .config import DistillConfig
@@ -30,8 +32,6 @@ def training_tokens(train_set: data.TokenizedDataset):
     tinybert_fast.cache.fingerprint.sequence_digests of its input_ids and token_type_ids, the
     digest the cache build stores for it (its batches come from this set, example_id i).
     Computed once per run (blake2b over each example's token-id bytes)."""
-    import numpy as np
-
     from ..cache.fingerprint import sequence_digests
     return (np.arange(len(train_set), dtype=np.int64),
             sequence_digests(train_set.input_ids, train_set.token_type_ids))
