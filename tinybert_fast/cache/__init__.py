@@ -61,8 +61,16 @@ On disk a cache is a folder:
                                         chunk; CRC32C of the whole index
     shard-RRRRR-of-WWWWW.journal        only while building: committed chunks, for resuming
 
+What the teacher saw: the build stores a digest of every example's token ids (input_ids and
+token_type_ids over its L tokens; blake2b) in the index, and their hash in the manifest's
+fingerprint["tokens"]; `open(path, expect_tokens=(example_ids, digests))` (fingerprint.
+sequence_digests of the training set) refuses a cache built from other examples, saying what
+changed: other token ids, another order, more or fewer examples.  `clear_cache(path)` removes a
+cache to rebuild it.  Leftover temp files of a killed write are removed by the next build or open.
+
 Integrity: the manifest and every index carry a CRC32C, checked on open, where the data files'
-sizes and headers are checked too (a truncated or swapped file is refused); every record's
+sizes and headers are checked too (a truncated or swapped file is refused), and a resumed build
+checks its committed chunks' CRC32C before appending; every record's
 CRC32C is checked when it is read (fetch, prefetch), so a flipped byte raises
 `CacheCorruptionError` naming the file and the example; `cache.verify()` checks every chunk.
 
@@ -98,6 +106,7 @@ from .format import (ATTENTION_STORAGE, BUILD_SPEC, DATA_HEADER_BYTES, FORMAT_NA
                      scores_from_qk)
 from .reader import TeacherBatch, TeacherCache
 from .writer import CacheWriter
+from .writer import clear as clear_cache
 
 # Private names that tests and benchmarks reach through this package (tests/test_cache.py sets
 # _crash_point here to kill a build at a given point: tinybert_fast.cache.writer looks it up).
@@ -111,7 +120,7 @@ __all__ = ["TeacherCache", "CacheWriter", "TeacherBatch", "CacheLayout", "CacheE
            "HAS_CUDA_KERNELS", "EXTENSION_ERROR", "FORMAT_VERSION", "FORMAT_NAME", "INT8_BOUND",
            "ATTENTION_STORAGE", "LAYOUT_FIELDS", "MANIFEST", "BUILD_SPEC", "DATA_HEADER_BYTES",
            "build_info", "crc32c", "hash_state_dict", "example_ids_fingerprint",
-           "scores_from_qk"]
+           "scores_from_qk", "clear_cache"]
 
 
 def __getattr__(name: str):

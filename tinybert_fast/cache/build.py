@@ -13,10 +13,11 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .errors import CacheMismatchError
-from .fingerprint import make_fingerprint
+from .fingerprint import make_fingerprint, token_digests
 from .format import MANIFEST
 from .writer import CacheWriter, finalize, resolve_shard
 
@@ -92,10 +93,16 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
         With torch.distributed initialised, ranks wait for each other at the end.
     chunk_examples: examples per commit (fsync + journal entry): what a crash can lose.
 
-    An interrupted build with the same arguments resumes; a complete cache with the same
-    fingerprint is opened without running the teacher (a different one: CacheMismatchError,
-    unless overwrite=True).  Returns the open cache, or None on a rank whose cache is not
-    complete yet (other shards still building, without torch.distributed).
+    The digests of every example's token ids (input_ids and token_type_ids, the first
+    L_i = attention_mask.sum() of them: fingerprint.token_digests) go into the index and the
+    manifest's fingerprint["tokens"].  An interrupted build with the same arguments resumes,
+    after checking the committed chunks' checksums and that the loader's committed examples have
+    the token ids stored (CacheCorruptionError / CacheMismatchError otherwise).  A complete cache
+    with the same fingerprint is opened without running the teacher, once every example the
+    loader yields is found in it with the same token ids (the loader is iterated for that; a
+    different fingerprint or other examples: CacheMismatchError, unless overwrite=True).
+    Returns the open cache, or None on a rank whose cache is not complete yet (other shards
+    still building, without torch.distributed).
     """
     from .. import capture
 
@@ -109,10 +116,14 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
     store_logits = "logits" in fp["fields"]
     if os.path.exists(os.path.join(path, MANIFEST)) and not overwrite:
         logger.info("%s: a complete cache exists; checking its fingerprint", path)
+        cache = cls.open(path, expect_fingerprint=fp, num_threads=num_threads)
+        ids, digests = _loader_tokens(loader)
         try:
-            return cls.open(path, expect_fingerprint=fp, num_threads=num_threads)
-        except CacheMismatchError as exc:
-            raise CacheMismatchError(f"{exc}.  Pass overwrite=True to rebuild it") from None
+            cache.check_tokens(ids, digests, complete=False)  # this rank's loader: a part
+        except CacheMismatchError:
+            cache.close()
+            raise
+        return cache
     writer = CacheWriter(path, dtype, fingerprint=fp, shard=(rank, world),
                          chunk_examples=chunk_examples, overwrite=overwrite, fsync=fsync,
                          num_threads=num_threads, attention_storage=attention_storage)
@@ -138,15 +149,17 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
                 raise KeyError("loader batches must carry 'example_id' ([B] int64): the key "
                                "under which fetch finds each example")
             ids = torch.as_tensor(batch["example_id"]).reshape(-1)
+            if "attention_mask" not in batch:
+                raise KeyError("loader batches must carry 'attention_mask' [B, L]")
+            lengths = right_padded_lengths(batch["attention_mask"], ids)
+            tokens = {"input_ids": batch["input_ids"],
+                      "token_type_ids": batch.get("token_type_ids")}
             if writer.all_committed(ids):
+                writer.check_committed(ids, lengths, **tokens)
                 continue
             inputs = {k: batch[k].to(device) for k in _MODEL_INPUTS if k in batch}
-            mask = inputs.get("attention_mask")
-            if mask is None:
-                raise KeyError("loader batches must carry 'attention_mask' [B, L]")
-            lengths = right_padded_lengths(mask, ids)
             writer.append(ids, lengths, **_teacher_outputs(teacher, inputs, record, att_layers,
-                                                           hid_states, store_logits))
+                                                           hid_states, store_logits), **tokens)
         complete = writer.close()
     except BaseException:
         writer.__exit__(RuntimeError, None, None)
@@ -164,6 +177,19 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
                     rank, world)
         return None
     return cls.open(path, num_threads=num_threads)
+
+
+def _loader_tokens(loader: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(example ids, token digests) of every example a loader yields (fingerprint.token_digests
+    of its input_ids and token_type_ids over the attention mask's tokens)."""
+    ids, digests = [], []
+    for batch in loader:
+        b_ids = torch.as_tensor(batch["example_id"]).reshape(-1)
+        lengths = right_padded_lengths(batch["attention_mask"], b_ids)
+        ids.append(b_ids.cpu().numpy().astype(np.int64))
+        digests.append(token_digests(batch["input_ids"], lengths, batch.get("token_type_ids")))
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    return cat(ids), cat(digests)
 
 
 def right_padded_lengths(mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

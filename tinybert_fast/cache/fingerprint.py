@@ -3,11 +3,18 @@
 make_fingerprint assembles the dict `TeacherCache.build` stores (teacher weights and config,
 tokenizer, layers, dtype, attention storage, data); `TeacherCache.open(expect_fingerprint=...)`
 compares every key the caller gives and lists each difference (diff).
+
+What the teacher saw: token_digests (a padded batch) and sequence_digests (unpadded examples)
+give one 64-bit digest per example of its token ids; the index stores them, the manifest's
+fingerprint holds tokens_fingerprint of all of them, and tokens_difference says how a training
+set differs from what a cache was built from (other token ids, other order, more or fewer
+examples).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 
@@ -66,6 +73,123 @@ def example_ids_fingerprint(example_ids) -> dict:
     """{"count", "sha256" of the sorted int64 ids}."""
     ids = np.sort(np.asarray(torch.as_tensor(example_ids).cpu(), dtype="<i8").reshape(-1))
     return {"count": int(ids.size), "sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
+
+
+def _digest(ids: bytes, types: bytes) -> int:
+    d = int.from_bytes(hashlib.blake2b(ids + b"|" + types, digest_size=8).digest(), "little",
+                       signed=True)
+    return d or 1  # 0 stands for "not recorded"
+
+
+def token_digests(input_ids, lengths, token_type_ids=None) -> np.ndarray:
+    """int64 [B]: a digest of each example's token ids in a right-padded batch.
+
+    input_ids, token_type_ids: [B, Lp] (any integer dtype, any device; token_type_ids None: all
+    0, BERT's default); lengths: [B] tokens per example (the attention mask's sum).  Example b's
+    digest is the first 8 bytes of blake2b(int64 input_ids[b, :L_b] | int64
+    token_type_ids[b, :L_b]) (never 0), so it covers what the teacher saw and what the cache
+    stores of the mask (L_b), and not the padding."""
+    ids = np.asarray(torch.as_tensor(input_ids).detach().cpu(), dtype="<i8")
+    lens = np.asarray(torch.as_tensor(lengths).detach().cpu(), dtype=np.int64).reshape(-1)
+    if ids.ndim != 2 or ids.shape[0] != lens.size:
+        raise ValueError(f"input_ids: expected [B={lens.size}, L], got {tuple(ids.shape)}")
+    if token_type_ids is None:
+        types = np.zeros_like(ids)
+    else:
+        types = np.asarray(torch.as_tensor(token_type_ids).detach().cpu(), dtype="<i8")
+        if types.shape != ids.shape:
+            raise ValueError(f"token_type_ids: expected the shape of input_ids "
+                             f"{tuple(ids.shape)}, got {tuple(types.shape)}")
+    if lens.size and (lens.min() < 0 or lens.max() > ids.shape[1]):
+        raise ValueError(f"lengths must be in [0, {ids.shape[1]}]; got {lens.tolist()[:10]}")
+    return np.array([_digest(ids[b, :n].tobytes(), types[b, :n].tobytes())
+                     for b, n in enumerate(lens.tolist())], dtype=np.int64)
+
+
+def sequence_digests(input_ids, token_type_ids=None) -> np.ndarray:
+    """int64 [n]: token_digests of unpadded examples (a list of token-id lists, as
+    tinybert_fast.data.TokenizedDataset holds them; token_type_ids: lists of the same lengths,
+    or None for all 0)."""
+    lens = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
+    flat = np.fromiter(itertools.chain.from_iterable(input_ids), dtype="<i8",
+                       count=int(lens.sum()))
+    if token_type_ids is None:
+        types = np.zeros_like(flat)
+    else:
+        if len(token_type_ids) != len(input_ids) or any(
+                len(t) != n for t, n in zip(token_type_ids, lens.tolist())):
+            raise ValueError("token_type_ids: expected one list per example, as long as its "
+                             "input_ids")
+        types = np.fromiter(itertools.chain.from_iterable(token_type_ids), dtype="<i8",
+                            count=int(lens.sum()))
+    ends = (8 * np.cumsum(lens)).tolist()
+    starts = [0] + ends[:-1]
+    ids_b, types_b = flat.tobytes(), types.tobytes()
+    return np.fromiter((_digest(ids_b[a:b], types_b[a:b]) for a, b in zip(starts, ends)),
+                       dtype=np.int64, count=len(ends))
+
+
+def tokens_fingerprint(example_ids, digests) -> dict | None:
+    """{"count", "blake2b" of the (example id, digest) pairs in example-id order}: what the
+    manifest stores of the examples' token ids; None when some digest was not recorded (0)."""
+    ids = np.asarray(example_ids, dtype=np.int64).reshape(-1)
+    digests = np.asarray(digests, dtype=np.int64).reshape(-1)
+    if ids.size != digests.size:
+        raise ValueError(f"example_ids has {ids.size} entries but digests has {digests.size}")
+    if (digests == 0).any():
+        return None
+    order = np.argsort(ids, kind="stable")
+    h = hashlib.blake2b(digest_size=16)
+    h.update(ids[order].astype("<i8").tobytes())
+    h.update(digests[order].astype("<i8").tobytes())
+    return {"count": int(ids.size), "blake2b": h.hexdigest()}
+
+
+def tokens_difference(have_ids, have_digests, want_ids, want_digests,
+                      complete: bool = True) -> str | None:
+    """How the examples (want: e.g. a training set's) differ from a cache's (have), or None.
+
+    complete: want is the whole training set (its count and every id must match); False: want
+    may be a part of it (one DDP rank's shard), only its own examples are compared."""
+    def ids_list(a):
+        a = np.sort(a)
+        return f"{a[:8].tolist()}{' ...' if len(a) > 8 else ''}"
+    hi = np.asarray(have_ids, np.int64).reshape(-1)
+    hd = np.asarray(have_digests, np.int64).reshape(-1)
+    wi = np.asarray(want_ids, np.int64).reshape(-1)
+    wd = np.asarray(want_digests, np.int64).reshape(-1)
+    u, c = np.unique(wi, return_counts=True)
+    if (c > 1).any():
+        raise ValueError(f"example ids repeated in the training data: {u[c > 1][:8].tolist()}")
+    if (hd == 0).any():
+        return ("the cache records no token ids of its examples (written without input_ids), "
+                "so it cannot be checked against the training data")
+    fp_have, fp_want = tokens_fingerprint(hi, hd), tokens_fingerprint(wi, wd)
+    if complete and fp_have == fp_want:
+        return None
+    problems = []
+    extra = np.setdiff1d(wi, hi)
+    missing = np.setdiff1d(hi, wi) if complete else wi[:0]
+    if complete and hi.size != wi.size:
+        problems.append(f"example count {hi.size} vs {wi.size}")
+    if extra.size:
+        problems.append(f"{extra.size} examples are not in the cache (ids {ids_list(extra)})")
+    if missing.size:
+        problems.append(f"{missing.size} cached examples are not in the training data (ids "
+                        f"{ids_list(missing)})")
+    common, ih, iw = np.intersect1d(hi, wi, assume_unique=True, return_indices=True)
+    bad = hd[ih] != wd[iw]
+    if bad.any():
+        reordered = np.array_equal(np.sort(hd[ih][bad]), np.sort(wd[iw][bad]))
+        what = ("the examples are in another order: " if reordered else "")
+        problems.append(f"{what}{int(bad.sum())} of {common.size} example ids hold other token "
+                        f"ids (ids {ids_list(common[bad])})")
+    if not problems:
+        return None
+    head = "the training examples' token ids differ"
+    if complete:
+        head += f" (hash {fp_have['blake2b']} vs {fp_want['blake2b']}, the cache's vs the data's)"
+    return head + ": " + "; ".join(problems)
 
 
 def probe_logits(teacher) -> bool:

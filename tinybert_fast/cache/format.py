@@ -9,6 +9,7 @@ A cache is a folder (see tinybert_fast.cache):
                                 multiple of 16 bytes (record layout: csrc/teacher_cache.h)
     shard-RRRRR-of-WWWWW.index  header (+ the layout's integers), then int64 little-endian
                                 ids[n], lengths[n], offsets[n], record crc32c[n],
+                                token digests[n] (fingerprint.token_digests; 0: not recorded),
                                 chunks[k, 4] (start, end, crc32c, first example); trailer:
                                 CRC32C of everything before it and b"TBFE"
     shard-RRRRR-of-WWWWW.journal  only while building (tinybert_fast.cache.writer)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -33,9 +35,13 @@ from ._fields import LAYOUT_FIELDS
 from .extension import crc32c, ops
 
 FORMAT_NAME = "tinybert-fast teacher cache"
-FORMAT_VERSION = 2  # 2: attention stored as Q and K for long examples (layout of 8 ints)
+FORMAT_VERSION = 3  # 2: attention stored as Q and K for long examples (layout of 8 ints)
+#                    3: a digest of each example's token ids in the index and the journal
 MANIFEST = "cache.json"
 BUILD_SPEC = "build.json"
+# How to rebuild a cache, for the errors that ask for it.
+REBUILD = ("rebuild the cache (TeacherCache.build(..., overwrite=True); `tinybert-fast distill "
+           "--rebuild-cache`, `tinybert-fast cache --rebuild`)")
 # 8-bit storage: |x_hat - x| <= INT8_BOUND * max|row| (before rounding to the output dtype).
 INT8_BOUND = 1.0 / 254.0
 
@@ -61,6 +67,18 @@ _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float
 # How a cache stores attention: "scores" (an L x L block per head), "qk" (the head's Q and K,
 # 2 x L x d_h, for every example) or "auto" (Q and K for the examples where that is smaller).
 ATTENTION_STORAGE = ("auto", "scores", "qk")
+
+
+# The names of the temp files this package's atomic writes (tinybert_fast._io: ".NAME.XXXXXXXX.tmp",
+# and earlier releases' "NAME.tmp-PID-XXXXXXXX") leave in a cache folder when a process dies
+# mid-write: those of the files written atomically there (manifest, build spec, indexes).
+_ATOMIC = r"(?:cache\.json|build\.json|shard-\d{5}-of-\d{5}\.index)"
+TEMP_FILE = re.compile(rf"\.{_ATOMIC}\.[a-z0-9_]{{8}}\.tmp|{_ATOMIC}\.tmp-\d+-[0-9a-f]{{8}}")
+
+
+def is_temp_file(name: str) -> bool:
+    """Whether `name` (a file name in a cache folder) is one of this package's temp files."""
+    return TEMP_FILE.fullmatch(name) is not None
 
 
 def canonical(obj) -> str:
@@ -194,18 +212,20 @@ class Index(NamedTuple):
     lengths: np.ndarray    # int64 [n]
     offsets: np.ndarray    # int64 [n]
     crcs: np.ndarray       # int64 [n]
+    tokens: np.ndarray     # int64 [n]: digests of the examples' token ids (0: not recorded)
     chunks: np.ndarray     # int64 [k, 4]: start, end, crc, first example
     crc: int               # of the whole file
 
 
 def encode_index(rank, world, spec: bytes, layout: CacheLayout | None, data_bytes: int, ids,
-                 lengths, offsets, crcs, chunks) -> bytes:
+                 lengths, offsets, crcs, tokens, chunks) -> bytes:
     """The bytes of an index file (module docstring); layout None: every integer -1."""
     n, k = len(ids), len(chunks)
     head = INDEX_HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, rank, world, 0, n, k, data_bytes, spec,
                              *(layout.ints() if layout else [-1] * _N))
     body = b"".join(np.ascontiguousarray(a, dtype="<i8").tobytes()
-                    for a in (ids, lengths, offsets, crcs, np.asarray(chunks).reshape(-1, 4)))
+                    for a in (ids, lengths, offsets, crcs, tokens,
+                              np.asarray(chunks).reshape(-1, 4)))
     crc = crc32c(head + body)
     return head + body + INDEX_TRAILER.pack(crc, b"TBFE")
 
@@ -226,11 +246,14 @@ def decode_index(path: str) -> Index:
         raise CacheCorruptionError(f"{path}: index checksum mismatch (the file is corrupt or "
                                    f"truncated)")
     magic, version, rank, world, _, n, k, data_bytes, spec, *lay = INDEX_HEADER.unpack_from(raw)
-    if magic != INDEX_MAGIC or version != FORMAT_VERSION:
+    if magic != INDEX_MAGIC:
         raise CacheCorruptionError(f"{path}: not a format-{FORMAT_VERSION} index file")
-    if len(raw) != hs + 8 * (4 * n + 4 * k) + ts:
+    if version != FORMAT_VERSION:
+        raise CacheCorruptionError(f"{path}: an index of cache format version {version}; this "
+                                   f"tinybert_fast reads version {FORMAT_VERSION}: {REBUILD}")
+    if len(raw) != hs + 8 * (5 * n + 4 * k) + ts:
         raise CacheCorruptionError(f"{path}: index size does not match its header")
-    arr = np.frombuffer(raw, dtype="<i8", count=4 * n + 4 * k, offset=hs).astype(np.int64)
+    arr = np.frombuffer(raw, dtype="<i8", count=5 * n + 4 * k, offset=hs).astype(np.int64)
     layout = CacheLayout.from_ints(lay) if lay[0] >= 0 else None
     return Index(rank, world, spec, layout, data_bytes, arr[:n], arr[n:2 * n], arr[2 * n:3 * n],
-                 arr[3 * n:4 * n], arr[4 * n:].reshape(k, 4), crc)
+                 arr[3 * n:4 * n], arr[4 * n:5 * n], arr[5 * n:].reshape(k, 4), crc)

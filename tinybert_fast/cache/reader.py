@@ -25,11 +25,12 @@ import torch
 from .build import build as _build
 from .errors import CacheCorruptionError, CacheError, CacheIncompleteError, CacheMismatchError
 from .extension import default_threads, has_cuda_kernels, ops
-from .fingerprint import diff, make_fingerprint
+from .fingerprint import diff, make_fingerprint, tokens_difference
 from .format import (BUILD_SPEC, DATA_HEADER, DATA_HEADER_BYTES, DATA_MAGIC, FORMAT_NAME,
-                     FORMAT_VERSION, MANIFEST, STORAGE, CacheLayout, Index, canonical,
+                     FORMAT_VERSION, MANIFEST, REBUILD, STORAGE, CacheLayout, Index, canonical,
                      decode_index, manifest_checksum, read_json, scores_from_qk)
 from .prefetch import Prefetcher, Staging, batched, record_stream
+from .writer import remove_temp_files
 
 
 class TeacherBatch(NamedTuple):
@@ -76,7 +77,7 @@ class TeacherCache:
         self.layout = CacheLayout(**manifest["layout"]) if manifest["layout"] else None
         self.num_threads = num_threads or default_threads()
         self._files, self._maps, self._sources = [], [], []
-        ids, src, offs, lens, crcs = [], [], [], [], []
+        ids, src, offs, lens, crcs, tokens = [], [], [], [], [], []
         for s, (shard, idx) in enumerate(zip(manifest["shards"], indices)):
             self._files.append(os.path.join(path, shard["data"]))
             ids.append(idx.ids)
@@ -84,10 +85,11 @@ class TeacherCache:
             offs.append(idx.offsets)
             lens.append(idx.lengths)
             crcs.append(idx.crcs)
+            tokens.append(idx.tokens)
         self._indices = indices
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
         self._ids, self._src, self._offs = cat(ids), cat(src), cat(offs)
-        self._lens, self._crcs = cat(lens), cat(crcs)
+        self._lens, self._crcs, self._tokens = cat(lens), cat(crcs), cat(tokens)
         self._order = np.argsort(self._ids, kind="stable")
         self._sorted_ids = self._ids[self._order]
         self._nbytes = (self.layout.record_bytes(self._lens) if self.layout and len(self._lens)
@@ -101,12 +103,18 @@ class TeacherCache:
     # -- opening ------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, expect_fingerprint: dict | None = None, *,
-             verify: bool = False, num_threads: int | None = None) -> TeacherCache:
+             verify: bool = False, num_threads: int | None = None,
+             expect_tokens=None) -> TeacherCache:
         """Open a complete cache.
 
         expect_fingerprint: a dict (e.g. from `TeacherCache.make_fingerprint`); every key it has
             must equal the cache's, else CacheMismatchError listing each difference.  Keys it
             lacks are not compared.
+        expect_tokens: (example_ids [n], digests [n]) of the training data, the digests from
+            fingerprint.token_digests / sequence_digests: the cache must hold exactly these
+            examples with these token ids, else CacheMismatchError saying what changed (token
+            ids, order, example count); see check_tokens.
+        Temp files that an interrupted write left in the folder are removed first.
         verify: also check the CRC32C of every chunk now (reads every file once); records are
             checked when fetched either way.
         """
@@ -120,6 +128,7 @@ class TeacherCache:
                     f"interrupted or is still running; call TeacherCache.build with the same "
                     f"arguments to resume it")
             raise FileNotFoundError(f"{path}: no teacher cache here (no {MANIFEST})")
+        remove_temp_files(path)
         manifest = read_json(manifest_path)
         if not isinstance(manifest, dict) or manifest.get("checksum") != manifest_checksum(
                 manifest):
@@ -128,13 +137,10 @@ class TeacherCache:
                 FORMAT_VERSION:
             raise CacheError(f"{manifest_path}: format {manifest.get('format')!r} version "
                              f"{manifest.get('format_version')}; this tinybert_fast reads "
-                             f"{FORMAT_NAME!r} version {FORMAT_VERSION}: rebuild the cache")
+                             f"{FORMAT_NAME!r} version {FORMAT_VERSION}: {REBUILD}")
+        differences = []
         if expect_fingerprint is not None:
             differences = diff(manifest["fingerprint"], json.loads(canonical(expect_fingerprint)))
-            if differences:
-                raise CacheMismatchError(
-                    f"{path}: the cache does not match the expected fingerprint: "
-                    + "; ".join(differences))
         spec_hash = None
         if os.path.exists(os.path.join(path, BUILD_SPEC)):
             spec_hash = hashlib.sha256(canonical(read_json(os.path.join(path, BUILD_SPEC)))
@@ -150,6 +156,15 @@ class TeacherCache:
             cls._check_data_file(os.path.join(path, shard["data"]), idx, manifest)
             indices.append(idx)
         cache = cls(path, manifest, indices, num_threads)
+        if expect_tokens is not None:
+            problem = cache.tokens_difference(*expect_tokens)
+            if problem:
+                differences.append(problem)
+        if differences:
+            cache.close()
+            raise CacheMismatchError(f"{path}: the cache does not match the expected fingerprint: "
+                                     + "; ".join(differences) + f".  To build it afresh: "
+                                     f"{REBUILD}")
         if verify:
             cache.verify()
         return cache
@@ -230,6 +245,31 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def token_digests(self, example_ids) -> np.ndarray:
+        """int64 digests of these examples' token ids as stored (fingerprint.token_digests;
+        0: the cache was written without input_ids)."""
+        return self._tokens[self._rows(example_ids)]
+
+    def tokens_difference(self, example_ids, digests, complete: bool = True) -> str | None:
+        """What differs between the examples this cache was built from and these (example ids
+        [n] and their fingerprint.token_digests / sequence_digests), as a sentence, or None.
+
+        complete: they are the whole training set (count, ids and token ids must all match);
+        False: a part of it (one DDP rank's), whose examples must be stored with these tokens."""
+        ids = np.asarray(torch.as_tensor(example_ids).cpu(), dtype=np.int64).reshape(-1)
+        digests = np.asarray(digests, dtype=np.int64).reshape(-1)
+        if ids.size != digests.size:
+            raise ValueError(f"example_ids has {ids.size} entries but digests has {digests.size}")
+        return tokens_difference(self._ids, self._tokens, ids, digests, complete)
+
+    def check_tokens(self, example_ids, digests, complete: bool = True) -> None:
+        """CacheMismatchError saying what changed (other token ids, another order, more or fewer
+        examples) unless this cache was built from exactly these examples (tokens_difference)."""
+        problem = self.tokens_difference(example_ids, digests, complete)
+        if problem:
+            raise CacheMismatchError(f"{self.path}: the cache was built from other training "
+                                     f"examples: {problem}.  {REBUILD[0].upper()}{REBUILD[1:]}")
 
     def __contains__(self, example_id) -> bool:
         i = np.searchsorted(self._sorted_ids, int(example_id))

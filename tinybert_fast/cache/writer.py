@@ -8,13 +8,21 @@ committed chunk, giving files identical to an uninterrupted build.
 
 Journal (shard-RRRRR-of-WWWWW.journal): JOURNAL_HEADER + its CRC32C, then one entry per committed
 chunk: ENTRY_HEADER (magic, n, chunk number, start, end, chunk CRC32C), int64 ids[n], lengths[n],
-offsets[n], crcs[n], and the entry's CRC32C.  A torn last entry is dropped on resume.
+offsets[n], crcs[n], token digests[n], and the entry's CRC32C.  A torn last entry is dropped on
+resume; the committed chunks' CRC32C are checked against the data file before anything is
+appended (CacheCorruptionError naming the chunk and its first damaged example).
+
+Temp files: the folder's atomic writes (build spec, indexes, manifest) run under a shared flock
+on the folder; remove_temp_files (called by every CacheWriter and TeacherCache.open) takes it
+exclusively, so it removes what a killed process left (only this package's temp-file names,
+format.is_temp_file) and never a write in progress.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import hashlib
 import json
 import logging
@@ -28,12 +36,17 @@ import torch
 from .._io import atomic_write
 from .errors import CacheCorruptionError, CacheError, CacheMismatchError
 from .extension import crc32c, default_threads, ops
-from .fingerprint import diff, example_ids_fingerprint
+from .fingerprint import diff, example_ids_fingerprint, token_digests, tokens_fingerprint
 from .format import (ATTENTION_STORAGE, BUILD_SPEC, DATA_HEADER, DATA_HEADER_BYTES, DATA_MAGIC,
                      ENTRY_HEADER, ENTRY_MAGIC, FORMAT_NAME, FORMAT_VERSION, JOURNAL_HEADER,
-                     JOURNAL_MAGIC, MANIFEST, STORAGE, CacheLayout, canonical, decode_index,
-                     encode_index, manifest_checksum, qk_min_length, read_json, scores_from_qk,
-                     shard_name, storage_name)
+                     JOURNAL_MAGIC, MANIFEST, REBUILD, STORAGE, CacheLayout, canonical,
+                     decode_index, encode_index, is_temp_file, manifest_checksum, qk_min_length,
+                     read_json, scores_from_qk, shard_name, storage_name)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +59,136 @@ def _crash_point(name: str) -> None:
         hook(name)
 
 
-def _is_temp_file(name: str) -> bool:
-    # tinybert_fast._io's temp files (".NAME.XXXXXXXX.tmp"), and those of earlier releases
-    # ("NAME.tmp-PID-XXXXXXXX"), which a killed build can leave.
-    return (name.startswith(".") and name.endswith(".tmp")) or ".tmp-" in name
+_SHARD_FILE = re.compile(r"shard-\d{5}-of-\d{5}\.(?:data|index|journal)")
+
+
+@contextlib.contextmanager
+def _folder_lock(path: str, exclusive: bool, blocking: bool = True):
+    """flock on the folder itself (no lock file; the kernel releases it if the holder dies):
+    shared around this package's atomic writes in a cache folder, exclusive to remove temp files.
+    Yields whether it is held (False: blocking=False and another process holds it)."""
+    fd = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    if fd is None:
+        yield True
+        return
+    try:
+        held = True
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+                        | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            held = False
+        except OSError:  # a file system without flock: nothing to coordinate with
+            pass
+        yield held
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, data: bytes, fsync: bool) -> None:
+    """tinybert_fast._io.atomic_write under the folder's shared lock (see remove_temp_files)."""
+    with _folder_lock(os.path.dirname(os.path.abspath(path)), exclusive=False):
+        atomic_write(path, data, fsync=fsync)
+
+
+def remove_temp_files(path: str | os.PathLike) -> list[str]:
+    """Remove the temp files that this package's atomic writes left in a cache folder (a process
+    killed mid-write, e.g. in close): only names format.is_temp_file accepts, nothing else.
+    Skipped (returns []) while another process is writing there.  Returns the names removed."""
+    path = os.fspath(path)
+    with contextlib.suppress(OSError):
+        if not any(is_temp_file(n) for n in os.listdir(path)):
+            return []
+    removed = []
+    with _folder_lock(path, exclusive=True, blocking=False) as held:
+        if not held:
+            logger.debug("%s: another process is writing; leaving temp files for later", path)
+            return []
+        try:
+            names = [n for n in os.listdir(path) if is_temp_file(n)]
+        except OSError:
+            return []
+        for name in names:
+            try:
+                os.remove(os.path.join(path, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # a read-only folder: harmless, readers ignore them
+                logger.debug("%s: cannot remove the temp file %s: %s", path, name, exc)
+    if removed:
+        logger.info("%s: removed temp files left by an interrupted write: %s", path,
+                    ", ".join(sorted(removed)))
+    return removed
+
+
+def clear(path: str | os.PathLike) -> list[str]:
+    """Remove a cache (complete or not) from its folder: the manifest, the build spec, every
+    shard's data, index and journal, and temp files; other files (and the folder) stay.
+    Call it from one process (in DDP: one rank, then a barrier).  Returns the names removed."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return []
+    removed = remove_temp_files(path)
+    for name in os.listdir(path):
+        if name in (MANIFEST, BUILD_SPEC) or _SHARD_FILE.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(path, name))
+                removed.append(name)
+    return removed
+
+
+def verify_chunks(data_path: str, chunks, ids, lengths, offsets, crcs,
+                  layout: CacheLayout | None) -> None:
+    """Check committed chunks of a data file against their CRC32C (chunks [k, 4]: start, end,
+    crc, first example; ids, lengths, offsets, crcs: the chunks' records, in order).
+    CacheCorruptionError naming the chunk, its examples and the first damaged one."""
+    chunks = np.asarray(chunks, np.int64).reshape(-1, 4)
+    if not len(chunks):
+        return
+    size = os.path.getsize(data_path)
+    with open(data_path, "rb") as f:
+        for c, (start, end, crc, first) in enumerate(chunks.tolist()):
+            if end > size:
+                raise CacheCorruptionError(f"{data_path}: committed chunk {c} (bytes "
+                                           f"{start}..{end}) lies past the file's end ({size} "
+                                           f"bytes): {REBUILD}")
+            f.seek(start)
+            got, left = 0, end - start
+            while left:
+                block = f.read(min(left, 1 << 24))
+                got, left = crc32c(block, got), left - len(block)
+            if got == crc:
+                continue
+            last = int(chunks[c + 1, 3]) if c + 1 < len(chunks) else len(ids)
+            sel = np.arange(first, last)
+            victim = None
+            if layout is not None and len(sel):
+                nb = layout.record_bytes(lengths[sel])
+                for i, n in zip(sel.tolist(), nb.tolist()):
+                    f.seek(int(offsets[i]))
+                    if crc32c(f.read(n)) != int(crcs[i]):
+                        victim = int(ids[i])
+                        break
+            where = (f"the record of example {victim} is damaged" if victim is not None
+                     else "the bytes between records are damaged")
+            members = ids[sel].tolist()
+            raise CacheCorruptionError(
+                f"{data_path}: committed chunk {c} (bytes {start}..{end}, {len(members)} examples: "
+                f"ids {members[:8]}{' ...' if len(members) > 8 else ''}) fails its checksum: "
+                f"{where}.  The file "
+                f"changed after the interrupted build committed it; {REBUILD}")
 
 
 class CacheWriter:
     """Streams teacher outputs of one shard into a cache folder (the low-level writer).
 
         w = CacheWriter(path, dtype="bf16", fingerprint={...}, shard=(rank, world_size))
-        w.append(example_ids, lengths, logits=..., hidden=..., attention=...)   # per batch
+        w.append(example_ids, lengths, logits=..., hidden=..., attention=...,
+                 input_ids=..., token_type_ids=...)                      # per batch
         w.close()      # index; the manifest once every shard is closed
 
     append() takes padded batch tensors on any device, in any float dtype:
@@ -75,7 +207,11 @@ class CacheWriter:
     `chunk_examples` examples.  A writer opened on a folder where a build of the same fingerprint
     was interrupted resumes it: `committed` holds the example ids already stored, and append()
     skips them (ids appended twice otherwise are an error).  `fingerprint` (a JSON-able dict) is
-    stored in the manifest; `format_version` and `dtype` are added to it.
+    stored in the manifest; `format_version` and `dtype` are added to it, and at the end
+    `example_ids` and `tokens` (fingerprint.tokens_fingerprint of the token digests of every
+    example: give append input_ids, and token_type_ids if any, for that; None without them).
+    Opening a folder removes the temp files a killed write left there (remove_temp_files); a
+    resumed shard's committed chunks are checked against their CRC32C first (verify_chunks).
     """
 
     def __init__(self, path: str | os.PathLike, dtype="bf16", *, fingerprint: dict | None = None,
@@ -107,6 +243,7 @@ class CacheWriter:
         self._data_path = os.path.join(self.path, shard_name(self.rank, self.world, "data"))
         self._index_path = os.path.join(self.path, shard_name(self.rank, self.world, "index"))
         self._journal_path = os.path.join(self.path, shard_name(self.rank, self.world, "journal"))
+        self._committed_tokens: dict[int, int] = {}  # example id -> token digest, committed
         self._prepare_folder(overwrite)
 
         self.layout: CacheLayout | None = None
@@ -114,10 +251,12 @@ class CacheWriter:
         self._lengths: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
         self._crcs: list[np.ndarray] = []
+        self._tokens: list[np.ndarray] = []
+        self._has_tokens: bool | None = None      # whether appends give input_ids
         self._chunks: list[tuple[int, int, int, int]] = []
         self._resumed: set[int] = set()
         self._seen: set[int] = set()
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[np.ndarray, ...]] = []
         self._pending_n = 0
         self._journal = None
         self._closed = self.done
@@ -128,11 +267,12 @@ class CacheWriter:
     def _prepare_folder(self, overwrite: bool) -> None:
         manifest = os.path.join(self.path, MANIFEST)
         spec_path = os.path.join(self.path, BUILD_SPEC)
+        remove_temp_files(self.path)
         if overwrite:
             mine = [manifest, self._data_path, self._index_path, self._journal_path]
             if self.world == 1 and os.path.isdir(self.path):  # nobody else is writing here
                 mine += [os.path.join(self.path, n) for n in os.listdir(self.path)
-                         if n.startswith("shard-") or _is_temp_file(n)]
+                         if _SHARD_FILE.fullmatch(n) or is_temp_file(n)]
             for p in mine:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(p)
@@ -142,21 +282,34 @@ class CacheWriter:
         if os.path.exists(spec_path):
             old = read_json(spec_path)
             if canonical(old) != canonical(self.spec):
+                if not overwrite and isinstance(old, dict) and old.get("format_version") != \
+                        FORMAT_VERSION:
+                    raise CacheMismatchError(
+                        f"{self.path} holds an interrupted build of cache format version "
+                        f"{old.get('format_version')}; this tinybert_fast writes version "
+                        f"{FORMAT_VERSION}: {REBUILD}")
                 if not overwrite:
                     differences = diff(old, self.spec)
                     raise CacheMismatchError(
                         f"{self.path} holds an interrupted build of something else; differences: "
                         + "; ".join(differences) + ".  Remove the folder or pass overwrite=True")
-                atomic_write(spec_path, json.dumps(self.spec, indent=1).encode(), fsync=self.fsync)
+                _atomic_write(spec_path, json.dumps(self.spec, indent=1).encode(), self.fsync)
         else:
-            atomic_write(spec_path, json.dumps(self.spec, indent=1).encode(), fsync=self.fsync)
+            _atomic_write(spec_path, json.dumps(self.spec, indent=1).encode(), self.fsync)
         # A shard whose index exists was finished by an earlier run (killed before the manifest
         # was written): there is nothing to append; close() writes the manifest.
         self.done = os.path.exists(self._index_path)
         if self.done:
-            if decode_index(self._index_path).spec != self.spec_hash:
+            idx = decode_index(self._index_path)
+            if idx.spec != self.spec_hash:
                 raise CacheCorruptionError(f"{self._index_path}: belongs to another build; "
                                            f"remove it or pass overwrite=True")
+            if not os.path.exists(self._data_path):
+                raise CacheCorruptionError(f"{self._data_path}: missing data file of a finished "
+                                           f"shard: {REBUILD}")
+            verify_chunks(self._data_path, idx.chunks, idx.ids, idx.lengths, idx.offsets,
+                          idx.crcs, idx.layout)
+            self._committed_tokens = dict(zip(idx.ids.tolist(), idx.tokens.tolist()))
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._journal_path)
 
@@ -200,17 +353,18 @@ class CacheWriter:
         es = ENTRY_HEADER.size
         while pos + es <= len(raw):
             magic, n, chunk, start, end, ccrc = ENTRY_HEADER.unpack_from(raw, pos)
-            size = es + 32 * n + 4
+            size = es + 40 * n + 4
             if magic != ENTRY_MAGIC or pos + size > len(raw) or chunk != len(self._chunks):
                 break
             (ecrc,) = struct.unpack_from("<I", raw, pos + size - 4)
             if ecrc != crc32c(raw[pos:pos + size - 4]) or start != self._end:
                 break
-            arr = np.frombuffer(raw, dtype="<i8", count=4 * n, offset=pos + es).astype(np.int64)
+            arr = np.frombuffer(raw, dtype="<i8", count=5 * n, offset=pos + es).astype(np.int64)
             self._ids.append(arr[:n])
             self._lengths.append(arr[n:2 * n])
             self._offsets.append(arr[2 * n:3 * n])
-            self._crcs.append(arr[3 * n:])
+            self._crcs.append(arr[3 * n:4 * n])
+            self._tokens.append(arr[4 * n:])
             self._chunks.append((start, end, ccrc, sum(len(a) for a in self._ids[:-1])))
             self._end = end
             pos += size
@@ -220,12 +374,19 @@ class CacheWriter:
                            self._data_path)
             self._reset_committed()
             return False
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+        # Before appending to it: the committed chunks must still be what was committed.
+        verify_chunks(self._data_path, self._chunks, cat(self._ids), cat(self._lengths),
+                      cat(self._offsets), cat(self._crcs), self.layout)
         if good < len(raw):  # a torn last entry (killed mid-write): drop it
             with open(self._journal_path, "r+b") as f:
                 f.truncate(good)
         self._journal = open(self._journal_path, "ab")
         if self._ids:
             self._resumed = set(np.concatenate(self._ids).tolist())
+            tokens = cat(self._tokens)
+            self._committed_tokens = dict(zip(cat(self._ids).tolist(), tokens.tolist()))
+            self._has_tokens = bool((tokens != 0).all())
         logger.info("%s: resuming after %d committed examples", self._data_path,
                     len(self._resumed))
         return True
@@ -233,6 +394,7 @@ class CacheWriter:
     def _reset_committed(self) -> None:
         self.layout = None
         self._ids, self._lengths, self._offsets, self._crcs, self._chunks = [], [], [], [], []
+        self._tokens = []
         self._end = DATA_HEADER_BYTES
         self._journal = None
 
@@ -246,9 +408,31 @@ class CacheWriter:
         ids = np.asarray(torch.as_tensor(example_ids).cpu()).reshape(-1).tolist()
         return bool(self._resumed) and all(i in self._resumed for i in ids)
 
+    def check_committed(self, example_ids, lengths, input_ids, token_type_ids=None) -> None:
+        """CacheMismatchError if examples that an earlier, interrupted run stored (committed)
+        come with other token ids now (the data changed between the runs); the build calls it
+        for the batches it skips.  Shapes as for append; examples not committed are ignored."""
+        ids = torch.as_tensor(example_ids).reshape(-1).cpu().to(torch.int64).tolist()
+        self._check_resumed(ids, token_digests(input_ids, lengths, token_type_ids))
+
+    def _check_resumed(self, ids: list[int], digests: np.ndarray) -> None:
+        stored = self._committed_tokens
+        bad = [i for i, d in zip(ids, digests.tolist())
+               if i in stored and stored[i] != 0 and stored[i] != d]
+        if bad:
+            raise CacheMismatchError(
+                f"{self.path}: the interrupted build stored examples {bad[:8]} with other token "
+                f"ids than these batches give: the training data changed since; remove the "
+                f"folder or pass overwrite=True (distill: --rebuild-cache) to build it afresh")
+
     def append(self, example_ids, lengths, logits=None, hidden=None, attention=None, query=None,
-               key=None) -> None:
-        """Store the teacher outputs of one batch (shapes in the class docstring)."""
+               key=None, input_ids=None, token_type_ids=None) -> None:
+        """Store the teacher outputs of one batch (shapes in the class docstring).
+
+        input_ids, token_type_ids: the batch's tokens [B, Lp] (right-padded; token_type_ids None:
+        all 0): their digests (fingerprint.token_digests) go into the index, the manifest's
+        fingerprint["tokens"] covers them all, and open(expect_tokens=...) checks a training set
+        against them.  Give input_ids with every batch or with none."""
         if self._closed:
             why = " (this shard was completed by an earlier run)" if self.done else ""
             raise RuntimeError(f"append on a closed CacheWriter{why}")
@@ -257,6 +441,23 @@ class CacheWriter:
         lengths = torch.as_tensor(lengths).reshape(-1).cpu().to(torch.int64)
         if lengths.numel() != B:
             raise ValueError(f"lengths has {lengths.numel()} entries but example_ids has {B}")
+        if input_ids is not None:
+            if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+                    or input_ids.shape[0] != B or input_ids.is_floating_point()):
+                raise ValueError(f"input_ids: expected an integer tensor [B={B}, L], got "
+                                 f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                                 f"{tuple(getattr(input_ids, 'shape', ()))}")
+            digests = token_digests(input_ids, lengths, token_type_ids)
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids without input_ids: give input_ids too")
+        else:
+            digests = np.zeros(B, np.int64)
+        if self._has_tokens is None:
+            self._has_tokens = input_ids is not None
+        elif self._has_tokens != (input_ids is not None):
+            had = "with" if self._has_tokens else "without"
+            raise ValueError(f"input_ids: give them with every batch of a cache or with none "
+                             f"(this cache's earlier batches came {had} them)")
         hidden = _stack("hidden", hidden, 3)
         attention = _stack("attention", attention, 4)
         query, key = _stack("query", query, 4), _stack("key", key, 4)
@@ -310,6 +511,7 @@ class CacheWriter:
         if len(set(id_list)) != len(id_list):
             u, c = np.unique(np.asarray(id_list), return_counts=True)
             raise ValueError(f"example ids repeated within one batch: {u[c > 1][:10].tolist()}")
+        self._check_resumed(id_list, digests)
         keep = [b for b, i in enumerate(id_list) if i not in self._resumed]
         dup = [id_list[b] for b in keep if id_list[b] in self._seen]
         if dup:
@@ -318,7 +520,7 @@ class CacheWriter:
             return
         if len(keep) < B:
             sel = torch.tensor(keep)
-            ids, lengths = ids[sel], lengths[sel]
+            ids, lengths, digests = ids[sel], lengths[sel], digests[keep]
             pick = (lambda t, dim: None if t is None  # noqa: E731
                     else t.index_select(dim, sel.to(t.device)))
             logits, hidden, attention = pick(logits, 0), pick(hidden, 1), pick(attention, 1)
@@ -370,7 +572,7 @@ class CacheWriter:
         start = self._end
         self._end += records.numel()
         self._pending.append((ids.numpy().copy(), lengths.numpy().copy(),
-                              offsets[:-1].numpy() + start, crcs.numpy().copy()))
+                              offsets[:-1].numpy() + start, crcs.numpy().copy(), digests.copy()))
         self._pending_n += len(keep)
         self._seen.update(ids.tolist())
         if self._pending_n >= self.chunk_examples:
@@ -400,8 +602,8 @@ class CacheWriter:
         if self.fsync:
             os.fsync(self._data.fileno())
         _crash_point("after_data_sync")
-        ids, lengths, offsets, crcs = (np.concatenate([p[k] for p in self._pending])
-                                       for k in range(4))
+        ids, lengths, offsets, crcs, tokens = (np.concatenate([p[k] for p in self._pending])
+                                               for k in range(5))
         n = len(ids)
         if self._journal is None:
             head = JOURNAL_HEADER.pack(JOURNAL_MAGIC, FORMAT_VERSION, self.rank, self.world,
@@ -411,7 +613,7 @@ class CacheWriter:
         body = ENTRY_HEADER.pack(ENTRY_MAGIC, n, len(self._chunks), self._chunk_start, self._end,
                                   self._chunk_crc)
         body += b"".join(np.ascontiguousarray(a, dtype="<i8").tobytes()
-                         for a in (ids, lengths, offsets, crcs))
+                         for a in (ids, lengths, offsets, crcs, tokens))
         entry = body + struct.pack("<I", crc32c(body))
         half = len(entry) // 2
         self._journal.write(entry[:half])
@@ -427,6 +629,7 @@ class CacheWriter:
         self._lengths.append(lengths)
         self._offsets.append(offsets)
         self._crcs.append(crcs)
+        self._tokens.append(tokens)
         self._pending, self._pending_n = [], 0
         self._chunk_start, self._chunk_crc = self._end, 0
         _crash_point("after_commit")
@@ -445,9 +648,10 @@ class CacheWriter:
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
         index = encode_index(self.rank, self.world, self.spec_hash, self.layout, self._end,
                               cat(self._ids), cat(self._lengths), cat(self._offsets),
-                              cat(self._crcs), np.asarray(self._chunks, np.int64).reshape(-1, 4))
+                              cat(self._crcs), cat(self._tokens),
+                              np.asarray(self._chunks, np.int64).reshape(-1, 4))
         _crash_point("before_index")
-        atomic_write(self._index_path, index, fsync=self.fsync)
+        _atomic_write(self._index_path, index, self.fsync)
         _crash_point("after_index")
         if self._journal is not None:
             self._journal.close()
@@ -511,7 +715,7 @@ def finalize(path: str, fsync: bool = True) -> bool:
     names = [shard_name(r, world, "index") for r in range(world)]
     if not all(os.path.exists(os.path.join(path, n)) for n in names):
         return False
-    shards, layouts, all_ids, max_len = [], set(), [], 0
+    shards, layouts, all_ids, all_tokens, max_len = [], set(), [], [], 0
     for r, name in enumerate(names):
         idx = decode_index(os.path.join(path, name))
         if idx.spec != spec_hash:
@@ -519,6 +723,7 @@ def finalize(path: str, fsync: bool = True) -> bool:
         if idx.layout is not None:
             layouts.add(idx.layout)
         all_ids.append(idx.ids)
+        all_tokens.append(idx.tokens)
         max_len = max(max_len, int(idx.lengths.max()) if len(idx.lengths) else 0)
         shards.append({"data": shard_name(r, world, "data"), "index": name,
                        "examples": int(len(idx.ids)), "data_bytes": int(idx.data_bytes),
@@ -537,10 +742,13 @@ def finalize(path: str, fsync: bool = True) -> bool:
         raise CacheError(f"{path}: the fingerprint names fields {fingerprint['fields']} but the "
                          f"stored outputs are {fields}")
     fingerprint["example_ids"] = example_ids_fingerprint(ids)
+    # what the teacher saw: None when the writer was given no input_ids
+    fingerprint["tokens"] = tokens_fingerprint(
+        ids, np.concatenate(all_tokens) if all_tokens else np.zeros(0, np.int64))
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                 "fingerprint": fingerprint,
                 "layout": dataclasses.asdict(layout) if layout else None,
                 "num_examples": int(len(ids)), "max_length": max_len, "shards": shards}
     manifest["checksum"] = manifest_checksum(manifest)
-    atomic_write(manifest_path, json.dumps(manifest, indent=1).encode(), fsync=fsync)
+    _atomic_write(manifest_path, json.dumps(manifest, indent=1).encode(), fsync)
     return True

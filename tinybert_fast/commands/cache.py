@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="as for distill: qk stores every example's Q and K (what "
                         "attention_mse_qk reads); scores stores scores, or Q and K where smaller")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--rebuild", action="store_true",
+                   help="remove the cache at --output and build it afresh (one built from other "
+                        "training examples, another teacher or mapping is refused otherwise)")
     add_device_argument(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         dist_state=train.Distributed(device),
         source={"task": args.task, "train_file": args.train_file, "data_dir": args.data_dir},
         max_length=max_length, attention_from=args.attention_from, dtype=args.dtype,
-        batch_size=args.batch_size, progress=args.progress)
+        batch_size=args.batch_size, progress=args.progress, rebuild=args.rebuild)
     log.info("teacher cache %s: %d examples, %.1f MB, fields %s, %s in %.1f s", args.output,
              len(train_set), cache.nbytes / 1e6, cache.layout.fields,
              "built" if info["built"] else "opened", info["seconds"])

@@ -81,6 +81,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "use, then the teacher runs no more (see tinybert_fast.cache)")
     g.add_argument("--cache-dtype", choices=["fp32", "bf16", "fp16", "int8"], default="bf16",
                    help="storage of the cached outputs (int8: per-row scales)")
+    g.add_argument("--rebuild-cache", action="store_true",
+                   help="remove the cache at --teacher-cache and build it afresh (a cache built "
+                        "from other training examples, another teacher or mapping is refused "
+                        "otherwise)")
     add_training_arguments(p)
 
 

@@ -42,7 +42,7 @@ _NAMES = {
                      "student_config", "copy_teacher_layers", "check_pair"), ".models"),
     **dict.fromkeys(("StudentWithProjection", "Objective"), ".objective"),
     **dict.fromkeys(("dataset_fingerprint", "cache_attention_storage", "open_teacher_cache",
-                     "teacher_cache", "training_source"), ".cache_glue"),
+                     "teacher_cache", "training_source", "training_tokens"), ".cache_glue"),
     **dict.fromkeys(("distill", "load_training_examples", "training_examples"), ".loop"),
     # the package modules the loop is built on, reachable as before (distill.data.get_task)
     **dict.fromkeys(("data", "train", "mapping", "capture"), ".."),

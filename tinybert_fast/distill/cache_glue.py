@@ -7,10 +7,11 @@ stores; this module decides what a run needs stored and checks that a cache hold
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
+
+import numpy as np
 
 from .. import data, mapping
 from ..train import Distributed
@@ -20,15 +21,20 @@ log = logging.getLogger("tinybert_fast.distill")
 
 def dataset_fingerprint(train_set: data.TokenizedDataset, *, task: str | None,
                         train_file: str | None, data_dir: str | None) -> dict:
-    """What identifies the training data a cache was built from: its source (task, training file
-    or corpus, GLUE folder) and the sha256 of its token ids (which also pins the tokenizer and
-    max_length)."""
-    h = hashlib.sha256()
-    for ids in train_set.input_ids:
-        h.update(len(ids).to_bytes(4, "little"))
-        h.update(b"".join(int(i).to_bytes(4, "little") for i in ids))
-    return {"task": task, "train_file": train_file, "data_dir": data_dir,
-            "examples": len(train_set), "input_ids": h.hexdigest()}
+    """Where the training data a cache was built from came from: task, training file or corpus,
+    GLUE folder.  What the teacher saw of it, the examples' token ids, is checked on its own
+    (training_tokens, TeacherCache.open(expect_tokens=...))."""
+    return {"task": task, "train_file": train_file, "data_dir": data_dir}
+
+
+def training_tokens(train_set: data.TokenizedDataset):
+    """(example ids [n], token digests [n]) of a training set: example i's digest is
+    tinybert_fast.cache.fingerprint.sequence_digests of its input_ids and token_type_ids, the
+    digest the cache build stores for it (its batches come from this set, example_id i).
+    Computed once per run (blake2b over each example's token-id bytes)."""
+    from ..cache.fingerprint import sequence_digests
+    return (np.arange(len(train_set), dtype=np.int64),
+            sequence_digests(train_set.input_ids, train_set.token_type_ids))
 
 
 def cache_attention_storage(attention_from: str) -> str:
@@ -59,7 +65,7 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
                        source: dict, max_length: int, attention: bool = True,
                        hidden: bool = True, attention_from: str = "scores", dtype: str = "bf16",
                        batch_size: int = 128, progress: bool = True,
-                       need_logits: bool = False):
+                       need_logits: bool = False, rebuild: bool = False):
     """(cache, info): open the teacher cache at `path`, building it first if there is none (each
     DDP rank builds its shard, in batches of `batch_size` examples of similar lengths).
 
@@ -69,7 +75,11 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
     source: {"task", "train_file", "data_dir"} of the training data (dataset_fingerprint).
     need_logits: step 2 reads the logits; a cache without them raises ValueError.
     A cache built for other layers, another attention storage, another teacher or other data is
-    refused with the differences listed.
+    refused with the differences listed (CacheMismatchError): the training set's token ids
+    (training_tokens) must be those the cache was built from, example by example, so a changed,
+    reordered, augmented or shrunk training set is refused, saying which.
+    rebuild: remove the cache at `path` (complete or interrupted) and build it afresh (in DDP the
+    main rank removes it, then every rank builds its shard).
     info = {"path", "built" (this call built it), "seconds" (building or opening it, the
     teacher's pass included), "bytes" (on disk)}.
     """
@@ -80,6 +90,7 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
     att = layer_map.teacher_attention_layers if layer_map and attention else []
     hid = layer_map.teacher_hidden_states if layer_map and hidden else []
     dataset = dataset_fingerprint(train_set, **source)
+    tokens = training_tokens(train_set)
     expect = {"dataset": dataset, "max_length": max_length,
               "teacher_weights": cache_mod.hash_state_dict(teacher)}
     if layer_map is not None:
@@ -88,9 +99,14 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
     if att:
         expect.update(attention_storage=storage)
     t0 = time.perf_counter()
+    if rebuild:
+        if dist_state.is_main:
+            removed = cache_mod.clear_cache(path)
+            log.info("rebuilding the teacher cache at %s (removed %d files)", path, len(removed))
+        dist_state.barrier()
     built = not os.path.isfile(os.path.join(path, cache_mod.MANIFEST))
     if not built:
-        opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
+        opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect, expect_tokens=tokens)
     else:
         # batches of similar lengths: the teacher runs once, on as little padding as possible
         by_length = sorted(range(len(train_set)), key=lambda i: len(train_set.input_ids[i]))
@@ -108,7 +124,8 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
             teacher_weights=expect["teacher_weights"])  # hashed once, above
         dist_state.barrier()
         if opened is None:
-            opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect)
+            opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect,
+                                                 expect_tokens=tokens)
     fields = opened.layout.fields if opened.layout else []
     if need_logits and "logits" not in fields:
         raise ValueError(f"teacher cache {path} stores no logits, which step 2 distils from")
@@ -130,7 +147,7 @@ def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, 
         hidden=bool(cfg.hidden_weight or cfg.embedding_weight) and cfg.hidden_loss != "none",
         attention_from=cfg.attention_from, dtype=cfg.cache_dtype,
         batch_size=cfg.eval_batch_size, progress=cfg.progress,
-        need_logits=cfg.stage == "task2")
+        need_logits=cfg.stage == "task2", rebuild=cfg.rebuild_cache)
 
 
 def training_source(cfg: DistillConfig) -> dict:

@@ -75,6 +75,7 @@ class DistillConfig:
     losses: str = "fused"              # fused | eager (= tbf.set_backend("torch") for the run)
     teacher_cache: str | None = None   # teacher outputs cached here (built on first use)
     cache_dtype: str = "bf16"          # fp32 | bf16 | fp16 | int8
+    rebuild_cache: bool = False        # remove the teacher cache and build it afresh
     mask_padding: bool = False         # exclude padded positions from the intermediate losses
     attention_from: str = "scores"     # scores | qk (attention_mse_qk: both models run SDPA)
     epochs: float | None = None
@@ -161,6 +162,7 @@ def ineffective_settings(cfg: DistillConfig, task: glue.Task | None) -> list[str
         note("temperature", "with --prediction-loss mse (the logits are compared as they are)")
     if cfg.teacher_cache is None:
         note("cache_dtype", "without --teacher-cache")
+        note("rebuild_cache", "without --teacher-cache")
     return notes
 
 

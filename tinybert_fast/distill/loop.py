@@ -59,7 +59,8 @@ def distill(cfg: DistillConfig) -> dict:
                                     output_dir=os.path.join(cfg.output_dir, "task1"))
         s1 = distill(step1)
         step2 = dataclasses.replace(cfg, stage="task2", student=s1["model_dir"], init="auto",
-                                    output_dir=os.path.join(cfg.output_dir, "task2"))
+                                    output_dir=os.path.join(cfg.output_dir, "task2"),
+                                    rebuild_cache=False)  # step 1 rebuilt it
         s2 = distill(step2)
         return {"stage": "all", "task1": s1, "task2": s2, "model_dir": s2["model_dir"]}
     cfg = cfg.resolved()
