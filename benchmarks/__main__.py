@@ -17,19 +17,23 @@ import sys
 
 import torch
 
-from . import bench_attention_kl, bench_attention_mse, bench_attention_qk, bench_hidden_mse, \
-    bench_soft_ce
+from . import (bench_attention_kl, bench_attention_kl_scores, bench_attention_mse,
+               bench_attention_qk, bench_hidden_cosine, bench_hidden_mse, bench_kl_div,
+               bench_soft_ce)
 from ._providers import fused_backend_for
 from .common import MODES, PROVIDERS, add_ratios, device_info, device_slug, format_table, \
     run_case, write_results
 
 SUITES = {"attention": bench_attention_mse, "hidden": bench_hidden_mse, "soft_ce": bench_soft_ce,
-          "attention_qk": bench_attention_qk, "attention_kl": bench_attention_kl}
+          "attention_qk": bench_attention_qk, "attention_kl": bench_attention_kl,
+          "kl_div": bench_kl_div, "attention_kl_scores": bench_attention_kl_scores,
+          "hidden_cosine": bench_hidden_cosine}
 # --headline: the full-size cases kept per op (by their params), in the order they run.  L = 128
 # is GLUE's usual length; soft CE both at 2 classes and at BERT's 30,522-word MLM vocabulary;
 # the Q/K losses at L = 2048, where the Q/K path's target (>= 4x the score path) is set.
 HEADLINE = {"attention": {"L": 128}, "hidden": {"L": 128}, "soft_ce": {},
-            "attention_qk": {"L": 2048}, "attention_kl": {"L": 2048}}
+            "attention_qk": {"L": 2048}, "attention_kl": {"L": 2048}, "kl_div": {},
+            "attention_kl_scores": {"L": 128}, "hidden_cosine": {"L": 128}}
 
 
 def headline(suite: str, case) -> bool:
