@@ -16,26 +16,21 @@ Providers:
 Fused traffic model: forward reads S and T and writes the statistics; backward reads S, T and the
 statistics and writes dS: 2 + 3 passes over n*B*H*L*L, plus 20 bytes per query row each way.
 
-`python -m benchmarks.bench_attention_kl_scores [--quick] [--out DIR]` times forward, backward
-and full passes with peak memory through the common harness and writes
-results/<device>/attention_kl_scores.json (on CPU: tiny shapes in Triton's interpreter, a smoke
-run whose timings say nothing about GPUs; it needs TRITON_INTERPRET=1).
+`python -m benchmarks --ops attention_kl_scores` times forward, backward and full passes with
+peak memory through the common harness (on CPU: tiny shapes in Triton's interpreter, a smoke run
+whose timings say nothing about GPUs; it needs TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 
 import pytest
 import torch
 
 import tinybert_fast as tbf
 
-from ._providers import fused_backend_for, providers
-from .common import MODES, PROVIDERS, Case, add_ratios, benchmark_full_pass, device_info, \
-    device_slug, format_table, run_case, write_results
+from ._providers import providers
+from .common import Case, benchmark_full_pass
 
 DTYPE = torch.bfloat16
 MASK_BIAS = -10000.0
@@ -77,36 +72,3 @@ def cases(quick: bool = False) -> list[Case]:
 def test_attention_kl_scores_full(benchmark, bench_device, provider):
     benchmark_full_pass(benchmark, cases(quick=bench_device != "cuda")[0], provider,
                         bench_device)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attention_kl_scores",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--providers", default="eager,compile,fused")
-    parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
-    unknown = [p for p in args.providers.split(",") if p not in PROVIDERS]
-    if unknown:
-        parser.error(f"--providers: unknown {unknown}; choose from eager, compile, fused")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        parser.error("no GPU: the CPU smoke mode runs the Triton interpreter; set TRITON_INTERPRET=1")
-    quick = args.quick or device == "cpu"
-    fused_backend_for(device)
-    info = device_info(device)
-    rows = []
-    for c in cases(quick):
-        rows += run_case(c, device, args.providers.split(","), args.modes.split(","), quick)
-    add_ratios(rows)
-    print(format_table(rows))
-    path = write_results(rows, info, os.path.join(args.out, device_slug(info)),
-                         "attention_kl_scores")
-    print(f"# wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,24 +7,19 @@ model (lower bound, as bench_hidden_mse): forward reads X, Y, W; a full pass als
 dW.  The fused backward recomputes X W^T (reading X, Y, W again) and writes and reads G
 [rows, d_t]: above this bound by design.
 
-    python -m benchmarks.bench_hidden_cosine [--quick] [--out DIR]
-(not in `python -m benchmarks`' suites; the same harness, its own results file hidden_cosine.json)
+    python -m benchmarks --ops hidden_cosine
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 
 import pytest
 import torch
 
 import tinybert_fast as tbf
 
-from ._providers import fused_backend_for, providers
-from .common import PROVIDERS, Case, add_ratios, benchmark_full_pass, device_info, device_slug, \
-    format_table, run_case, write_results
+from ._providers import providers
+from .common import PROVIDERS, Case, benchmark_full_pass
 
 DTYPE = torch.bfloat16
 
@@ -66,33 +61,3 @@ def cases(quick: bool = False) -> list[Case]:
 def test_hidden_cosine_full(benchmark, bench_device, provider):
     benchmark_full_pass(benchmark, cases(quick=bench_device != "cuda")[0], provider,
                         bench_device)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_hidden_cosine",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
-    parser.add_argument("--providers", default="eager,compile,fused")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        parser.error("no GPU: the CPU smoke mode runs the Triton interpreter; set TRITON_INTERPRET=1")
-    quick = args.quick or device == "cpu"
-    fused_backend_for(device)
-    info = device_info(device)
-    out_dir = os.path.join(args.out, device_slug(info))
-    rows, path = [], None
-    for c in cases(quick):
-        rows += run_case(c, device, args.providers.split(","), quick=quick)
-        add_ratios(rows)
-        path = write_results(rows, info, out_dir, "hidden_cosine")
-        print(f"  done {c.label}", file=sys.stderr, flush=True)
-    print(format_table(rows))
-    print(f"# wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

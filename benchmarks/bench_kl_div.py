@@ -4,24 +4,20 @@
 Student logits require grad; teacher logits do not.  Traffic model: forward reads both logit
 sets; backward reads both and writes dZ_s; a full pass at best reads both once and writes dZ_s.
 
-    python -m benchmarks.bench_kl_div [--quick] [--out DIR]   # the table, results/<device>/kl_div.json
-    pytest benchmarks/bench_kl_div.py                          # pytest-benchmark, full passes
+    python -m benchmarks --ops kl_div       # the table, results/<device>/ops.json
+    pytest benchmarks/bench_kl_div.py        # pytest-benchmark, full passes
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 
 import pytest
 import torch
 
 import tinybert_fast as tbf
 
-from ._providers import fused_backend_for, providers
-from .common import PROVIDERS, Case, add_ratios, benchmark_full_pass, device_info, device_slug, \
-    format_table, run_case, write_results
+from ._providers import providers
+from .common import PROVIDERS, Case, benchmark_full_pass
 
 DTYPE = torch.bfloat16
 TEMPERATURE = 2.0
@@ -73,30 +69,3 @@ def cases(quick: bool = False) -> list[Case]:
 def test_kl_div_full(benchmark, bench_device, provider, which):
     benchmark_full_pass(benchmark, cases(quick=bench_device != "cuda")[which], provider,
                         bench_device)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_kl_div", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        parser.error("no GPU: the CPU smoke mode runs the Triton interpreter; set TRITON_INTERPRET=1")
-    quick = args.quick or device == "cpu"
-    fused_backend_for(device)
-    info = device_info(device)
-    rows, path = [], None
-    for c in cases(quick):
-        rows += run_case(c, device, quick=quick)
-        add_ratios(rows)
-        path = write_results(rows, info, os.path.join(args.out, device_slug(info)), "kl_div")
-        print(f"  done kl_div {c.label}", file=sys.stderr, flush=True)
-    print(format_table(rows))
-    print(f"# wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

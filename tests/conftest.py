@@ -13,6 +13,8 @@ only cover fp32 accumulation in the kernels and the rounding of gradients to the
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import zlib
 from typing import NamedTuple
@@ -212,3 +214,23 @@ try:  # the exception torch.library.opcheck raises
     from torch.testing._internal.optests.generate_tests import OpCheckError
 except ImportError:  # pragma: no cover - older/newer torch layouts
     OpCheckError = Exception
+
+
+@contextlib.contextmanager
+def count_launches():
+    """{kernel name: launches} of the Triton kernels launched in the block (Triton's interpreter,
+    where every launch of a @triton.jit kernel goes through InterpretedFunction.run)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    counts: collections.Counter = collections.Counter()
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        counts[self.fn.__name__] += 1
+        return original(self, *args, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield counts
+    finally:
+        InterpretedFunction.run = original

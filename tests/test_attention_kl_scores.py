@@ -7,8 +7,6 @@ tbf.attention_kl on the Q and K the scores are formed from is the second referen
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import math
 
 import pytest
@@ -16,8 +14,8 @@ import torch
 
 import tinybert_fast as tbf
 from conftest import (DEVICE, DTYPES, INTERPRETER, LOSS_SCALE, ON_CUDA, Tol, assert_fused,
-                      assert_rel, check_against_reference, dtype_params, needs_triton,
-                      opcheck_backends, random_scale, upcast)
+                      assert_rel, check_against_reference, count_launches, dtype_params,
+                      needs_triton, opcheck_backends, random_scale, upcast)
 from test_attention_mse import BAD_INPUTS as MSE_BAD_INPUTS
 from test_attention_mse import NONCONTIGUOUS, _t, key_mask, scores
 from test_attention_qk import qk
@@ -368,25 +366,6 @@ def test_torch_backend_is_the_reference(device):
     loss, want = check_against_reference(fused_kl(mask), ref_kl(mask),
                                          pair((3, 2, 37, 37), mask=mask), DTYPES[torch.float32])
     assert "tinybert_fast" not in type(loss.grad_fn).__name__
-
-
-@contextlib.contextmanager
-def count_launches():
-    """{kernel name: launches} of the Triton kernels launched in the block (interpreter)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    counts: collections.Counter = collections.Counter()
-    original = InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        counts[self.fn.__name__] += 1
-        return original(self, *args, **kwargs)
-
-    InterpretedFunction.run = run
-    try:
-        yield counts
-    finally:
-        InterpretedFunction.run = original
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="counts launches in Triton's interpreter")

@@ -8,8 +8,6 @@ Counted under Triton's interpreter, where every launch of a @triton.jit kernel g
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import types
 
 import pytest
@@ -17,7 +15,7 @@ import torch
 from torch import nn
 
 import tinybert_fast as tbf
-from conftest import needs_triton
+from conftest import count_launches, needs_triton
 from tinybert_fast import capture
 from tinybert_fast.distill.config import DistillConfig
 from tinybert_fast.distill.objective import Objective, StudentWithProjection
@@ -26,25 +24,6 @@ from tinybert_fast.mapping import layer_map
 transformers = pytest.importorskip("transformers")
 
 TEACHER_LAYERS, D_S, D_T, HEADS, B, L = 6, 16, 32, 2, 2, 8
-
-
-@contextlib.contextmanager
-def count_launches():
-    """{kernel name: launches} of the Triton kernels launched in the block (interpreter)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    counts: collections.Counter = collections.Counter()
-    original = InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        counts[self.fn.__name__] += 1
-        return original(self, *args, **kwargs)
-
-    InterpretedFunction.run = run
-    try:
-        yield counts
-    finally:
-        InterpretedFunction.run = original
 
 
 def _bert(layers, width):
