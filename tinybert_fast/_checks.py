@@ -215,3 +215,31 @@ def check_temperature(temperature: float) -> float:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     return float(temperature)
+
+
+def logits_arguments(student_logits, temperature: float, reduction: str) -> float:
+    """The checks of the losses on logits (soft_cross_entropy, kl_divergence): the reduction, the
+    temperature (returned as a float) and that the student logits are a tensor."""
+    check_reduction(reduction, "soft_ce")
+    temperature = check_temperature(temperature)
+    if not isinstance(student_logits, torch.Tensor):
+        raise TypeError(f"student_logits must be a torch.Tensor; got "
+                        f"{type(student_logits).__name__}")
+    return temperature
+
+
+def logits_scale(z: torch.Tensor, reduction: str) -> float:
+    """The reduction of a loss on [N, C] logits as a factor: "mean" 1/(N*C), "batchmean" 1/N,
+    "sum" 1."""
+    N, C = z.shape
+    return {"mean": 1.0 / (N * C), "batchmean": 1.0 / N, "sum": 1.0}[reduction]
+
+
+def launch_groups(s_layers: list[torch.Tensor], s_stacked: torch.Tensor | None,
+                  t_layers: list[torch.Tensor], t_stacked: torch.Tensor | None):
+    """The groups [n, ...] an op launches its kernel on: the two stacked tensors when both sides
+    came stacked with the same count (one launch for all layers), else one [1, ...] group per
+    layer (lists)."""
+    if s_stacked is not None and t_stacked is not None and s_stacked.shape[0] == t_stacked.shape[0]:
+        return [s_stacked], [t_stacked]
+    return [x.unsqueeze(0) for x in s_layers], [x.unsqueeze(0) for x in t_layers]

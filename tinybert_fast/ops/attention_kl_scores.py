@@ -64,11 +64,7 @@ def attention_kl_scores(student, teacher, attention_mask: Tensor | None = None,
     if not _backend.use_fused(s_layers[0]):
         return reference.attention_kl_scores(student, teacher, attention_mask, reduction)
     _checks.check_attention(s_layers, t_layers, attention_mask, fused=True)
-    if s_stacked is not None and t_stacked is not None:
-        s_groups, t_groups = [s_stacked], [t_stacked]
-    else:
-        s_groups = [x.unsqueeze(0) for x in s_layers]
-        t_groups = [x.unsqueeze(0) for x in t_layers]
+    s_groups, t_groups = _checks.launch_groups(s_layers, s_stacked, t_layers, t_stacked)
     loss, _ = torch.ops.tinybert_fast.attention_kl_scores(s_groups, t_groups, attention_mask,
                                                           reduction)
     return loss

@@ -49,11 +49,7 @@ def attention_mse(student, teacher, attention_mask: Tensor | None = None,
         return reference.attention_mse(student, teacher, attention_mask, reduction,
                                        mask_queries=mask_queries)
     _checks.check_attention(s_layers, t_layers, attention_mask, fused=True)
-    if s_stacked is not None and t_stacked is not None:
-        s_groups, t_groups = [s_stacked], [t_stacked]
-    else:
-        s_groups = [x.unsqueeze(0) for x in s_layers]
-        t_groups = [x.unsqueeze(0) for x in t_layers]
+    s_groups, t_groups = _checks.launch_groups(s_layers, s_stacked, t_layers, t_stacked)
     B, H, L, _ = s_layers[0].shape
     scale = 1.0 / (B * H * L * L) if reduction == "mean" else 1.0
     return torch.ops.tinybert_fast.attention_mse(s_groups, t_groups, attention_mask, scale,

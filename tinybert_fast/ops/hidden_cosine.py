@@ -56,11 +56,7 @@ def hidden_cosine(student, teacher, weight: Tensor, bias: Tensor | None = None,
                                        token_mask=token_mask)
     _checks.check_hidden(s_states, t_states, weight, bias, fused=True)
     token_mask = _checks.token_mask(token_mask, s_states[0])
-    if s_stacked is not None and t_stacked is not None and s_stacked.shape[0] == t_stacked.shape[0]:
-        s_groups, t_groups = [s_stacked], [t_stacked]
-    else:
-        s_groups = [x.unsqueeze(0) for x in s_states]
-        t_groups = [x.unsqueeze(0) for x in t_states]
+    s_groups, t_groups = _checks.launch_groups(s_states, s_stacked, t_states, t_stacked)
     weight = weight.to(s_states[0].dtype)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (*s_groups, *t_groups, weight, bias) if t is not None)

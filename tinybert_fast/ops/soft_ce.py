@@ -30,16 +30,11 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperatu
     numbers per row; the backward is one pass that writes the gradient.  No N*C intermediate is
     materialised or saved.
     """
-    _checks.check_reduction(reduction, "soft_ce")
-    temperature = _checks.check_temperature(temperature)
-    if not isinstance(student_logits, Tensor):
-        raise TypeError(f"student_logits must be a torch.Tensor; got "
-                        f"{type(student_logits).__name__}")
+    temperature = _checks.logits_arguments(student_logits, temperature, reduction)
     if not _backend.use_fused(student_logits):
         return reference.soft_cross_entropy(student_logits, teacher_logits, temperature, reduction)
     z_s, z_t = _checks.logits_2d(student_logits, teacher_logits, fused=True)
-    N, C = z_s.shape
-    scale = {"mean": 1.0 / (N * C), "batchmean": 1.0 / N, "sum": 1.0}[reduction]
+    scale = _checks.logits_scale(z_s, reduction)
     loss, _ = torch.ops.tinybert_fast.soft_cross_entropy(z_s, z_t, temperature, scale)
     return loss
 
