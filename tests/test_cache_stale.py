@@ -24,7 +24,7 @@ import torch
 from tinybert_fast import cache as C
 from tinybert_fast.cache import fingerprint as F
 from tinybert_fast.cache import format as FMT
-from tinybert_fast.cache import writer as W
+from tinybert_fast.cache import folder
 
 from conftest import require_cache_extension  # noqa: E402
 
@@ -374,7 +374,7 @@ def test_leftover_temp_files_removed_on_open_and_only_the_librarys(built, tmp_pa
     for name in ours + theirs:
         (path / name).write_bytes(b"x")
     # while another process writes in the folder (shared lock), nothing is removed
-    with W._folder_lock(str(path), exclusive=False):
+    with folder._folder_lock(str(path), exclusive=False):
         assert C.TeacherCache.open(path) is not None
         assert all((path / n).exists() for n in ours)
     C.TeacherCache.open(path)
@@ -420,7 +420,7 @@ def test_damaged_committed_chunk_reported_at_resume(tmp_path):
     ids, types = interrupted(path)
     data = os.path.join(path, DATA)
     # where the records of the committed chunks are: from the journal, via a writer that resumes
-    w = C.CacheWriter(path, "bf16", fingerprint=W.read_json(os.path.join(path, C.BUILD_SPEC))
+    w = C.CacheWriter(path, "bf16", fingerprint=FMT.read_json(os.path.join(path, C.BUILD_SPEC))
                       ["fingerprint"], chunk_examples=3, fsync=False)
     chunks = list(w._chunks)
     offsets = np.concatenate(w._offsets)

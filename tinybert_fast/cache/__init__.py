@@ -106,7 +106,7 @@ from .format import (ATTENTION_STORAGE, BUILD_SPEC, DATA_HEADER_BYTES, FORMAT_NA
                      scores_from_qk)
 from .reader import TeacherBatch, TeacherCache
 from .writer import CacheWriter
-from .writer import clear as clear_cache
+from .folder import clear as clear_cache
 
 # Private names that tests and benchmarks reach through this package (tests/test_cache.py sets
 # _crash_point here to kill a build at a given point: tinybert_fast.cache.writer looks it up).

@@ -19,7 +19,8 @@ import torch
 from .errors import CacheMismatchError
 from .fingerprint import make_fingerprint, token_digests
 from .format import MANIFEST
-from .writer import CacheWriter, finalize, resolve_shard
+from .folder import finalize, resolve_shard
+from .writer import CacheWriter
 
 if TYPE_CHECKING:
     from .reader import TeacherCache

@@ -30,7 +30,7 @@ from .format import (BUILD_SPEC, DATA_HEADER, DATA_HEADER_BYTES, DATA_MAGIC, FOR
                      FORMAT_VERSION, MANIFEST, REBUILD, STORAGE, CacheLayout, Index, canonical,
                      decode_index, manifest_checksum, read_json, scores_from_qk)
 from .prefetch import Prefetcher, Staging, batched, record_stream
-from .writer import remove_temp_files
+from .folder import remove_temp_files
 
 
 class TeacherBatch(NamedTuple):
