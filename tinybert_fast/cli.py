@@ -25,6 +25,7 @@ COMMANDS = {
     "cache": ".commands.cache",
     "augment": ".commands.augment",
     "study": ".commands.study",
+    "plot": ".commands.plot",
     "build-extension": ".commands.build_extension",
 }
 

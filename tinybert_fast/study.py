@@ -459,17 +459,11 @@ def _markdown(rows: list[dict], keys: list[str], all_cells: list[str]) -> str:
 
 
 def _loss_curves(run: Run) -> tuple[list[int], list[float]]:
-    steps, losses = [], []
-    path = os.path.join(run.directory, "log.jsonl")
-    if not os.path.isfile(path):
-        return steps, losses
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("event") == "train" and "total" in record:
-                steps.append(record["step"])
-                losses.append(record["total"])
-    return steps, losses
+    """(steps, total training loss) of a run, from its log.jsonl ([] before it logged)."""
+    from .plot import read_log
+    if not os.path.isfile(os.path.join(run.directory, "log.jsonl")):
+        return [], []
+    return read_log(run.directory)["train"].get("total", ([], []))
 
 
 def plot(output_dir: str, runs: list[Run], rows: list[dict]) -> list[str]:
