@@ -6,6 +6,7 @@ checkpoints and resume, and the exported student."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -194,3 +195,18 @@ def test_bad_configuration(models):
     with pytest.raises(TypeError, match="teacher must be a transformers model"):
         DistillationTrainer(model=_load(models["student"]), teacher=torch.nn.Linear(2, 2),
                             distill_config=_loop_config(models, "-"), args=_args("/tmp/unused"))
+
+
+def test_bf16_autocast(models, tmp_path):
+    """TrainingArguments(bf16=True): the objective runs under the Trainer's autocast (on CPU
+    here) and trains."""
+    tokenizer, train_set = _train_set(models)
+    trainer = _Recording(
+        model=_load(models["student"]), teacher=_load(models["teacher"]),
+        distill_config=_loop_config(models, tmp_path / "unused"),
+        args=_args(tmp_path / "hf", bf16=True, max_steps=3), projection=_projection(models),
+        train_dataset=train_set,
+        data_collator=lambda items: data.collate(items, tokenizer.pad_token_id, None, False))
+    trainer.train()
+    assert len(trainer.steps) == 3
+    assert all(math.isfinite(s["total"]) and s["total"] > 0 for s in trainer.steps)
