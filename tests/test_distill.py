@@ -554,3 +554,14 @@ def test_loss_variants_reach_the_objective(models, tmp_path):
     live = first("kl_masked", attention_loss="kl", hidden_loss="cosine", mask_padding=True)
     for term in ("attention", "hidden", "embedding"):  # bf16 cache: close to the live teacher
         assert cached[term] == pytest.approx(live[term], rel=2e-2, abs=1e-4), term
+
+
+def test_an_intermediate_stage_without_any_loss_is_refused():
+    base = dict(output_dir="o", student="tinybert4", teacher="t", task="sst2")
+    for kw in (dict(attention_loss="none", hidden_loss="none"),
+               dict(attention_weight=0.0, hidden_weight=0.0, embedding_weight=0.0)):
+        with pytest.raises(ValueError, match="has no loss left"):
+            distill.DistillConfig(stage="task1", **base, **kw).resolved()
+    # step 2 does not use them: no error
+    distill.DistillConfig(stage="task2", attention_loss="none", hidden_loss="none",
+                          **base).resolved()

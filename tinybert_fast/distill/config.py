@@ -115,6 +115,13 @@ class DistillConfig:
         for name, choices in LOSS_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}; got {getattr(self, name)!r}")
+        attention_off = self.attention_loss == "none" or self.attention_weight == 0
+        hidden_off = self.hidden_loss == "none" or (self.hidden_weight == 0
+                                                    and self.embedding_weight == 0)
+        if self.stage in ("general", "task1") and attention_off and hidden_off:
+            raise ValueError(f"stage {self.stage!r} has no loss left: --attention-loss/"
+                             f"--attention-weight and --hidden-loss/--hidden-weight/"
+                             f"--embedding-weight turn off every intermediate term")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be auto, on or off; got {self.bf16!r}")
         out = dataclasses.replace(self)
