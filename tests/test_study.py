@@ -82,6 +82,17 @@ def test_bad_cells_fail_before_any_run(tmp_path):
     assert not out.exists()  # nothing ran, nothing was written
 
 
+def test_stage_all_cells_are_checked_for_both_steps(tmp_path):
+    # "--stage all" runs task1 then task2; the plan checks both steps' configs, and the shared
+    # teacher cache is keyed by step 1's mapped layers
+    base = ["--stage", "all", "--teacher", "t", "--student", "tinybert4", "--task", "sst2"]
+    runs = study.plan(str(tmp_path / "s"), {"mapping": ["uniform", "top"]}, [1], base)
+    assert [r.cell["mapping"] for r in runs] == ["uniform", "top"]
+    assert runs[0].cache_key != runs[1].cache_key
+    with pytest.raises(ValueError, match=r"cell lr=-1: lr must be > 0"):
+        study.plan(str(tmp_path / "s"), {"lr": ["-1"]}, [1], base)
+
+
 def test_standard_errors():
     assert math.isclose(study.standard_error("accuracy", 0.8, 400), 0.02)
     assert math.isclose(study.standard_error("mcc", 0.5, 101), 0.075)

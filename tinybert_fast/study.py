@@ -249,7 +249,11 @@ def plan(output_dir: str, grid: dict[str, list[str]], seeds: list[int], base_arg
             except SystemExit as exc:  # argparse exits on a missing required option
                 raise ValueError("the distill flags are incomplete (see the message above)") \
                     from exc
-            cfg = config_from_args(args).resolved()
+            cfg = config_from_args(args)
+            if cfg.stage == "all":  # the loop resolves each step on its own: check both
+                dataclasses.replace(cfg, stage="task2").resolved()
+                cfg = dataclasses.replace(cfg, stage="task1")
+            cfg = cfg.resolved()
             key = _cache_key(cfg) if teacher_cache and cfg.stage != "finetune" else None
         except ValueError as exc:
             raise ValueError(f"cell {name}: {exc}") from exc
