@@ -85,6 +85,8 @@ def test_every_stage_runs_and_writes_a_model(models, tmp_path):
     assert train_log[0]["attention"] > 0 and train_log[0]["hidden"] > 0
     pred = _log(tmp_path / "all" / "task2")
     assert "prediction" in pred[0] and "attention" not in pred[0]
+    with open(tmp_path / "all" / "summary.json", encoding="utf-8") as f:  # what study reads
+        assert json.load(f)["task2"]["steps"] == 4
     ft = distill.distill(_cfg(models, tmp_path / "ft", stage="finetune", teacher=None,
                               student="tinybert4", tokenizer=models["teacher"], limit_train=32))
     assert ft["steps"] == 2 and ft["dev"] is not None

@@ -62,7 +62,10 @@ def distill(cfg: DistillConfig) -> dict:
                                     output_dir=os.path.join(cfg.output_dir, "task2"),
                                     rebuild_cache=False)  # step 1 rebuilt it
         s2 = distill(step2)
-        return {"stage": "all", "task1": s1, "task2": s2, "model_dir": s2["model_dir"]}
+        summary = {"stage": "all", "task1": s1, "task2": s2, "model_dir": s2["model_dir"]}
+        if int(os.environ.get("RANK", 0)) == 0:  # rank 0 writes, as each step does
+            train.write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), summary)
+        return summary
     cfg = cfg.resolved()
     summary_path = os.path.join(cfg.output_dir, "summary.json")
     if cfg.resume and os.path.isfile(summary_path):
