@@ -463,11 +463,13 @@ def _markdown(rows: list[dict], keys: list[str], all_cells: list[str]) -> str:
 
 
 def _loss_curves(run: Run) -> tuple[list[int], list[float]]:
-    """(steps, total training loss) of a run, from its log.jsonl ([] before it logged)."""
+    """(steps, total training loss) of a run, from its log.jsonl ([] before it logged); a
+    `--stage all` run's is step 1's (task1/log.jsonl), the step the grid's losses act on."""
     from .plot import read_log
-    if not os.path.isfile(os.path.join(run.directory, "log.jsonl")):
-        return [], []
-    return read_log(run.directory)["train"].get("total", ([], []))
+    for directory in (run.directory, os.path.join(run.directory, "task1")):
+        if os.path.isfile(os.path.join(directory, "log.jsonl")):
+            return read_log(directory)["train"].get("total", ([], []))
+    return [], []
 
 
 def plot(output_dir: str, runs: list[Run], rows: list[dict]) -> list[str]:
