@@ -93,6 +93,20 @@ def test_stage_all_cells_are_checked_for_both_steps(tmp_path):
         study.plan(str(tmp_path / "s"), {"lr": ["-1"]}, [1], base)
 
 
+def test_a_stage_all_run_reports_both_steps_time(tmp_path):
+    run = study.Run({"mapping": "top"}, 1, [], str(tmp_path / "run"), None)
+    os.makedirs(run.directory)
+    step = lambda seconds, examples, dev: {"train_seconds": seconds, "examples_seen": examples,
+                                           "dev": dev, "dev_examples": {"dev": 400}}
+    summary = {"stage": "all", "task1": step(30.0, 300, None),
+               "task2": step(10.0, 100, {"epoch": 1.0, "dev": {"accuracy": 0.75}})}
+    with open(os.path.join(run.directory, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f)
+    [row] = study.collect([run])
+    assert row["train_seconds"] == 40.0 and row["examples_per_second"] == 10.0
+    assert row["dev_accuracy"] == 0.75
+
+
 def test_standard_errors():
     assert math.isclose(study.standard_error("accuracy", 0.8, 400), 0.02)
     assert math.isclose(study.standard_error("mcc", 0.5, 101), 0.075)

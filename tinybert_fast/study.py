@@ -211,9 +211,8 @@ def _cache_key(cfg) -> str:
     """What decides a run's teacher cache, hashed: the data, the teacher, the cache's dtype and
     attention storage, and (intermediate stages) the mapped teacher layers."""
     key = {name: getattr(cfg, name) for name in CACHE_FIELDS}
-    if cfg.stage in ("general", "task1", "all"):
-        layers = _layer_sets(dataclasses.replace(cfg, stage="task1") if cfg.stage == "all"
-                             else cfg)
+    if cfg.stage in ("general", "task1"):  # plan() passes a --stage all cell as its step 1
+        layers = _layer_sets(cfg)
         key["layers"] = layers if layers is not None else {
             "mapping": cfg.mapping, "mapping_layers": cfg.mapping_layers,
             "mapping_seed": cfg.mapping_seed, "student": cfg.student}
@@ -398,14 +397,17 @@ def collect(runs: list[Run]) -> list[dict]:
         with open(os.path.join(run.directory, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
         metrics, n_dev = _final_dev(summary)
-        timing = summary.get("task2", summary) if "train_seconds" not in summary else summary
+        steps = [summary[k] for k in ("task1", "task2")] if summary.get("stage") == "all" \
+            else [summary]  # a --stage all run's time is both steps'
+        seconds = sum(s.get("train_seconds", float("nan")) for s in steps)
+        examples = sum(s.get("examples_seen", float("nan")) for s in steps)
         rows.append({"cell": cell_id(run.cell), **run.cell, "seed": run.seed,
                      **{f"dev_{k}": v for k, v in metrics.items()
                         if isinstance(v, (int, float))},
                      "dev_examples": n_dev,
-                     "train_seconds": round(timing.get("train_seconds", float("nan")), 2),
-                     "examples_per_second": round(timing.get("examples_per_second",
-                                                             float("nan")), 2)})
+                     "train_seconds": round(seconds, 2),
+                     "examples_per_second": round(examples / seconds, 2) if seconds else
+                     float("nan")})
     return rows
 
 
