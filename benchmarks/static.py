@@ -5,7 +5,7 @@ produce, compiled ahead of time, with its resource usage.
     python -m benchmarks.static --target sm_90 --quick   # CI: the TinyBERT4 shapes only
     python -m benchmarks.static --target sm_90 --cache-dir DIR   # fill a Triton cache for a GPU
 
-How: the real launchers in `kernels/` are called with `device="meta"` tensors (shapes, strides and
+How: the real launchers in `tinybert_fast/kernels/` are called with `device="meta"` tensors (shapes, strides and
 storage offsets as on a GPU, no data).  A stand-in driver answers the three questions
 `JITFunction.run` asks before compiling (device, stream, target), and `JITFunction._do_compile` is
 replaced by a recorder, so Triton's own binder computes each launch's specialisation (dtypes,

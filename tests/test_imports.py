@@ -2,7 +2,7 @@
 
     kernels <- ops <- losses / objective <- loop <- commands        (README "Layout")
 
-Every module of tinybert_fast/** and kernels/** (which installs as tinybert_fast.kernels) is
+Every module of tinybert_fast/** is
 parsed, never imported; its imports (absolute and relative, at module level or inside functions,
 and importlib.import_module calls with a literal name; not those under `if TYPE_CHECKING:`,
 which never run) give the edges.  `from P import name` is
@@ -12,8 +12,9 @@ package's __init__, which imports everything, part of every cycle).
 
 The rules: no cycle; nothing in kernels imports from the package outside kernels except the
 import-free constants module (tinybert_fast._semantics); the eager reference reaches no op and no
-kernel, not even through another module; no kernel family (kernels/<family>.py) imports another,
-and the helpers they share (kernels/_*.py) import no family; the same between the ops' families.
+kernel, not even through another module; no kernel family (tinybert_fast/kernels/<family>.py)
+imports another, and the helpers they share (kernels/_*.py) import no family; the same between
+the ops' families.
 
 Run against another checkout: `python tests/test_imports.py /path/to/checkout` prints what
 breaks each rule and exits 1 when anything does.
@@ -22,6 +23,7 @@ breaks each rule and exits 1 when anything does.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -34,8 +36,8 @@ OPS = "tinybert_fast.ops"
 REFERENCE = "tinybert_fast.reference"
 # import-free by design: the one module of the package that kernels may import
 CONSTANTS = "tinybert_fast._semantics"
-# (source folder under the checkout, dotted package it installs as): pyproject's package-dir
-SOURCES = (("tinybert_fast", PACKAGE), ("kernels", KERNELS))
+# (source folder under the checkout, dotted package it installs as)
+SOURCES = (("tinybert_fast", PACKAGE),)
 
 
 class Module:
@@ -308,9 +310,10 @@ def test_rules_catch_what_they_forbid(tmp_path):
                           "_semantics.py": "X = 1\n"},
         "tinybert_fast/ops": {"__init__.py": "", "one.py": "from .two import y\n",
                               "two.py": "from ._shared import z\n", "_shared.py": ""},
-        "kernels": {"__init__.py": "", "_utils.py": "",
-                    "soft_ce.py": "from .._semantics import X\n",
-                    "attention_kl.py": "from .soft_ce import LN2\nfrom ..ops import one\n"},
+        "tinybert_fast/kernels": {"__init__.py": "", "_utils.py": "",
+                                  "soft_ce.py": "from .._semantics import X\n",
+                                  "attention_kl.py": "from .soft_ce import LN2\n"
+                                                     "from ..ops import one\n"},
     }.items():
         (tmp_path / folder).mkdir(parents=True)
         for name, text in files.items():
@@ -326,6 +329,26 @@ def test_rules_catch_what_they_forbid(tmp_path):
         "tinybert_fast.kernels.attention_kl -> tinybert_fast.kernels.soft_ce (attention_kl.py:1)"]
     assert broken["no op family imports another"] == [
         "tinybert_fast.ops.one -> tinybert_fast.ops.two (one.py:1)"]
+
+
+def top_level_names(root: Path) -> set[str]:
+    """The import names the checkout's root provides: its packages (folders with an __init__.py)
+    and modules (.py files)."""
+    return {p.name if p.is_dir() else p.stem for p in root.iterdir()
+            if (p.is_dir() and (p / "__init__.py").is_file()) or p.suffix == ".py"}
+
+
+def test_no_top_level_name_shadows_an_installed_distribution():
+    """`python -m pytest` and `python -m benchmarks` put the checkout's root first on sys.path, so
+    a top-level package there hides an installed distribution's module of the same name from
+    every library that imports it.  A top-level `kernels/` did: transformers >= 5.25 requires and
+    imports Hugging Face's `kernels`, and got ours ("cannot import name 'CUDAProperties'")."""
+    names = top_level_names(REPO)
+    assert {"tinybert_fast", "benchmarks"} <= names, names
+    owners = importlib.metadata.packages_distributions()
+    clashes = {name: owners[name] for name in sorted(names)
+               if set(owners.get(name, ())) - {"tinybert-fast", "tinybert_fast"}}
+    assert clashes == {}, f"the checkout's top-level names that distributions own: {clashes}"
 
 
 @pytest.mark.parametrize("rule", RULES)
