@@ -62,7 +62,10 @@ class _ScoresIntoSlot(torch.autograd.Function):
         query, key = ctx.saved_tensors
         g = grad.to(query.dtype) * ctx.scaling
         d_query = torch.matmul(g, key) if ctx.needs_input_grad[0] else None
-        d_key = torch.matmul(g.transpose(-1, -2), query) if ctx.needs_input_grad[1] else None
+        # (Q^T g)^T, not g^T Q: the product autograd takes for matmul(query, key^T), so the
+        # gradients are bitwise the eager formula's (the two differ in the BLAS's last bits)
+        d_key = (torch.matmul(query.transpose(-1, -2), g).transpose(-1, -2)
+                 if ctx.needs_input_grad[1] else None)
         return d_query, d_key, None, None, None
 
 
