@@ -113,6 +113,19 @@ def test_standard_errors():
     assert study.standard_error("accuracy", 0.8, None) is None
 
 
+def test_one_seed_has_no_sd():
+    """A cell with two seeds shows mean ± sd; a cell with one shows its mean alone (a "± 0.0000"
+    would read as no spread)."""
+    rows = [dict(cell="a=1", a=1, seed=s, dev_accuracy=acc, dev_examples=400, train_seconds=10.0,
+                 dev_score=acc) for s, acc in ((1, 0.8), (2, 0.7))]
+    rows.append(dict(cell="a=2", a=2, seed=1, dev_accuracy=0.75, dev_examples=400,
+                     train_seconds=12.0, dev_score=0.75))
+    table = study._markdown(rows, ["a"], ["a=1", "a=2"]).splitlines()
+    assert table[2].startswith("| 1 | 2 | 0.7500 ± 0.0707 | 0.7500 ± 0.0707 |"), table[2]
+    assert table[3].startswith("| 2 | 1 | 0.7500 | 0.7500 |"), table[3]
+    assert "±" not in table[3]
+
+
 # --- a real study with tiny models ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -446,8 +446,9 @@ def _markdown(rows: list[dict], keys: list[str], all_cells: list[str]) -> str:
                 cells_.append("")
                 continue
             mean = statistics.fmean(values)
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells_.append(f"{mean:.4f} ± {sd:.4f}")
+            # one seed has no sd: the mean alone, never a "± 0" that reads as no spread
+            cells_.append(f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1
+                          else f"{mean:.4f}")
         scores = [r["dev_score"] for r in group if r.get("dev_score") is not None]
         se = None
         if scores:
@@ -457,7 +458,8 @@ def _markdown(rows: list[dict], keys: list[str], all_cells: list[str]) -> str:
         cells_.append(f"{statistics.fmean(r['train_seconds'] for r in group):.1f}")
         lines.append("| " + " | ".join(cells_) + " |")
     lines.append("")
-    lines.append("sd: standard deviation over seeds.  SE: the dev metric's standard error from the "
+    lines.append("sd: standard deviation over seeds (none with one seed).  SE: the dev metric's "
+                 "standard error from the "
                  "dev-set size (sqrt(m(1-m)/n) for accuracy/F1, (1-r²)/sqrt(n-1) for "
                  "correlations): differences between cells smaller than about 2 SE are within the "
                  "dev set's noise.")
