@@ -12,7 +12,8 @@ Layout of the output folder:
                               run.json (its command line); run.log (its stdout and stderr)
     caches/<key>/             one teacher cache per distinct set of teacher outputs the cells
                               need (the teacher runs once per key, not once per run)
-    results.csv               one row per run: grid keys, seed, dev metrics, wall time, examples/s
+    results.csv               one row per finished run (rewritten as each run finishes): grid
+                              keys, seed, dev metrics, wall time, examples/s
     results.md                one row per cell: mean and standard deviation over seeds, and the
                               dev metric's standard error from the dev-set size
     score.png, loss.png       the dev metric per cell (error bars), training loss per cell
@@ -44,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from ._io import atomic_write
 from .cache.format import MANIFEST
@@ -298,10 +300,12 @@ def _start(run: Run, gpu: int | None) -> subprocess.Popen:
         logfile.close()
 
 
-def execute(runs: list[Run], parallel: int = 1) -> list[str]:
+def execute(runs: list[Run], parallel: int = 1,
+            on_finished: Callable[[], object] | None = None) -> list[str]:
     """Run the unfinished runs, `parallel` at a time (one per GPU when several are visible);
-    runs sharing a teacher cache that is not built yet wait for the one building it.  Returns
-    the names of the runs that failed (their run.log says why)."""
+    runs sharing a teacher cache that is not built yet wait for the one building it;
+    `on_finished()` is called after each run that finishes.  Returns the names of the runs that
+    failed (their run.log says why)."""
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1; got {parallel}")
     for run in runs:
@@ -350,6 +354,8 @@ def execute(runs: list[Run], parallel: int = 1) -> list[str]:
                               proc.returncode, os.path.join(run.directory, "run.log"))
                 else:
                     log.info("study: %s finished", run.name)
+                    if on_finished is not None:
+                        on_finished()
     finally:
         for _, proc in active.values():
             proc.terminate()
@@ -546,7 +552,8 @@ def run_study(output_dir: str, grid: dict[str, list[str]], seeds: list[int],
     os.makedirs(output_dir, exist_ok=True)
     log.info("study: %d cells x %d seeds = %d runs in %s", len(cells(grid)), len(seeds),
              len(runs), output_dir)
-    failed = execute(runs, parallel)
+    # the tables are rewritten as each run finishes, so a study stopped half-way has them so far
+    failed = execute(runs, parallel, on_finished=lambda: report(output_dir, grid, runs))
     result = report(output_dir, grid, runs)
     result["failed"] = failed
     return result
