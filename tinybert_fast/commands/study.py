@@ -27,7 +27,8 @@ itself.
 Run the same command again to finish a killed study: finished runs are kept, an unfinished one
 resumes from its checkpoint.  Output: results.csv (one row per run), results.md (one row per
 cell: mean ± sd over seeds, the dev metric's standard error), score.png and loss.png
-(matplotlib), runs/<cell>/seed<k>/ (each run), caches/ (the shared teacher caches).
+(matplotlib), rewritten as each run finishes; runs/<cell>/seed<k>/ (each run), caches/ (the
+shared teacher caches).
 """
 
 
