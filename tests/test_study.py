@@ -107,6 +107,16 @@ def test_a_stage_all_run_reports_both_steps_time(tmp_path):
     assert row["dev_accuracy"] == 0.75
 
 
+def test_no_matplotlib_warns_once(monkeypatch, caplog):
+    """Without matplotlib there are no plots, and one warning, not one per finished run."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    study._warn_no_matplotlib.cache_clear()
+    with caplog.at_level("WARNING", logger=study.log.name):
+        assert study.plot("unused", [], []) == [] and study.plot("unused", [], []) == []
+    assert [r.getMessage() for r in caplog.records].count(
+        "study: matplotlib is not installed, so no plots (pip install matplotlib)") == 1
+
+
 def test_standard_errors():
     assert math.isclose(study.standard_error("accuracy", 0.8, 400), 0.02)
     assert math.isclose(study.standard_error("mcc", 0.5, 101), 0.075)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -482,6 +483,12 @@ def _loss_curves(run: Run) -> tuple[list[int], list[float]]:
     return [], []
 
 
+@functools.cache
+def _warn_no_matplotlib() -> None:
+    """Once per process: the plots are redrawn after every finished run."""
+    log.warning("study: matplotlib is not installed, so no plots (pip install matplotlib)")
+
+
 def plot(output_dir: str, runs: list[Run], rows: list[dict]) -> list[str]:
     """score.png (dev score per cell, mean with the seeds' sd as error bars) and loss.png (each
     cell's training loss against steps, its first seed); [] without matplotlib."""
@@ -490,7 +497,7 @@ def plot(output_dir: str, runs: list[Run], rows: list[dict]) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("study: matplotlib is not installed, so no plots (pip install matplotlib)")
+        _warn_no_matplotlib()
         return []
     names = list(dict.fromkeys(r["cell"] for r in rows))
     written = []
