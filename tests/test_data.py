@@ -267,3 +267,48 @@ def test_write_tsv_is_atomic_and_refuses_unwritable_fields(tmp_path):
     data.write_tsv(str(out), good)
     assert data.read_tsv(str(out), t).rows == [['say "hi"', "1"]]
     assert os.listdir(tmp_path) == ["out.tsv"]
+
+
+def test_length_grouped_batches_pad_less_and_are_a_seeded_partition():
+    n, bs = 1000, 32
+    lengths = [(i * 37) % 120 + 1 for i in range(n)]
+    grouped = data.batch_indices(n, bs, epoch=2, seed=5, lengths=lengths)
+    plain = data.batch_indices(n, bs, epoch=2, seed=5)
+    assert sorted(sum(grouped, [])) == list(range(n))          # every example once
+    assert len(grouped) == len(plain)                          # the same number of steps
+    assert grouped == data.batch_indices(n, bs, epoch=2, seed=5, lengths=lengths)  # resumable
+    assert grouped != data.batch_indices(n, bs, epoch=3, seed=5, lengths=lengths)
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    # random batches pad nearly every example to ~120; grouped ones to within a window's spread
+    assert padded(grouped) < 0.6 * padded(plain)
+    assert padded(grouped) >= sum(lengths)
+    # ranks still split each global batch
+    ranks = [data.batch_indices(n, bs, 2, 5, rank=r, world_size=2, lengths=lengths)
+             for r in range(2)]
+    assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(g) for g in grouped]
+    with pytest.raises(ValueError, match="lengths"):
+        data.batch_indices(n, bs, 0, 0, lengths=lengths[:-1])
+
+
+def test_predictions_come_back_in_example_order_whatever_the_batching():
+    import torch
+    from tinybert_fast import train
+
+    class Echo(torch.nn.Module):  # predicts class (first token id) % 2: order is checkable
+        config = type("C", (), {"type_vocab_size": 0})()
+
+        def forward(self, input_ids, attention_mask):
+            logits = torch.zeros(input_ids.shape[0], 2)
+            logits[torch.arange(input_ids.shape[0]), input_ids[:, 0] % 2] = 1.0
+            return type("O", (), {"logits": logits})()
+
+    class Tok:
+        def __call__(self, texts, truncation, max_length):
+            return {"input_ids": [[int(t)] * (1 + int(t) % 7) for t in texts]}
+
+    examples = [data.Example((str(i),), i % 2) for i in range(23)]
+    ds = data.TokenizedDataset(examples, Tok(), 16)
+    preds = train.predict(Echo(), ds, data.get_task("sst2"), 4, torch.device("cpu"), 0)
+    assert preds.tolist() == [i % 2 for i in range(23)]

@@ -169,21 +169,50 @@ def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> list[int
     return torch.randperm(n, generator=g).tolist()
 
 
+# group_by_length: examples are sorted by length within windows of this many batches
+LENGTH_GROUP_BATCHES = 50
+
+
+def _length_grouped(order: list[int], lengths: Sequence[int], batch_size: int, epoch: int,
+                    seed: int) -> list[list[int]]:
+    """The epoch's global batches of similar lengths: `order` (a permutation) is cut into
+    windows of LENGTH_GROUP_BATCHES batches, each window sorted by length (longest first) and
+    cut into batches, and the batches are shuffled; fixed by (seed, epoch) like epoch_order."""
+    window = batch_size * LENGTH_GROUP_BATCHES
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
 def batch_indices(n: int, batch_size: int, epoch: int, seed: int, *, shuffle: bool = True,
-                  rank: int = 0, world_size: int = 1) -> list[list[int]]:
+                  rank: int = 0, world_size: int = 1,
+                  lengths: Sequence[int] | None = None) -> list[list[int]]:
     """This rank's batches for an epoch.  Each global batch of batch_size examples is split into
     world_size contiguous slices, so world_size ranks together see exactly what one process
     would (batch_size must be divisible by world_size).  A last global batch with fewer
-    examples than ranks is dropped (with one process nothing is dropped)."""
+    examples than ranks is dropped (with one process nothing is dropped).
+
+    lengths (the n examples' token counts; with shuffle): batches of similar lengths
+    (_length_grouped), so that padding to the longest of a batch pads little.  The number of
+    batches is the same as without it."""
     if batch_size % world_size:
         raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of "
                          f"processes ({world_size})")
     order = epoch_order(n, epoch, seed, shuffle)
+    if lengths is not None and shuffle:
+        if len(lengths) != n:
+            raise ValueError(f"lengths: expected {n} entries (one per example); got "
+                             f"{len(lengths)}")
+        global_batches = _length_grouped(order, lengths, batch_size, epoch, seed)
+    else:
+        global_batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     batches = []
-    for start in range(0, n, batch_size):
-        global_batch = order[start:start + batch_size]
+    for global_batch in global_batches:
         if len(global_batch) < world_size:
-            break
+            continue
         k = math.ceil(len(global_batch) / world_size)
         batches.append(global_batch[rank * k:(rank + 1) * k])
     return batches

@@ -193,22 +193,39 @@ def autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
+def model_inputs(model, batch: dict) -> tuple[str, ...]:
+    """The names of a batch's tensors that `model` takes: input_ids and attention_mask, and
+    token_type_ids for families with token types (BERT, RoBERTa, ELECTRA: the config's
+    type_vocab_size); MPNet and DistilBERT have none (their forward would swallow them)."""
+    config = getattr(model, "config", None) or model.module.config
+    names = ("input_ids", "attention_mask")
+    if getattr(config, "type_vocab_size", 0) and "token_type_ids" in batch:
+        names += ("token_type_ids",)
+    return names
+
+
 @torch.inference_mode()
 def predict(model, dataset: data.TokenizedDataset, task: data.Task, batch_size: int,
             device: torch.device, pad_id: int, bf16: bool = False) -> np.ndarray:
-    """Class indices (or regression scores) for every example of a dataset, in order."""
+    """Class indices (or regression scores) for every example of a dataset, in order.  The
+    batches hold examples of similar lengths (sorted by length), so little is padded; each
+    prediction goes back to its example's place."""
     was_training = model.training
     model.eval()
-    preds = []
-    batches = data.batch_indices(len(dataset), batch_size, 0, 0, shuffle=False)
+    by_length = sorted(range(len(dataset)), key=lambda i: len(dataset.input_ids[i]))
+    batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
+    preds, order = [], []
     for batch in data.iterate_batches(dataset, batches, pad_id, None, task.is_regression):
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask",
-                                                   "token_type_ids")}
+        inputs = {k: batch[k].to(device) for k in model_inputs(model, batch)}
         with autocast(device, bf16):
             logits = model(**inputs).logits.float()
         preds.append(logits[:, 0] if task.is_regression else logits.argmax(-1))
+        order.append(batch["example_id"])
     model.train(was_training)
-    return torch.cat(preds).cpu().numpy()
+    out = torch.empty(len(dataset), dtype=preds[0].dtype) if preds else torch.empty(0)
+    if preds:
+        out[torch.cat(order)] = torch.cat(preds).cpu()
+    return out.numpy()
 
 
 def evaluate(model, dataset: data.TokenizedDataset, task: data.Task, batch_size: int,

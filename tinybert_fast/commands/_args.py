@@ -62,6 +62,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="clip the gradient norm to this (0: no clipping)")
     g.add_argument("--max-steps", type=int, help="stop after this many steps (default: epochs)")
+    g.add_argument("--group-by-length", action="store_true",
+                   help="batches of examples of similar lengths (shuffled windows of 50 "
+                        "batches sorted by length): less padding, the same number of steps")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", required=True,
                    help="model/, summary.json, log.jsonl and the resume checkpoint go here")

@@ -88,6 +88,7 @@ class DistillConfig:
     max_steps: int | None = None
     max_length: int | None = None
     pad_to_max_length: bool = False
+    group_by_length: bool = False      # batches of similar lengths (data.batch_indices)
     seed: int = 42
     device: str = "auto"
     bf16: str = "auto"                 # auto (on CUDA) | on | off

@@ -170,9 +170,11 @@ class _Run:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None, find_unused_parameters=True)
 
+        self.lengths = ([len(ids) for ids in self.train_set.input_ids]
+                        if cfg.group_by_length else None)
         self.steps_per_epoch = len(data.batch_indices(
             len(self.train_set), cfg.batch_size, 0, cfg.seed, rank=self.dist.rank,
-            world_size=self.dist.world_size))
+            world_size=self.dist.world_size, lengths=self.lengths))
         total = math.ceil(cfg.epochs * self.steps_per_epoch)
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.optimizer = train.make_optimizer(self.model.named_parameters(), cfg.lr,
@@ -256,8 +258,8 @@ class _Run:
         batches = data.batch_indices(len(dataset), self.cfg.eval_batch_size, 0, 0, shuffle=False)
         for batch in data.iterate_batches(dataset, batches, self.tokenizer.pad_token_id, None,
                                           False):
-            inputs = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask",
-                                                            "token_type_ids")}
+            inputs = {k: batch[k].to(self.device)
+                      for k in train.model_inputs(self.student, batch)}
             with train.autocast(self.device, self.bf16):
                 terms = self.objective(self.model, inputs, None)
             for k, v in terms.items():
@@ -282,7 +284,8 @@ class _Run:
         while self.step < self.total_steps:
             epoch, done_in_epoch = divmod(self.step, self.steps_per_epoch)
             batches = data.batch_indices(len(self.train_set), cfg.batch_size, epoch, cfg.seed,
-                                         rank=self.dist.rank, world_size=self.dist.world_size)
+                                         rank=self.dist.rank, world_size=self.dist.world_size,
+                                         lengths=self.lengths)
             todo = batches[done_in_epoch:]
             cached = (self.cache.prefetch(todo, self.device, pad_to=pad_to,
                                           attention="qk" if cfg.attention_from == "qk"
@@ -342,7 +345,7 @@ class _Run:
 
     def _train_step(self, batch, cached) -> dict:
         inputs = {k: batch[k].to(self.device, non_blocking=True)
-                  for k in ("input_ids", "attention_mask", "token_type_ids")}
+                  for k in train.model_inputs(self.student, batch)}
         labels = batch["labels"].to(self.device) if "labels" in batch else None
         with train.autocast(self.device, self.bf16):
             terms = self.objective(self.ddp, inputs, labels, cached)
