@@ -25,12 +25,30 @@ take in one kernel launch for all layers (a list launches once per layer).
 `record_qk(layers)` records each layer's (Q, K) [B, H, L, d] instead and leaves the attention
 itself to SDPA on every layer: the input of `tinybert_fast.attention_mse_qk`, which computes the
 same loss without the L x L scores.
+
+Encoder families (`family(config)` says what each needs; `FAMILIES` lists them):
+- BERT, RoBERTa, ELECTRA, ModernBERT call the registered function with their layer index.
+- DistilBERT calls it without one: `register()` wraps its `Transformer.forward` so that each
+  layer's attention module carries its index before the layers run.
+- MPNet computes attention inline (no AttentionInterface), with a relative position bias:
+  S = Q K^T / sqrt(d) + position_bias + mask, position_bias [B, H, L, L] computed once per
+  forward from a [32 buckets, H] table and added in every layer.  `register()` wraps
+  `MPNetEncoder.forward` (layer indices) and `MPNetSelfAttention.forward`: a layer being recorded
+  computes its scores as above, bias included, exactly as the model does, and finishes attention
+  from them; every other layer runs the model's own code.  The Q/K form cannot carry the bias:
+  `record_qk` on an MPNet layer raises ValueError (use the scores).
+- DeBERTa(-v2) is not supported: its disentangled attention adds content-to-position and
+  position-to-content terms computed inside its attention module, outside any hook;
+  `family()` refuses it, and every other model type, by name.
+The wrappers change nothing while no record is active (they call the model's own forward).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -55,6 +73,7 @@ class _ScoresIntoSlot(torch.autograd.Function):
         ctx.mark_dirty(slot)
         ctx.save_for_backward(query, key)
         ctx.scaling = scaling
+        ctx.bias_shape = None if bias is None else bias.shape
         return slot
 
     @staticmethod
@@ -66,7 +85,10 @@ class _ScoresIntoSlot(torch.autograd.Function):
         # gradients are bitwise the eager formula's (the two differ in the BLAS's last bits)
         d_key = (torch.matmul(query.transpose(-1, -2), g).transpose(-1, -2)
                  if ctx.needs_input_grad[1] else None)
-        return d_query, d_key, None, None, None
+        # a learned bias (an MPNet student's relative position bias) takes the scores' gradient,
+        # summed over the dimensions it was broadcast along
+        d_bias = grad.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[2] else None
+        return d_query, d_key, d_bias, None, None
 
 
 class _StackedSlots(torch.autograd.Function):
@@ -177,6 +199,16 @@ def record_qk(layer_indices: Iterable[int]):
     return _recording(ScoreRecord(layer_indices, "qk"))
 
 
+def _record_scores(record: ScoreRecord, layer_idx: int, query, key, bias, scaling: float):
+    """This layer's pre-softmax scores Q K^T * scaling + bias (reference.attention_scores),
+    recorded (into the stacked buffer when the record has one); returns them."""
+    if record.stacked_buffer:
+        return record.scores_into_buffer(layer_idx, query, key, bias, scaling)
+    scores = attention_scores(query, key, bias, scaling=scaling)
+    record.put(layer_idx, scores)
+    return scores
+
+
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function: query/key/value [B, H, L, d]; returns ([B, L, H, d], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -193,18 +225,119 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         scaling = query.shape[-1] ** -0.5
     # the model's own scaling, multiplied, and its additive mask as given: what its eager
     # attention computes
-    if record.stacked_buffer:
-        scores = record.scores_into_buffer(layer_idx, query, key, attention_mask, scaling)
-    else:
-        scores = attention_scores(query, key, attention_mask, scaling=scaling)
-        record.put(layer_idx, scores)
+    scores = _record_scores(record, layer_idx, query, key, attention_mask, scaling)
     probs = F.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
+# --- encoder families ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What capture and the distillation loop need to know of an encoder family.
+
+    position_bias: the pre-softmax scores carry a position bias shared by every layer (MPNet):
+        recorded with the scores; the Q/K form, which cannot carry it, is refused.
+    token_types: the model takes token_type_ids.
+    """
+    model_type: str
+    position_bias: bool = False
+    token_types: bool = True
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("bert"), Family("roberta"), Family("electra"), Family("modernbert", token_types=False),
+    Family("distilbert", token_types=False),
+    Family("mpnet", position_bias=True, token_types=False))}
+
+_UNSUPPORTED = {
+    "deberta": "its disentangled attention adds content-to-position and position-to-content "
+               "terms inside its attention module, which no capture hook sees",
+    "deberta-v2": "its disentangled attention adds content-to-position and position-to-content "
+                  "terms inside its attention module, which no capture hook sees",
+}
+
+
+def family(config, argument: str = "model") -> Family:
+    """The Family of a model's config (config.model_type); ValueError naming `argument` for a
+    family whose attention cannot be captured exactly."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    why = _UNSUPPORTED.get(model_type, "it is not one of the supported families")
+    raise ValueError(f"{argument}: model type {model_type!r} is not supported for attention "
+                     f"capture: {why}; supported: {', '.join(sorted(FAMILIES))}")
+
+
+MPNET_QK_ERROR = ("MPNet adds a relative position bias to every layer's scores, which the Q/K form "
+                  "of the attention loss does not form: record the scores (capture.record_scores; "
+                  "--attention-from scores)")
+
+
+def _numbering_layers(forward, attention_of):
+    """An encoder's forward that first gives each layer's attention module its index
+    (layer_idx), which the family's layers do not pass on."""
+    @functools.wraps(forward)
+    def numbered(self, *args, **kwargs):
+        for i, layer in enumerate(self.layer):
+            attention_of(layer).layer_idx = i
+        return forward(self, *args, **kwargs)
+    numbered.tinybert_fast_wrapped = forward
+    return numbered
+
+
+def _mpnet_self_attention(forward):
+    """MPNetSelfAttention.forward that, for a layer being recorded, computes the scores
+    Q K^T / sqrt(d) + position_bias + mask (recorded) and attention from them, as the model
+    does; other layers run `forward`, the model's own."""
+    @functools.wraps(forward)
+    def capturing(self, hidden_states, attention_mask=None, position_bias=None,
+                  output_attentions=False, **kwargs):
+        record = _ACTIVE.get()
+        layer_idx = getattr(self, "layer_idx", None)
+        if record is None or not record.wants(layer_idx):
+            return forward(self, hidden_states, attention_mask, position_bias,
+                           output_attentions=output_attentions, **kwargs)
+        if record.kind == "qk":
+            raise ValueError(MPNET_QK_ERROR)
+        shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+        query, key, value = (lin(hidden_states).view(shape).transpose(1, 2)
+                             for lin in (self.q, self.k, self.v))
+        bias = position_bias
+        if attention_mask is not None:
+            bias = attention_mask if bias is None else bias + attention_mask
+        scores = _record_scores(record, layer_idx, query, key, bias,
+                                self.attention_head_size ** -0.5)
+        probs = F.softmax(scores, dim=-1)
+        context = torch.matmul(self.dropout(probs), value).permute(0, 2, 1, 3).contiguous()
+        out = self.o(context.view(*context.shape[:-2], self.all_head_size))
+        return (out, probs) if output_attentions else (out,)
+    capturing.tinybert_fast_wrapped = forward
+    return capturing
+
+
+def _wrap(cls, name: str, wrapper, *args) -> None:
+    current = getattr(cls, name)
+    if not hasattr(current, "tinybert_fast_wrapped"):  # once per process
+        setattr(cls, name, wrapper(current, *args))
+
+
+def _wrap_families() -> None:
+    """The family wrappers (module docstring): DistilBERT's layer indices, MPNet's layer indices
+    and its inline attention."""
+    from transformers.models.distilbert import modeling_distilbert
+    from transformers.models.mpnet import modeling_mpnet
+    _wrap(modeling_distilbert.Transformer, "forward", _numbering_layers,
+          lambda layer: layer.attention)
+    _wrap(modeling_mpnet.MPNetEncoder, "forward", _numbering_layers,
+          lambda layer: layer.attention.attn)
+    _wrap(modeling_mpnet.MPNetSelfAttention, "forward", _mpnet_self_attention)
+
+
 def register() -> str:
-    """Register the capturing attention (and the eager mask) with transformers; returns its name.
+    """Register the capturing attention (and the eager mask) with transformers, and wrap the
+    families that do not call it with a layer index (see the module docstring); returns its name.
 
     Idempotent.  Pass the name as `attn_implementation=` to `from_pretrained`, or to
     `model.set_attn_implementation(...)` for a model already built.
@@ -214,4 +347,5 @@ def register() -> str:
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, eager_mask)
+    _wrap_families()
     return ATTN_IMPLEMENTATION
