@@ -254,6 +254,9 @@ def glue(tmp_path_factory):
         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
         num_labels=2)).eval()
     layer_map = mapping.layer_map("uniform", 2, 4)
+    from tinybert_fast.distill import DistillConfig, TeacherTargets
+    targets = TeacherTargets.of(DistillConfig(stage="task1", output_dir="", student=""),
+                                layer_map, teacher.config)
 
     def train_set(sentences):
         return data.TokenizedDataset([data.Example((s,), k % 2) for k, s in enumerate(sentences)],
@@ -262,7 +265,7 @@ def glue(tmp_path_factory):
     def open_cache(path, sentences, **kw):
         from tinybert_fast.distill import open_teacher_cache
         return open_teacher_cache(
-            str(path), teacher, tokenizer, train_set(sentences), layer_map,
+            str(path), teacher, tokenizer, train_set(sentences), targets,
             device=torch.device("cpu"), dist_state=train.Distributed(torch.device("cpu")),
             source={"task": "sst2", "train_file": None, "data_dir": None}, max_length=64,
             batch_size=3, progress=False, **kw)

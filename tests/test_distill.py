@@ -512,14 +512,16 @@ def test_open_teacher_cache_with_explicit_arguments_builds_what_distill_opens(mo
                                   AutoConfig.from_pretrained(models["teacher"]).num_hidden_layers)
     device = torch.device("cpu")
     teacher = distill.load_teacher(models["teacher"], "task1", task, device)
+    targets = distill.TeacherTargets.of(
+        distill.DistillConfig(stage="task1", output_dir="", student=""), layer_map,
+        teacher.config)
+    assert targets.cache_attention_storage == "auto"
     opened, info = distill.open_teacher_cache(
-        store, teacher, tokenizer, train_set, layer_map, device=device,
+        store, teacher, tokenizer, train_set, targets, device=device,
         dist_state=train.Distributed(device),
         source={"task": "sst2", "train_file": None, "data_dir": SST2}, max_length=max_length,
         progress=False)
     assert info["built"] and "logits" in opened.layout.fields
-    with pytest.raises(ValueError, match="attention_from"):
-        distill.cache_attention_storage("probs")
     manifest = os.path.join(store, cache.MANIFEST)
     stamp = os.stat(manifest).st_mtime_ns
     out = distill.distill(_cfg(models, tmp_path / "run", teacher_cache=store, max_steps=2))

@@ -34,9 +34,11 @@ import os
 import torch
 from torch import nn
 
-from . import capture, glue, mapping
-from .distill.config import PROJECTION_FILE, DistillConfig
+from . import capture, glue, mapping, train
+from .distill.config import PROJECTION_FILE, DistillConfig, is_intermediate
+from .distill.models import check_pair
 from .distill.objective import Objective, StudentWithProjection
+from .distill.targets import TeacherTargets
 
 try:
     from transformers import Trainer
@@ -44,14 +46,13 @@ except ImportError as exc:  # pragma: no cover - transformers is a dependency
     raise ImportError("tinybert_fast.hf needs transformers (and accelerate for its Trainer)") \
         from exc
 
-_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
 class DistillationTrainer(Trainer):
     """A Trainer whose loss is a TinyBERT stage's objective.
 
-    model: the student (a Hugging Face BERT-like model; a sequence-classification model for the
-        task stages).  teacher: the teacher, the same kind (fine-tuned for task2).
+    model: the student (a Hugging Face encoder of a supported family, capture.FAMILIES; a
+        sequence-classification model for the task stages).  teacher: the teacher, any
+        supported family on the same vocabulary (fine-tuned for task2); the pair is checked
+        (distill.check_pair) before anything runs.
     distill_config: the `distill` command's config; its stage must be general, task1 or task2.
     layer_map: the mapping (default: distill_config's mapping for the two models' depths).
     projection: the hidden projection nn.Linear(d_s, d_t) (default: a new one, the identity when
@@ -76,18 +77,20 @@ class DistillationTrainer(Trainer):
                 raise TypeError(f"{name} must be a transformers model; got {type(m).__name__}")
             m.set_attn_implementation(attn)
         s_cfg, t_cfg = model.config, teacher.config
-        intermediate = cfg.stage in ("general", "task1")
+        intermediate = is_intermediate(cfg.stage)
         if intermediate and layer_map is None:
             layer_map = mapping.layer_map(cfg.mapping, s_cfg.num_hidden_layers,
                                           t_cfg.num_hidden_layers, seed=cfg.mapping_seed,
                                           layers=cfg.mapping_layers)
-        if intermediate and (cfg.hidden_weight or cfg.embedding_weight) and projection is None:
+        targets = TeacherTargets.of(cfg, layer_map if intermediate else None, t_cfg)
+        check_pair(s_cfg, t_cfg, targets)
+        if targets.hidden and projection is None:
             projection = nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size)
             if s_cfg.hidden_size == t_cfg.hidden_size:
                 with torch.no_grad():
                     projection.weight.copy_(torch.eye(t_cfg.hidden_size))
                     projection.bias.zero_()
-        if not intermediate:
+        if not targets.hidden:
             projection = None
         super().__init__(StudentWithProjection(model, projection), *args, **kwargs)
         # the objective is a mean over the batch: the Trainer divides it by the accumulation steps
@@ -95,7 +98,8 @@ class DistillationTrainer(Trainer):
         self.student = model
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.distill_config = cfg
-        self.objective = Objective(cfg, task, layer_map, self.teacher)
+        self.targets = targets
+        self.objective = Objective(cfg, task, targets, self.teacher)
         self.teacher_cache = teacher_cache
 
     def _set_signature_columns_if_needed(self):
@@ -112,13 +116,13 @@ class DistillationTrainer(Trainer):
         return self.teacher_cache.fetch(
             example_id.tolist(), device=inputs["input_ids"].device,
             pad_to=inputs["input_ids"].shape[1],
-            attention="qk" if self.distill_config.attention_from == "qk" else "scores")
+            attention=self.targets.attention_form or "scores")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The stage's objective on one batch: its "total" (and with return_outputs, every
         term)."""
         labels = inputs.get("labels")
-        model_inputs = {k: inputs[k] for k in _MODEL_INPUTS if k in inputs}
+        model_inputs = {k: inputs[k] for k in train.model_inputs(self.student, inputs)}
         terms = self.objective(model, model_inputs, labels, self._cached(model_inputs,
                                                                          inputs.get("example_id")))
         return (terms["total"], terms) if return_outputs else terms["total"]
@@ -132,7 +136,8 @@ class DistillationTrainer(Trainer):
             loss = self.compute_loss(model, inputs).detach()
             if prediction_loss_only or self.distill_config.stage == "general":
                 return loss, None, None
-            logits = self.student(**{k: inputs[k] for k in _MODEL_INPUTS if k in inputs}).logits
+            logits = self.student(**{k: inputs[k]
+                                     for k in train.model_inputs(self.student, inputs)}).logits
         return loss, logits.detach(), labels
 
     def save_student(self, output_dir: str) -> None:

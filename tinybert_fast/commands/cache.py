@@ -46,26 +46,32 @@ def run(args: argparse.Namespace) -> int:
     from .. import data, train
     from .._device import resolve_device
     from ..distill.cache_glue import open_teacher_cache
-    from ..distill.config import default_max_length
+    from ..distill.config import DistillConfig, default_max_length
     from ..distill.loop import training_examples
     from ..distill.models import load_teacher, pretrained
+    from ..distill.targets import TeacherTargets
 
     device = resolve_device(args.device)
     task = data.get_task(args.task)
     max_length = args.max_length or default_max_length(args.task)
-    n_teacher = pretrained("teacher", AutoConfig.from_pretrained, args.teacher).num_hidden_layers
-    layer_map = mapping.layer_map(args.mapping, args.student_layers, n_teacher,
-                                  seed=args.mapping_seed, layers=args.mapping_layers)
+    teacher_config = pretrained("teacher", AutoConfig.from_pretrained, args.teacher)
+    layer_map = mapping.layer_map(args.mapping, args.student_layers,
+                                  teacher_config.num_hidden_layers, seed=args.mapping_seed,
+                                  layers=args.mapping_layers)
+    # what task step 1 (and then step 2) with these flags reads from the teacher
+    step1 = DistillConfig(stage="task1", output_dir=args.output, student="",
+                          mapping=args.mapping, attention_from=args.attention_from)
+    targets = TeacherTargets.of(step1, layer_map, teacher_config)
     tokenizer = pretrained("teacher", AutoTokenizer.from_pretrained, args.teacher)
     examples = training_examples(task, data_dir=args.data_dir, train_file=args.train_file,
                                  limit=args.limit_train)
     train_set = data.TokenizedDataset(examples, tokenizer, max_length)
     teacher = load_teacher(args.teacher, "task1", task, device)
     cache, info = open_teacher_cache(
-        args.output, teacher, tokenizer, train_set, layer_map, device=device,
+        args.output, teacher, tokenizer, train_set, targets, device=device,
         dist_state=train.Distributed(device),
         source={"task": args.task, "train_file": args.train_file, "data_dir": args.data_dir},
-        max_length=max_length, attention_from=args.attention_from, dtype=args.dtype,
+        max_length=max_length, dtype=args.dtype,
         batch_size=args.batch_size, progress=args.progress, rebuild=args.rebuild)
     log.info("teacher cache %s: %d examples, %.1f MB, fields %s, %s in %.1f s", args.output,
              len(train_set), cache.nbytes / 1e6, cache.layout.fields,

@@ -24,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", required=True,
                    help=f"preset {sorted(config.PRESETS)}, a config.json, a checkpoint dir or a "
                         f"hub name")
+    p.add_argument("--student-family", choices=config.STUDENT_FAMILIES, default="teacher",
+                   help="a preset student's model family: the teacher's (an MPNet teacher gives "
+                        "an MPNet student, with its position bias) or bert (a BERT student on "
+                        "the teacher's vocabulary); both share the teacher's tokenizer")
     p.add_argument("--tokenizer", help="default: the teacher's")
     p.add_argument("--init", choices=["auto", "random", "teacher-layers"], default="auto",
                    help="a new student's weights: random, or the teacher's embeddings and mapped "

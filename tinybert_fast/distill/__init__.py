@@ -17,8 +17,9 @@ Where this loop differs from TinyBERT's reference scripts, on purpose:
 - batches are padded to their longest example unless --pad-to-max-length (the scripts always
   padded to max_seq_length); the losses keep TinyBERT's semantics on whatever padding there is.
 
-Modules (the arrows point one way: config <- models, objective, cache_glue <- loop):
+Modules (the arrows point one way: config <- targets <- models, objective, cache_glue <- loop):
     config      DistillConfig, the stages' defaults, the student presets (no torch)
+    targets     TeacherTargets: what a run needs from the teacher, in which form (decided once)
     models      load_teacher, build_student, student_config, copy_teacher_layers, check_pair
     objective   StudentWithProjection, Objective (the stage's loss terms of a batch)
     cache_glue  open_teacher_cache (explicit arguments), teacher_cache (from a DistillConfig)
@@ -37,11 +38,14 @@ import importlib
 _NAMES = {
     **dict.fromkeys(("STAGES", "STAGE_DEFAULTS", "TASK1_EPOCHS", "PRESETS", "PROJECTION_FILE",
                      "TRAINING_FILE", "DistillConfig", "head_trained", "ineffective_settings",
-                     "stage_defaults_table", "default_max_length"), ".config"),
+                     "stage_defaults_table", "default_max_length", "INTERMEDIATE_STAGES",
+                     "is_intermediate", "STUDENT_FAMILIES"), ".config"),
     **dict.fromkeys(("STUDENT_ARG", "LOAD_DTYPE", "pretrained", "load_teacher", "build_student",
-                     "student_config", "copy_teacher_layers", "check_pair"), ".models"),
+                     "student_config", "preset_config", "copy_teacher_layers", "check_pair",
+                     "encoder_layers"), ".models"),
     **dict.fromkeys(("StudentWithProjection", "Objective"), ".objective"),
-    **dict.fromkeys(("dataset_fingerprint", "cache_attention_storage", "open_teacher_cache",
+    **dict.fromkeys(("TeacherTargets",), ".targets"),
+    **dict.fromkeys(("dataset_fingerprint", "open_teacher_cache",
                      "teacher_cache", "training_source", "training_tokens"), ".cache_glue"),
     **dict.fromkeys(("distill", "load_training_examples", "training_examples"), ".loop"),
     # the package modules the loop is built on, reachable as before (distill.data.get_task)

@@ -16,6 +16,7 @@ import numpy as np
 from .. import data, mapping
 from ..train import Distributed
 from .config import DistillConfig
+from .targets import TeacherTargets
 
 log = logging.getLogger("tinybert_fast.distill")
 
@@ -37,16 +38,6 @@ def training_tokens(train_set: data.TokenizedDataset):
             sequence_digests(train_set.input_ids, train_set.token_type_ids))
 
 
-def cache_attention_storage(attention_from: str) -> str:
-    """How the teacher cache stores attention for a run whose attention loss takes
-    `attention_from` ("scores" | "qk"): the queries and keys of every example when the loss takes
-    them ("qk"), else "auto" (Q and K where they are smaller than the scores, the scores
-    elsewhere; fetched as scores either way)."""
-    if attention_from not in ("scores", "qk"):
-        raise ValueError(f"attention_from must be 'scores' or 'qk'; got {attention_from!r}")
-    return "qk" if attention_from == "qk" else "auto"
-
-
 class _Sized:
     """An iterable of known length (the cache build's progress bar shows a total and an ETA)."""
 
@@ -61,23 +52,22 @@ class _Sized:
 
 
 def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedDataset,
-                       layer_map: mapping.LayerMap | None, *, device, dist_state: Distributed,
-                       source: dict, max_length: int, attention: bool = True,
-                       hidden: bool = True, attention_from: str = "scores", dtype: str = "bf16",
-                       batch_size: int = 128, progress: bool = True,
-                       need_logits: bool = False, rebuild: bool = False):
+                       targets: TeacherTargets, *, device, dist_state: Distributed,
+                       source: dict, max_length: int, dtype: str = "bf16",
+                       batch_size: int = 128, progress: bool = True, rebuild: bool = False):
     """(cache, info): open the teacher cache at `path`, building it first if there is none (each
     DDP rank builds its shard, in batches of `batch_size` examples of similar lengths).
 
-    What it stores: with a layer_map (the intermediate stages), the mapped teacher layers'
-    attention (when `attention`; scores, or Q and K per cache_attention_storage(attention_from))
-    and hidden states (when `hidden`); the logits always, so that `--stage all` builds it once.
+    What it stores is what `targets` (the run's TeacherTargets) reads: in the intermediate
+    stages the mapped teacher layers' attention (in targets.cache_attention_storage: the
+    scores, Q and K, or per example the smaller of the two) and hidden states; the logits
+    always, so that `--stage all` builds it once.
     source: {"task", "train_file", "data_dir"} of the training data (dataset_fingerprint).
-    need_logits: step 2 reads the logits; a cache without them raises ValueError.
-    A cache built for other layers, another attention storage, another teacher or other data is
-    refused with the differences listed (CacheMismatchError): the training set's token ids
-    (training_tokens) must be those the cache was built from, example by example, so a changed,
-    reordered, augmented or shrunk training set is refused, saying which.
+    A cache without logits is refused when the targets read them (step 2); a cache built for
+    other layers, another attention storage, another teacher or other data is refused with the
+    differences listed (CacheMismatchError): the training set's token ids (training_tokens) must
+    be those the cache was built from, example by example, so a changed, reordered, augmented or
+    shrunk training set is refused, saying which.
     rebuild: remove the cache at `path` (complete or interrupted) and build it afresh (in DDP the
     main rank removes it, then every rank builds its shard).
     info = {"path", "built" (this call built it), "seconds" (building or opening it, the
@@ -87,15 +77,14 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
     if not cache_mod.HAS_EXTENSION:
         raise RuntimeError(f"--teacher-cache needs the teacher-cache extension, which is not "
                            f"available: {cache_mod.EXTENSION_ERROR}")
-    att = layer_map.teacher_attention_layers if layer_map and attention else []
-    hid = layer_map.teacher_hidden_states if layer_map and hidden else []
+    att, hid = list(targets.attention_layers), list(targets.hidden_states)
     dataset = dataset_fingerprint(train_set, **source)
     tokens = training_tokens(train_set)
     expect = {"dataset": dataset, "max_length": max_length,
               "teacher_weights": cache_mod.hash_state_dict(teacher)}
-    if layer_map is not None:
+    if targets.intermediate:
         expect.update(attention_layers=att, hidden_states=hid)
-    storage = cache_attention_storage(attention_from)
+    storage = targets.cache_attention_storage
     if att:
         expect.update(attention_storage=storage)
     t0 = time.perf_counter()
@@ -127,7 +116,7 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
             opened = cache_mod.TeacherCache.open(path, expect_fingerprint=expect,
                                                  expect_tokens=tokens)
     fields = opened.layout.fields if opened.layout else []
-    if need_logits and "logits" not in fields:
+    if targets.logits and "logits" not in fields:
         raise ValueError(f"teacher cache {path} stores no logits, which step 2 distils from")
     info = {"path": path, "built": built, "seconds": time.perf_counter() - t0,
             "bytes": opened.nbytes}
@@ -136,18 +125,15 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
     return opened, info
 
 
-def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, layer_map, device,
-                  dist_state: Distributed):
+def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, targets: TeacherTargets,
+                  device, dist_state: Distributed):
     """open_teacher_cache with the arguments a resolved DistillConfig gives (the cache at
     cfg.teacher_cache; the loop calls this)."""
     return open_teacher_cache(
-        cfg.teacher_cache, teacher, tokenizer, train_set, layer_map, device=device,
+        cfg.teacher_cache, teacher, tokenizer, train_set, targets, device=device,
         dist_state=dist_state, source=training_source(cfg), max_length=cfg.max_length,
-        attention=bool(cfg.attention_weight) and cfg.attention_loss != "none",
-        hidden=bool(cfg.hidden_weight or cfg.embedding_weight) and cfg.hidden_loss != "none",
-        attention_from=cfg.attention_from, dtype=cfg.cache_dtype,
-        batch_size=cfg.eval_batch_size, progress=cfg.progress,
-        need_logits=cfg.stage == "task2", rebuild=cfg.rebuild_cache)
+        dtype=cfg.cache_dtype, batch_size=cfg.eval_batch_size, progress=cfg.progress,
+        rebuild=cfg.rebuild_cache)
 
 
 def training_source(cfg: DistillConfig) -> dict:

@@ -9,6 +9,13 @@ import dataclasses
 from .. import glue
 
 STAGES = ("general", "task1", "task2", "finetune")
+INTERMEDIATE_STAGES = ("general", "task1")   # attention + hidden losses; no prediction head
+
+
+def is_intermediate(stage: str) -> bool:
+    """Whether a stage distils intermediate layers (general distillation, task step 1)."""
+    return stage in INTERMEDIATE_STAGES
+
 STAGE_DEFAULTS = {
     "general": dict(epochs=3, batch_size=256, lr=5e-5, warmup_ratio=0.1, schedule="linear"),
     "task1": dict(epochs=20, batch_size=32, lr=5e-5, warmup_ratio=0.0, schedule="constant"),
@@ -24,6 +31,9 @@ PRESETS = {
     "tinybert6": dict(num_hidden_layers=6, hidden_size=768, num_attention_heads=12,
                       intermediate_size=3072),
 }
+# a preset student's family: the teacher's (MPNet teacher -> MPNet student, sharing its
+# tokenizer, vocabulary and position scheme) or BERT on the teacher's vocabulary
+STUDENT_FAMILIES = ("teacher", "bert")
 PROJECTION_FILE = "projection.pt"
 TRAINING_FILE = "tinybert_fast.json"   # in an exported model: {"stage", "task", "head_trained"}
 
@@ -53,6 +63,7 @@ class DistillConfig:
     stage: str
     output_dir: str
     student: str                       # preset name, checkpoint dir, or config.json
+    student_family: str = "teacher"    # a preset's family: teacher (the teacher's) | bert
     teacher: str | None = None         # checkpoint dir or hub name (all stages but finetune)
     task: str | None = None            # GLUE task (all stages but general)
     data_dir: str | None = None        # local GLUE TSV folder; None -> `datasets`
@@ -119,10 +130,13 @@ class DistillConfig:
         attention_off = self.attention_loss == "none" or self.attention_weight == 0
         hidden_off = self.hidden_loss == "none" or (self.hidden_weight == 0
                                                     and self.embedding_weight == 0)
-        if self.stage in ("general", "task1") and attention_off and hidden_off:
+        if is_intermediate(self.stage) and attention_off and hidden_off:
             raise ValueError(f"stage {self.stage!r} has no loss left: --attention-loss/"
                              f"--attention-weight and --hidden-loss/--hidden-weight/"
                              f"--embedding-weight turn off every intermediate term")
+        if self.student_family not in STUDENT_FAMILIES:
+            raise ValueError(f"student_family must be one of {STUDENT_FAMILIES}; got "
+                             f"{self.student_family!r}")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be auto, on or off; got {self.bf16!r}")
         out = dataclasses.replace(self)
@@ -145,7 +159,7 @@ def ineffective_settings(cfg: DistillConfig, task: glue.Task | None) -> list[str
     defaults = DistillConfig(stage=cfg.stage, output_dir="", student="")
     changed = {f.name for f in dataclasses.fields(DistillConfig)
                if getattr(cfg, f.name) != getattr(defaults, f.name)}
-    intermediate = cfg.stage in ("general", "task1")
+    intermediate = is_intermediate(cfg.stage)
     notes = []
     def note(name, why):
         if name in changed:

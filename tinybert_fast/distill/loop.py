@@ -18,10 +18,11 @@ from .. import data, mapping, train
 from .._device import resolve_device
 from .cache_glue import teacher_cache
 from .config import PROJECTION_FILE, TRAINING_FILE, DistillConfig, head_trained, \
-    ineffective_settings
+    ineffective_settings, is_intermediate
 from .models import (STUDENT_ARG, _is_checkpoint, _is_pretrained, build_student, check_pair,
                      load_teacher, pretrained, student_config)
 from .objective import Objective, StudentWithProjection
+from .targets import TeacherTargets
 
 log = logging.getLogger("tinybert_fast.distill")
 
@@ -107,18 +108,15 @@ class _Run:
             raise ValueError(f"tokenizer {tok_source!r} has no pad token")
         # presets take vocabulary and position sizes from the teacher (or the tokenizer)
         self.base_config = teacher_config or BertConfig(vocab_size=len(self.tokenizer))
-        s_config = student_config(cfg.student, self.base_config)
+        s_config = student_config(cfg.student, self.base_config, cfg.student_family)
         self.layer_map = None
-        if cfg.stage in ("general", "task1"):
-            n_t = teacher_config.num_hidden_layers
+        if is_intermediate(cfg.stage):
             self.layer_map = mapping.layer_map(cfg.mapping, s_config.num_hidden_layers,
-                                               n_t, seed=cfg.mapping_seed,
-                                               layers=cfg.mapping_layers)
-            check_pair(s_config, teacher_config, cfg)
-            if cfg.attention_from == "qk" and any(len(g) > 1 for g in self.layer_map.attention):
-                raise ValueError(f"mapping {cfg.mapping!r} averages teacher score maps, which "
-                                 f"attention_from 'qk' does not form; use --attention-from "
-                                 f"scores with it")
+                                               teacher_config.num_hidden_layers,
+                                               seed=cfg.mapping_seed, layers=cfg.mapping_layers)
+        self.targets = TeacherTargets.of(cfg, self.layer_map, teacher_config)
+        if teacher_config is not None:
+            check_pair(s_config, teacher_config, self.targets, self.tokenizer)
 
         # the teacher layers a new student is built from (--init teacher-layers): the stage's
         # mapping, or in task step 2 (no intermediate losses) the mapping the flags give
@@ -141,9 +139,10 @@ class _Run:
                         if cfg.stage != "finetune" else None)
         init = "random" if cfg.init == "auto" else cfg.init
         self.student = build_student(cfg.student, cfg.stage, self.task, self.base_config, init,
-                                     self.init_map, self.teacher).to(self.device).train()
+                                     self.init_map, self.teacher, cfg.student_family
+                                     ).to(self.device).train()
         projection = None
-        if self.layer_map is not None and (cfg.hidden_weight or cfg.embedding_weight):
+        if self.targets.hidden:
             d_s, d_t = self.student.config.hidden_size, teacher_config.hidden_size
             projection = nn.Linear(d_s, d_t)
             saved = os.path.join(cfg.student, PROJECTION_FILE)
@@ -158,11 +157,11 @@ class _Run:
                     projection.bias.zero_()
             projection = projection.to(self.device)
         self.model = StudentWithProjection(self.student, projection)
-        self.objective = Objective(cfg, self.task, self.layer_map, self.teacher)
+        self.objective = Objective(cfg, self.task, self.targets, self.teacher)
         self.cache, self.cache_info = None, None
         if cfg.teacher_cache:
             self.cache, self.cache_info = teacher_cache(cfg, self.teacher, self.tokenizer,
-                                                        self.train_set, self.layer_map,
+                                                        self.train_set, self.targets,
                                                         self.device, self.dist)
         self.ddp = self.model
         if self.dist.enabled:
@@ -288,8 +287,7 @@ class _Run:
                                          lengths=self.lengths)
             todo = batches[done_in_epoch:]
             cached = (self.cache.prefetch(todo, self.device, pad_to=pad_to,
-                                          attention="qk" if cfg.attention_from == "qk"
-                                          else "scores")
+                                          attention=self.targets.attention_form or "scores")
                       if self.cache is not None else None)
             for batch in data.iterate_batches(self.train_set, todo,
                                               self.tokenizer.pad_token_id, pad_to, regression):

@@ -9,7 +9,7 @@ import os
 import torch
 
 from .. import capture, glue, mapping
-from .config import PRESETS, DistillConfig
+from .config import PRESETS
 
 def _is_checkpoint(path: str) -> bool:
     """A local checkpoint folder (it holds a config.json)."""
@@ -63,13 +63,52 @@ def load_teacher(name: str, stage: str, task: glue.Task | None, device):
     return model.to(device).eval().requires_grad_(False)
 
 
+# a preset's keys (BERT names) -> the config attribute of families that name them otherwise
+_CONFIG_NAMES = {"distilbert": {"num_hidden_layers": "n_layers", "hidden_size": "dim",
+                                "num_attention_heads": "n_heads",
+                                "intermediate_size": "hidden_dim"}}
+
+
+def preset_config(preset: str, base_config, family: str = "teacher", **kwargs):
+    """The config of a preset student (PRESETS: layers, width, heads, FFN) that shares the
+    teacher's tokenizer: family "teacher" copies `base_config` (the teacher's: its family,
+    vocabulary, positions, padding id, position bias) and sets the preset's sizes; "bert" is a
+    BertConfig on the teacher's vocabulary, positions and padding id (an MPNet teacher's pad id
+    is 1: with BERT's default 0 the <s> row would be the padding row and never train).
+    kwargs (e.g. num_labels) go to the config."""
+    from transformers import BertConfig
+    sizes = PRESETS[preset]
+    if family == "bert" or base_config is None or base_config.model_type == "bert":
+        if base_config is None:
+            raise ValueError(f"student preset {preset!r} needs a teacher (or a tokenizer) for "
+                             f"its vocabulary")
+        return BertConfig(vocab_size=base_config.vocab_size,
+                          max_position_embeddings=base_config.max_position_embeddings,
+                          type_vocab_size=getattr(base_config, "type_vocab_size", 2),
+                          pad_token_id=base_config.pad_token_id
+                          if base_config.pad_token_id is not None else 0,
+                          **sizes, **kwargs)
+    capture.family(base_config, "teacher")
+    config = type(base_config).from_dict({
+        k: v for k, v in base_config.to_dict().items()
+        if k not in ("architectures", "_name_or_path", "id2label", "label2id", "num_labels",
+                     "_attn_implementation_autoset", "transformers_version")})
+    names = _CONFIG_NAMES.get(base_config.model_type, {})
+    for key, value in sizes.items():
+        setattr(config, names.get(key, key), value)
+    if hasattr(config, "embedding_size"):  # ELECTRA: embeddings as wide as the layers
+        config.embedding_size = sizes["hidden_size"]
+    for key, value in kwargs.items():
+        setattr(config, key, value)
+    return config
+
+
 def build_student(spec: str, stage: str, task: glue.Task | None, base_config, init: str,
-                  layer_map_for_init=None, teacher=None):
-    """The student: a preset name (tinybert4, tinybert6; vocabulary, positions and token types
-    from `base_config`, the teacher's), a config.json (random weights) or a checkpoint
-    directory (its weights, loaded in float32: a general-distilled or previous-stage student)."""
-    from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
-                              BertConfig)
+                  layer_map_for_init=None, teacher=None, family: str = "teacher"):
+    """The student: a preset name (tinybert4, tinybert6; preset_config: the teacher's family
+    or BERT, sharing its tokenizer), a config.json (random weights) or a checkpoint directory
+    (its weights, loaded in float32: a general-distilled or previous-stage student)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
     attn = capture.register()
     head = stage != "general"
     kwargs = dict(num_labels=task.num_labels) if head else {}
@@ -81,10 +120,7 @@ def build_student(spec: str, stage: str, task: glue.Task | None, base_config, in
         return pretrained(STUDENT_ARG, cls.from_pretrained, spec, attn_implementation=attn,
                           dtype=LOAD_DTYPE, **kwargs)
     if spec in PRESETS:
-        config = BertConfig(vocab_size=base_config.vocab_size,
-                            max_position_embeddings=base_config.max_position_embeddings,
-                            type_vocab_size=base_config.type_vocab_size, **PRESETS[spec],
-                            **kwargs)
+        config = preset_config(spec, base_config, family, **kwargs)
     elif spec.endswith(".json") and os.path.isfile(spec):
         config = AutoConfig.from_pretrained(spec, **kwargs)
     else:
@@ -98,42 +134,75 @@ def build_student(spec: str, stage: str, task: glue.Task | None, base_config, in
     return model
 
 
-
-def student_config(spec: str, base_config):
-    """The student's config without loading its weights (a preset takes the vocabulary size from
+def student_config(spec: str, base_config, family: str = "teacher"):
+    """The student's config without loading its weights (a preset: preset_config from
     `base_config`, the teacher's), for the checks that run before the models load."""
-    from transformers import AutoConfig, BertConfig
+    from transformers import AutoConfig
     if _is_pretrained(spec) or (spec.endswith(".json") and os.path.isfile(spec)):
         return pretrained(STUDENT_ARG, AutoConfig.from_pretrained, spec)
     if spec in PRESETS:
-        return BertConfig(vocab_size=base_config.vocab_size, **PRESETS[spec])
+        return preset_config(spec, base_config, family)
     raise ValueError(f"student must be a preset {sorted(PRESETS)}, a config.json, a "
                      f"checkpoint directory or a hub model id; got {spec!r}")
 
 
 def _encoder(model):
-    return model.bert if hasattr(model, "bert") else model
+    """The bare encoder of a model with or without a task head (BertModel of a
+    BertForSequenceClassification, MPNetModel of an MPNetFor..., ...)."""
+    return getattr(model, "base_model", model)
+
+
+def encoder_layers(model):
+    """The encoder's list of layers (encoder.layer; DistilBERT: transformer.layer)."""
+    enc = _encoder(model)
+    return enc.transformer.layer if hasattr(enc, "transformer") else enc.encoder.layer
 
 
 def copy_teacher_layers(student, teacher, layer_map: mapping.LayerMap) -> None:
-    """Initialise a student of the teacher's width from the teacher's embeddings and the
-    teacher layers it is mapped to (the last of each attention group)."""
+    """Initialise a student of the teacher's family and width from the teacher's embeddings,
+    its position-bias table if it has one (MPNet's sits on the encoder, not on a layer), and
+    the teacher layers it is mapped to (the last of each attention group)."""
     s, t = _encoder(student), _encoder(teacher)
+    if s.config.model_type != t.config.model_type:
+        raise ValueError(f"init 'teacher-layers' needs student and teacher of one family; got "
+                         f"{s.config.model_type} and {t.config.model_type}")
     for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
         if getattr(s.config, key) != getattr(t.config, key):
             raise ValueError(f"init 'teacher-layers' needs student and teacher of equal {key}; "
                              f"got {getattr(s.config, key)} and {getattr(t.config, key)}")
     s.embeddings.load_state_dict(t.embeddings.state_dict())
+    if hasattr(t, "encoder") and hasattr(t.encoder, "relative_attention_bias"):
+        s.encoder.relative_attention_bias.load_state_dict(
+            t.encoder.relative_attention_bias.state_dict())
+    s_layers, t_layers = encoder_layers(s), encoder_layers(t)
     for i, group in enumerate(layer_map.attention):
-        s.encoder.layer[i].load_state_dict(t.encoder.layer[group[-1]].state_dict())
+        s_layers[i].load_state_dict(t_layers[group[-1]].state_dict())
 
 
-def check_pair(student_config, teacher_config, cfg: DistillConfig) -> None:
-    """Errors a student/teacher pair must raise before any training starts."""
-    if cfg.stage in ("general", "task1") and cfg.attention_weight != 0:
+def check_pair(student_config, teacher_config, targets, tokenizer=None) -> None:
+    """Errors a student/teacher pair must raise before any work starts, naming what differs:
+    a family whose attention cannot be captured (when an attention term is on), vocabularies of
+    different sizes or padding ids (the two models read the same token ids), a tokenizer whose
+    ids do not fit the models, and head counts (when an attention term is on: heads are paired
+    one to one).  targets: the run's TeacherTargets."""
+    if targets.attention:
+        capture.family(teacher_config, "teacher")
+        capture.family(student_config, "student")
+    vs, vt = student_config.vocab_size, teacher_config.vocab_size
+    if vs != vt:
+        raise ValueError(f"student and teacher read the same token ids, but their vocabularies "
+                         f"differ: the student's has {vs} entries and the teacher's {vt}; build "
+                         f"the student on the teacher's tokenizer (a preset does)")
+    ps, pt = student_config.pad_token_id, teacher_config.pad_token_id
+    if ps is not None and pt is not None and ps != pt:
+        raise ValueError(f"student and teacher pad with different ids ({ps} and {pt}): the "
+                         f"student would treat the teacher's padding id as a token")
+    if tokenizer is not None and len(tokenizer) > vt:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models' "
+                         f"vocabulary {vt}: it is not the teacher's tokenizer")
+    if targets.attention:
         hs, ht = student_config.num_attention_heads, teacher_config.num_attention_heads
         if hs != ht:
             raise ValueError(f"the attention loss pairs heads one to one, but the student has "
                              f"{hs} heads and the teacher {ht}; use models with equal head "
-                             f"counts or --attention-weight 0")
-
+                             f"counts or --attention-loss none")

@@ -8,9 +8,10 @@ import contextlib
 import torch
 from torch import nn
 
-from .. import _backend, capture, glue
+from .. import _backend, capture, glue, train
 from ..losses import distillation_terms
 from .config import DistillConfig
+from .targets import TeacherTargets
 
 class StudentWithProjection(nn.Module):
     """What the optimizer (and DDP) trains: the student and, for the hidden loss, the shared
@@ -49,77 +50,81 @@ def _mapped(stacked, order, groups):
 class Objective:
     """The stage's loss: tinybert_fast.distillation_terms on the student's outputs and the
     teacher's (run live, or read from the teacher cache), the mapped layers stacked so that each
-    term launches once.  cfg.losses "eager" runs it on backend "torch" (the eager reference)."""
+    term launches once.  What is read from the teacher, and in which form, is `targets` (a
+    TeacherTargets).  cfg.losses "eager" runs it on backend "torch" (the eager reference)."""
 
-    def __init__(self, cfg: DistillConfig, task: glue.Task | None, layer_map, teacher):
-        self.cfg, self.task, self.layer_map, self.teacher = cfg, task, layer_map, teacher
+    def __init__(self, cfg: DistillConfig, task: glue.Task | None, targets: TeacherTargets,
+                 teacher):
+        self.cfg, self.task, self.targets, self.teacher = cfg, task, targets, teacher
         self.backend = "torch" if cfg.losses == "eager" else None
-        self.intermediate = cfg.stage in ("general", "task1")
-        self.need_att = (self.intermediate and cfg.attention_weight != 0
-                         and cfg.attention_loss != "none")
-        self.need_hid = (self.intermediate and (cfg.hidden_weight != 0 or
-                                                cfg.embedding_weight != 0)
-                         and cfg.hidden_loss != "none")
+
+    @property
+    def intermediate(self) -> bool:
+        return self.targets.intermediate
 
     def __call__(self, model: nn.Module, inputs: dict, labels, cached=None) -> dict:
-        """model: StudentWithProjection (or DDP of it); cached: the batch's TeacherBatch when the
-        teacher's outputs come from a cache.  Returns the loss terms and "total"."""
+        """model: StudentWithProjection (or DDP of it); inputs: the batch's input_ids,
+        attention_mask and (for families with token types) token_type_ids; cached: the batch's
+        TeacherBatch when the teacher's outputs come from a cache.  Returns the loss terms and
+        "total"."""
         with (_backend.selected(self.backend) if self.backend else contextlib.nullcontext()):
             if self.intermediate:
                 return self._intermediate(model, inputs, cached)
             return self._prediction(model, inputs, labels, cached)
 
+    def _teacher_inputs(self, inputs: dict) -> dict:
+        return {k: v for k, v in inputs.items() if k in train.model_inputs(self.teacher, inputs)}
+
     def _teacher_intermediates(self, inputs, cached):
         """The teacher's mapped targets: attention as stacked scores [n, B, H, L, L] or as
         stacked (Q, K) [n, B, H, L, d] each, and states [n + 1, B, L, d] (state 0 = the
         embeddings); None where not needed."""
-        lm, qk = self.layer_map, self.cfg.attention_from == "qk"
-        order = lm.teacher_attention_layers
+        t = self.targets
+        order, qk = t.attention_layers, t.attention_form == "qk"
         attention = states = None
         if cached is not None:
-            if self.need_att and qk:  # a cache of Q and K
-                attention = (_mapped(cached.query, order, lm.attention),
-                             _mapped(cached.key, order, lm.attention))
-            elif self.need_att:
-                attention = _mapped(cached.attention, order, lm.attention)
-            if self.need_hid:
-                states = _mapped(cached.hidden, lm.teacher_hidden_states, lm.hidden)
+            if qk:  # a cache of Q and K
+                attention = (_mapped(cached.query, order, t.attention_groups),
+                             _mapped(cached.key, order, t.attention_groups))
+            elif t.attention:
+                attention = _mapped(cached.attention, order, t.attention_groups)
+            if t.hidden:
+                states = _mapped(cached.hidden, t.hidden_states, t.hidden_groups)
             return attention, states
         with torch.no_grad(), self._record(order) as t_rec:
-            t_out = self.teacher(**inputs, output_hidden_states=self.need_hid)
-            if self.need_att and qk:
+            t_out = self.teacher(**self._teacher_inputs(inputs), output_hidden_states=t.hidden)
+            if qk:
                 q, k = (torch.stack(x) for x in zip(*t_rec.layers))
-                attention = (_mapped(q, order, lm.attention), _mapped(k, order, lm.attention))
-            elif self.need_att:
-                attention = _mapped(t_rec.stacked, order, lm.attention)
-            if self.need_hid:
-                used = lm.teacher_hidden_states
+                attention = (_mapped(q, order, t.attention_groups),
+                             _mapped(k, order, t.attention_groups))
+            elif t.attention:
+                attention = _mapped(t_rec.stacked, order, t.attention_groups)
+            if t.hidden:
+                used = t.hidden_states
                 states = _mapped(torch.stack([t_out.hidden_states[i] for i in used]), used,
-                                 lm.hidden)
+                                 t.hidden_groups)
         return attention, states
 
     def _record(self, layers):
-        """Record scores (into one stacked buffer) or Q and K of these layers during the next
-        forward, when needed."""
-        layers = layers if self.need_att else []
-        if self.cfg.attention_from == "qk":
+        """Record the attention of these layers in the targets' form during the next forward
+        (scores into one stacked buffer, or Q and K); nothing without an attention term."""
+        if self.targets.attention_form == "qk":
             return capture.record_qk(layers)
-        return capture.record_scores(layers, stacked=True)
+        return capture.record_scores(layers if self.targets.attention else [], stacked=True)
 
     def _intermediate(self, model, inputs, cached):
-        cfg, lm = self.cfg, self.layer_map
+        cfg, t = self.cfg, self.targets
         t_attention, t_states = self._teacher_intermediates(inputs, cached)
-        n_student = len(lm.attention)
-        with self._record(range(n_student)) as s_rec:
-            s_out, w, b = model(**inputs, output_hidden_states=self.need_hid)
+        with self._record(t.student_layers) as s_rec:
+            s_out, w, b = model(**inputs, output_hidden_states=t.hidden)
         given = {}
-        if self.need_att and cfg.attention_from == "qk":
+        if t.attention_form == "qk":
             q_s, k_s = (torch.stack(x) for x in zip(*s_rec.layers))
             given.update(student_query=q_s, student_key=k_s, teacher_query=t_attention[0],
                          teacher_key=t_attention[1])
-        elif self.need_att:
+        elif t.attention:
             given.update(student_attention=s_rec.stacked, teacher_attention=t_attention)
-        if self.need_hid:
+        if t.hidden:
             s_states = s_out.hidden_states
             given.update(student_embedding=s_states[0], teacher_embedding=t_states[0],
                          student_hidden=torch.stack(s_states[1:]), teacher_hidden=t_states[1:],
@@ -136,12 +141,12 @@ class Objective:
         cfg, task = self.cfg, self.task
         s_logits = model(**inputs)[0].logits
         t_logits = None
-        if cfg.stage == "task2" and cfg.prediction_weight != 0:
+        if self.targets.logits:
             if cached is not None:
                 t_logits = cached.logits
             else:
                 with torch.no_grad():
-                    t_logits = self.teacher(**inputs).logits
+                    t_logits = self.teacher(**self._teacher_inputs(inputs)).logits
         hard_weight = 1.0 if cfg.stage == "finetune" else cfg.hard_label_weight
         if hard_weight != 0 and labels is None:
             raise ValueError("the training data has no labels, which the hard-label loss needs")
