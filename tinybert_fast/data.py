@@ -55,7 +55,7 @@ def _parse_label(value: str, task: Task, path: str, line: int | None):
                              expected=f"a {task.name} score")
         return number
     if value not in task.labels:
-        raise InputError(f"the label is not one of task {task.name!r}'s", **at,
+        raise InputError(f"the label is not one of task {task.name}'s labels", **at,
                          expected=f"one of {task.labels}")
     return task.labels.index(value)
 

@@ -349,7 +349,8 @@ def read_tsv(path: str, task: Task) -> TsvTable:
             names = f"the header's {width}" if header is not None else f"{width} {COLA_COLUMNS}"
             raise InputError(f"a row with {'more' if len(fields) > width else 'fewer'} "
                              f"tab-separated columns than {than}", path=path, line=n,
-                             found=f"{len(fields)} columns", expected=names)
+                             found=f"{len(fields)} column{'s' * (len(fields) != 1)}",
+                             expected=names)
     empty = [n for n, fields in numbered
              if any(not fields[j].strip() for j in layout.text_columns)]
     if empty:
