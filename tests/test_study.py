@@ -146,6 +146,24 @@ def test_a_stage_all_run_reports_both_steps_time(tmp_path):
     assert row["dev_accuracy"] == 0.75
 
 
+def test_a_damaged_run_record_is_named(tmp_path):
+    run = study.Run({}, 1, ["--stage", "task2"], str(tmp_path / "run"), None)
+    os.makedirs(run.directory)
+    path = os.path.join(run.directory, "run.json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write('{"argv": ["--stage",\n')
+    with pytest.raises(ValueError, match=rf"^{path}:2:1: not valid JSON"):
+        study.execute([run])
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"argv": ["--stage", "task1"]}, f)
+    with pytest.raises(ValueError, match="was made with another command line"):
+        study.execute([run])
+    with open(os.path.join(run.directory, "summary.json"), "w", encoding="utf-8") as f:
+        f.write("{")
+    with pytest.raises(ValueError, match=r"summary.json:1:2: not valid JSON"):
+        study.collect([run])
+
+
 def test_no_matplotlib_warns_once(monkeypatch, caplog):
     """Without matplotlib there are no plots, and one warning, not one per finished run."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)

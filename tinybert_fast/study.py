@@ -366,12 +366,30 @@ def check_inputs(cfg: DistillConfig) -> None:
 
 # --- running ---------------------------------------------------------------------------------------
 
+def _read_record(path: str, key: str | None = None) -> dict:
+    """A run's JSON record (run.json, summary.json), a table holding `key` (when given):
+    InputError naming the file (and line and column) for a damaged one, e.g. a study folder
+    edited or copied half-way."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc.msg}); delete the run's folder to redo it",
+                         path=path, line=exc.lineno, column=exc.colno) from None
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text; delete the run's folder to redo it", path=path) \
+            from None
+    if not isinstance(record, dict) or (key is not None and key not in record):
+        raise InputError("not a run's record" + (f" (no {key!r})" if key else ""), path=path,
+                         expected="the file a study run writes")
+    return record
+
+
 def _check_run_folder(run: Run) -> None:
     """A run folder made by another command line is not taken over."""
     path = os.path.join(run.directory, "run.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            before = json.load(f)["argv"]
+        before = _read_record(path, "argv")["argv"]
         if before != run.argv:
             raise ValueError(f"run {run.name} was made with another command line "
                              f"({' '.join(before)}); use another --output-dir or delete "
@@ -497,8 +515,7 @@ def collect(runs: list[Run]) -> list[dict]:
     for run in runs:
         if not run.finished:
             continue
-        with open(os.path.join(run.directory, "summary.json"), encoding="utf-8") as f:
-            summary = json.load(f)
+        summary = _read_record(os.path.join(run.directory, "summary.json"))
         metrics, n_dev = _final_dev(summary)
         steps = [summary[k] for k in ("task1", "task2")] if summary.get("stage") == "all" \
             else [summary]  # a --stage all run's time is both steps'
