@@ -13,8 +13,9 @@ check_model_argument), and every problem is an InputError naming the argument an
     tensor's data ends past the end of the file (safetensors reports these as "incomplete
     metadata" without the file's name);
     a config.json that does not match the weights: the word embeddings' [vocab_size, hidden_size]
-    and the number of encoder layers (BERT-style names `...embeddings.word_embeddings.weight`,
-    `...encoder.layer.<i>....`; other layouts are not compared);
+    (embedding_size where the config has one: ALBERT, ELECTRA) and the number of encoder
+    layers (BERT-style names `...embeddings.word_embeddings.weight`, `...encoder.layer.<i>....`;
+    other layouts are not compared);
     a tokenizer with token ids at or past the config's vocab_size (vocab.txt lines, or the
     largest id of tokenizer.json's vocabulary and added tokens).
 
@@ -153,10 +154,12 @@ def _check_config_against_weights(config: dict, shapes: dict[str, list[int]], co
                       if k.endswith("embeddings.word_embeddings.weight")), None)
     at = dict(argument=argument, path=config_path)
     if embedding is not None and len(embedding) == 2:
-        want = [config.get("vocab_size"), config.get("hidden_size")]
+        # ALBERT and ELECTRA factor the embeddings: their width is embedding_size
+        width = "embedding_size" if "embedding_size" in config else "hidden_size"
+        want = [config.get("vocab_size"), config.get(width)]
         if None not in want and list(embedding) != want:
             raise InputError("config.json does not match the weights", **at,
-                             found=f"vocab_size, hidden_size = {want[0]}, {want[1]}",
+                             found=f"vocab_size, {width} = {want[0]}, {want[1]}",
                              expected=f"the word embeddings' shape {list(embedding)}")
     layers = {int(m.group(1)) for k in shapes for m in [_LAYER.search(k)] if m}
     n = config.get("num_hidden_layers")
