@@ -446,6 +446,12 @@ def test_cli_output_dir_that_is_a_file(model, tmp_path, capsys):
     below = os.path.join(out, "run")
     status, err = run_cli(capsys, *finetune(model, sst2_dir(tmp_path), below))
     assert_one_line(status, err, "--output-dir", f"{out} is a file")
+    status, err = run_cli(capsys, "distill", "--stage", "task1", "--teacher", model,
+                          "--student", "tinybert4", "--task", "sst2", "--data-dir",
+                          sst2_dir(tmp_path), "--output-dir", str(tmp_path / "run"),
+                          "--teacher-cache", out)
+    assert_one_line(status, err, "--teacher-cache", out, "is a file")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("text, where", [('{"lr": [1e-4, 2e-4],}', ":1:21:"),

@@ -141,7 +141,8 @@ def check_model(spec: str | None, flag: str, what: str = "model") -> None:
 def check_training_paths(args: argparse.Namespace) -> None:
     """The paths of a distill / finetune-teacher command line, before anything loads: the model
     folders (--teacher, --student or --model, --tokenizer; tinybert_fast.checkpoints), the data
-    (--data-dir, --train-file, --corpus) exist, --output-dir can be a folder."""
+    (--data-dir, --train-file, --corpus) exist, --output-dir (and --teacher-cache) can be a
+    folder."""
     for flag in ("teacher", "student", "model"):
         check_model(getattr(args, flag, None), f"--{flag}")
     check_model(args.tokenizer, "--tokenizer", "tokenizer")
@@ -149,3 +150,5 @@ def check_training_paths(args: argparse.Namespace) -> None:
     check_input_path(args.train_file, "--train-file", "file")
     check_input_path(getattr(args, "corpus", None), "--corpus", "file")
     check_output_folder(args.output_dir, "--output-dir")
+    if getattr(args, "teacher_cache", None):
+        check_output_folder(args.teacher_cache, "--teacher-cache")
