@@ -55,11 +55,27 @@ def test_env_var_sets_initial_backend(value, expected):
     assert proc.stdout.strip() == expected
 
 
-def test_env_var_invalid_fails_at_import():
-    proc = _run("import tinybert_fast", TINYBERT_FAST_BACKEND="gpu")
-    assert proc.returncode != 0
-    assert "ValueError" in proc.stderr
-    assert "TINYBERT_FAST_BACKEND must be one of" in proc.stderr and "'gpu'" in proc.stderr
+def test_env_var_invalid_fails_at_first_use():
+    """The import succeeds (the command line must be able to turn the mistake into its one-line
+    error); the first use of the backend raises, naming the variable and its value, until
+    set_backend picks one."""
+    proc = _run("""
+        import torch, tinybert_fast as tbf
+        for use in (tbf.get_backend, lambda: tbf.attention_mse(torch.zeros(1, 1, 2, 2),
+                                                               torch.zeros(1, 1, 2, 2))):
+            try:
+                use()
+            except ValueError as exc:
+                print(type(exc).__name__, exc)
+        tbf.set_backend("torch")
+        print(tbf.get_backend())
+    """, TINYBERT_FAST_BACKEND="gpu")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[2] == "torch", lines
+    for line in lines[:2]:
+        assert line.startswith("InputError environment variable TINYBERT_FAST_BACKEND"), line
+        assert "must be one of ('auto', 'triton', 'torch')" in line and "'gpu'" in line
 
 
 # --- backend "triton" on CPU without the interpreter ------------------------------------------------

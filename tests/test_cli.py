@@ -80,11 +80,10 @@ def test_the_data_flags_are_defined_once_and_keep_their_defaults():
         parsers["eval"].parse_args(["--model", "m", "--task", "imdb"])
 
 
-def test_finetune_without_task_is_a_value_error(caplog):
+def test_finetune_without_task_is_a_value_error(capsys):
     from tinybert_fast import cli
-    with caplog.at_level("ERROR", logger="tinybert_fast"):
-        assert cli.main(["finetune-teacher", "--model", "tinybert4", "--output-dir", "o"]) == 2
-    assert "--task is required" in caplog.text
+    assert cli.main(["finetune-teacher", "--model", "tinybert4", "--output-dir", "o"]) == 2
+    assert capsys.readouterr().err == "tinybert-fast finetune-teacher: error: --task is required\n"
 
 
 def test_the_augment_package_is_the_documented_function():

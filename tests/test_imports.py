@@ -10,11 +10,12 @@ an edge to the module P.name when there is one, else to P.  A package's __init__
 its own: importing a.b.c is an edge to a.b.c only (an edge to every parent package would make the
 package's __init__, which imports everything, part of every cycle).
 
-The rules: no cycle; nothing in kernels imports from the package outside kernels except the
-import-free constants module (tinybert_fast._semantics); the eager reference reaches no op and no
-kernel, not even through another module; no kernel family (tinybert_fast/kernels/<family>.py)
-imports another, and the helpers they share (kernels/_*.py) import no family; the same between
-the ops' families.
+The rules: no cycle; nothing outside the CLI wing (tinybert_fast/commands/, tinybert_fast/cli.py)
+imports the commands or argparse, so the wing is a leaf; nothing in kernels imports from the
+package outside kernels except the import-free constants module (tinybert_fast._semantics); the
+eager reference reaches no op and no kernel, not even through another module; no kernel family
+(tinybert_fast/kernels/<family>.py) imports another, and the helpers they share (kernels/_*.py)
+import no family; the same between the ops' families.
 
 Run against another checkout: `python tests/test_imports.py /path/to/checkout` prints what
 breaks each rule and exits 1 when anything does.
@@ -34,6 +35,9 @@ PACKAGE = "tinybert_fast"
 KERNELS = "tinybert_fast.kernels"
 OPS = "tinybert_fast.ops"
 REFERENCE = "tinybert_fast.reference"
+# the CLI wing: argparse lives here only, and nothing else imports it (a leaf)
+COMMANDS = "tinybert_fast.commands"
+CLI = "tinybert_fast.cli"
 # import-free by design: the one module of the package that kernels may import
 CONSTANTS = "tinybert_fast._semantics"
 # (source folder under the checkout, dotted package it installs as)
@@ -44,6 +48,7 @@ class Module:
     def __init__(self, name: str, path: Path, is_package: bool):
         self.name, self.path, self.is_package = name, path, is_package
         self.imports: dict[str, int] = {}  # imported module -> first line
+        self.external: dict[str, int] = {}  # imported top-level name outside the package -> line
 
 
 def find_modules(root: Path) -> dict[str, Module]:
@@ -117,6 +122,9 @@ def build_graph(root: Path) -> dict[str, Module]:
     modules = find_modules(root)
 
     def add(module: Module, target: str, line: int) -> None:
+        if target.split(".")[0] != PACKAGE:
+            module.external.setdefault(target.split(".")[0], line)
+            return
         # the deepest existing module of the dotted name
         parts = target.split(".")
         while parts and ".".join(parts) not in modules:
@@ -253,6 +261,11 @@ def violations(root: Path) -> dict[str, list[str]]:
     out["the reference reaches no op and no kernel"] = [
         " -> ".join(chain) for dst, chain in sorted(chains.items())
         if _in(dst, OPS) or _in(dst, KERNELS)]
+    out["nothing outside the CLI wing imports commands or argparse"] = [
+        f"{src} -> {dst} ({modules[src].path.name}:{line})" for src in sorted(modules)
+        if not (_in(src, COMMANDS) or src == CLI)
+        for dst, line in [*modules[src].imports.items(), *modules[src].external.items()]
+        if _in(dst, COMMANDS) or dst == "argparse"]
     for package, label in ((KERNELS, "kernel"), (OPS, "op")):
         broken = []
         for src in sorted(modules):
@@ -307,7 +320,11 @@ def test_rules_catch_what_they_forbid(tmp_path):
                                   "importlib.import_module('.d', __package__)\n",
                           "d.py": "from importlib import import_module\n"
                                   "import_module('tinybert_fast.c')\n",
-                          "_semantics.py": "X = 1\n"},
+                          "_semantics.py": "X = 1\n",
+                          "cli.py": "import argparse\nfrom .commands import run\n",
+                          "study.py": "def f():\n    from argparse import Namespace\n",
+                          "e.py": "from .commands.run import x\n"},
+        "tinybert_fast/commands": {"__init__.py": "", "run.py": "import argparse\n"},
         "tinybert_fast/ops": {"__init__.py": "", "one.py": "from .two import y\n",
                               "two.py": "from ._shared import z\n", "_shared.py": ""},
         "tinybert_fast/kernels": {"__init__.py": "", "_utils.py": "",
@@ -329,6 +346,9 @@ def test_rules_catch_what_they_forbid(tmp_path):
         "tinybert_fast.kernels.attention_kl -> tinybert_fast.kernels.soft_ce (attention_kl.py:1)"]
     assert broken["no op family imports another"] == [
         "tinybert_fast.ops.one -> tinybert_fast.ops.two (one.py:1)"]
+    assert broken["nothing outside the CLI wing imports commands or argparse"] == [
+        "tinybert_fast.e -> tinybert_fast.commands.run (e.py:1)",
+        "tinybert_fast.study -> argparse (study.py:2)"]
 
 
 def top_level_names(root: Path) -> set[str]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tinybert_fast import study
+from tinybert_fast.commands.study import parse_distill_argv
 
 GLUE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
 SST2 = os.path.join(GLUE, "SST-2")
@@ -55,30 +56,67 @@ def test_grid_file(tmp_path):
 
 
 def test_cell_flags():
-    parser = study.distill_parser()
-    argv = study.cell_argv(parser, {"mapping_layers": "2:4:6", "mask_padding": "true",
-                                    "attention_weight": "0.5"})
+    argv = study.cell_argv({"mapping_layers": "2:4:6", "mask_padding": "true",
+                            "attention_weight": "0.5"})
     assert argv == ["--attention-weight", "0.5", "--mapping-layers", "2,4,6", "--mask-padding"]
-    assert study.cell_argv(parser, {"mask_padding": "false"}) == []
+    assert study.cell_argv({"mask_padding": "false"}) == []
+    assert study.cell_argv({"eval": "false", "eval_batch_size": "64"}) == [
+        "--no-eval", "--eval-batch-size", "64"]
     with pytest.raises(ValueError, match="unknown grid key 'atention_weight'"):
-        study.cell_argv(parser, {"atention_weight": "1"})
+        study.cell_argv({"atention_weight": "1"})
     with pytest.raises(ValueError, match="grid key 'seed' is set by the study"):
-        study.cell_argv(parser, {"seed": "1"})
+        study.cell_argv({"seed": "1"})
     with pytest.raises(ValueError, match="'mask_padding' is a switch"):
-        study.cell_argv(parser, {"mask_padding": "maybe"})
+        study.cell_argv({"mask_padding": "maybe"})
+    with pytest.raises(ValueError, match="grid key 'epochs': .*found 'three', expected float"):
+        study.cell_argv({"epochs": "three"})
+    with pytest.raises(ValueError, match="grid key 'mapping_layers': .*expected list"):
+        study.cell_argv({"mapping_layers": "2:x"})
+
+
+def test_every_grid_key_is_the_distill_flag_that_sets_its_field():
+    """study builds each cell's flags from DistillConfig's fields without argparse; the distill
+    parser (the command-line wing) must read every one of them back into that field."""
+    import argparse
+    from tinybert_fast.commands import distill as distill_command
+    parser = argparse.ArgumentParser()
+    distill_command.add_arguments(parser)
+    dests = {a.dest: a.option_strings for a in parser._actions if a.option_strings}
+    examples = {bool: None, int: "7", float: "0.25", str: None}
+    fields = study.grid_fields()
+    assert {"mapping", "attention_weight", "mask_padding", "eval", "mapping_layers"} <= set(fields)
+    assert not set(fields) & set(study.RESERVED)
+    for key, kind in fields.items():
+        assert study.flag(key) in dests[key], (key, study.flag(key), dests[key])
+    base = ["--stage", "task1", "--teacher", "t", "--student", "tinybert4", "--output-dir", "o"]
+    for key, kind in fields.items():
+        if kind is bool:
+            value = "false" if study._default(key) else "true"
+        elif kind is str:
+            continue  # choices: checked through the flags above
+        else:
+            value = "2:3" if key == "mapping_layers" else examples[kind]
+        cfg = parse_distill_argv([*base, *study.cell_argv({key: value})])
+        assert getattr(cfg, key) == study.cell_value(key, value), key
 
 
 def test_bad_cells_fail_before_any_run(tmp_path):
     base = ["--stage", "task2", "--teacher", "t", "--student", "tinybert4", "--task", "sst2"]
     out = tmp_path / "study"
+    run = lambda grid, seeds, argv: study.run_study(  # noqa: E731
+        str(out), grid, seeds, argv, parse_argv=parse_distill_argv)
     with pytest.raises(ValueError, match=r"cell mapping=sideways: .*invalid choice"):
-        study.run_study(str(out), {"mapping": ["uniform", "sideways"]}, [1], base)
+        run({"mapping": ["uniform", "sideways"]}, [1], base)
     with pytest.raises(ValueError, match=r"cell lr=-1: lr must be > 0"):
-        study.run_study(str(out), {"lr": ["1e-4", "-1"]}, [1], base)
+        run({"lr": ["1e-4", "-1"]}, [1], base)
     with pytest.raises(ValueError, match="--seed is set by the study"):
-        study.run_study(str(out), {}, [1], [*base, "--seed", "3"])
+        run({}, [1], [*base, "--seed", "3"])
     with pytest.raises(ValueError, match="distinct"):
-        study.run_study(str(out), {}, [1, 1], base)
+        run({}, [1, 1], base)
+    with pytest.raises(ValueError, match=r"cell base: --data-dir .*/nowhere: no such file"):
+        run({}, [1], [*base, "--data-dir", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match=r"cell base: teacher \(--teacher\) .*/gone: no such"):
+        run({}, [1], [*base[:2], "--teacher", str(tmp_path / "gone"), *base[4:]])
     assert not out.exists()  # nothing ran, nothing was written
 
 
@@ -86,11 +124,12 @@ def test_stage_all_cells_are_checked_for_both_steps(tmp_path):
     # "--stage all" runs task1 then task2; the plan checks both steps' configs, and the shared
     # teacher cache is keyed by step 1's mapped layers
     base = ["--stage", "all", "--teacher", "t", "--student", "tinybert4", "--task", "sst2"]
-    runs = study.plan(str(tmp_path / "s"), {"mapping": ["uniform", "top"]}, [1], base)
+    runs = study.plan(str(tmp_path / "s"), {"mapping": ["uniform", "top"]}, [1], base,
+                      parse_argv=parse_distill_argv)
     assert [r.cell["mapping"] for r in runs] == ["uniform", "top"]
     assert runs[0].cache_key != runs[1].cache_key
     with pytest.raises(ValueError, match=r"cell lr=-1: lr must be > 0"):
-        study.plan(str(tmp_path / "s"), {"lr": ["-1"]}, [1], base)
+        study.plan(str(tmp_path / "s"), {"lr": ["-1"]}, [1], base, parse_argv=parse_distill_argv)
 
 
 def test_a_stage_all_run_reports_both_steps_time(tmp_path):
@@ -105,6 +144,24 @@ def test_a_stage_all_run_reports_both_steps_time(tmp_path):
     [row] = study.collect([run])
     assert row["train_seconds"] == 40.0 and row["examples_per_second"] == 10.0
     assert row["dev_accuracy"] == 0.75
+
+
+def test_a_damaged_run_record_is_named(tmp_path):
+    run = study.Run({}, 1, ["--stage", "task2"], str(tmp_path / "run"), None)
+    os.makedirs(run.directory)
+    path = os.path.join(run.directory, "run.json")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write('{"argv": ["--stage",\n')
+    with pytest.raises(ValueError, match=rf"^{path}:2:1: not valid JSON"):
+        study.execute([run])
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"argv": ["--stage", "task1"]}, f)
+    with pytest.raises(ValueError, match="was made with another command line"):
+        study.execute([run])
+    with open(os.path.join(run.directory, "summary.json"), "w", encoding="utf-8") as f:
+        f.write("{")
+    with pytest.raises(ValueError, match=r"summary.json:1:2: not valid JSON"):
+        study.collect([run])
 
 
 def test_no_matplotlib_warns_once(monkeypatch, caplog):

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 # subcommand -> module (relative to tinybert_fast)
 COMMANDS = {
@@ -95,20 +96,70 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Exceptions that report a mistake in what the user handed over (their message names it): the
+# readers' InputError (a ValueError), the checks' ValueError/TypeError, a missing optional
+# package, and the OS's errors about the user's paths.
+USER_ERRORS = (ValueError, TypeError, ImportError, FileNotFoundError, IsADirectoryError,
+               NotADirectoryError, FileExistsError, PermissionError)
+# ... and these, by module and class name: loaded only when the module was (checking them must
+# not import the teacher cache or safetensors): a damaged or foreign cache folder, a damaged
+# safetensors file that no check caught
+USER_ERROR_NAMES = (("tinybert_fast.cache.errors", "CacheError"),
+                    ("safetensors", "SafetensorError"))
+MAX_MESSAGE = 1500  # characters of one error line
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether `exc` reports a user's mistake (USER_ERRORS, USER_ERROR_NAMES) rather than a bug."""
+    if isinstance(exc, USER_ERRORS):
+        return True
+    for module_name, class_name in USER_ERROR_NAMES:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an exception on one line: an OSError as `path: reason`, whitespace
+    (transformers' multi-line messages) collapsed, at most MAX_MESSAGE characters."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand.  Bad input (a ValueError, or a missing optional package) is one error
-    line and exit status 2, with the traceback at --log-level DEBUG."""
+    """Run a subcommand; returns its exit status.
+
+    A mistake in the user's input (is_user_error: tinybert_fast.errors.InputError and the
+    ValueError, TypeError, ImportError and path errors of the checks) is one line on stderr,
+    `tinybert-fast COMMAND: error: MESSAGE`, and exit status 2.  Any other exception is a bug:
+    one line `tinybert-fast COMMAND: internal error: TYPE: MESSAGE` and exit status 1.  At
+    --log-level DEBUG the traceback is printed before either line.  Argparse's own errors (an
+    unknown flag, a bad choice) keep argparse's usage message and exit status 2.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s: %(message)s")
     quiet_libraries(args.log_level)
     try:
+        from . import _backend
+        _backend.get_backend()  # an invalid TINYBERT_FAST_BACKEND, before anything runs
         return args._module.run(args)
-    except (ValueError, ImportError) as exc:
-        log = logging.getLogger("tinybert_fast")
-        log.debug("traceback", exc_info=True)
-        log.error("%s: %s", args.command, exc)
-        return 2
+    except Exception as exc:  # the one boundary where every failure becomes one line
+        user = is_user_error(exc)
+        if args.log_level == "DEBUG":
+            traceback.print_exc(file=sys.stderr)
+        if user:
+            print(f"tinybert-fast {args.command}: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        hint = "" if args.log_level == "DEBUG" else " (--log-level DEBUG prints the traceback)"
+        print(f"tinybert-fast {args.command}: internal error: {type(exc).__name__}: "
+              f"{one_line(exc)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

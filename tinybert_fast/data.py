@@ -16,7 +16,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from .glue import TASKS, Task, TsvTable, get_task, read_tsv, task_key, write_tsv
+from .errors import InputError
+from .glue import (TASKS, Task, TsvTable, decode_line, get_task, read_tsv, task_key,
+                   warn_tolerated, write_tsv)
 
 __all__ = ["TASKS", "Task", "TsvTable", "get_task", "read_tsv", "task_key", "write_tsv",
            "GLUE_DATASET", "Example", "table_examples", "load_examples", "read_corpus",
@@ -40,23 +42,33 @@ class Example:
     label: float | int | None   # class index, regression score, or None (unlabeled / test)
 
 
-def _parse_label(value: str, task: Task, where: str):
+def _parse_label(value: str, task: Task, path: str, line: int | None):
+    at = dict(path=path, line=line, found=repr(value))
     if task.is_regression:
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            raise ValueError(f"{where}: label {value!r} is not a number") from None
+            raise InputError("the label is not a number", **at,
+                             expected=f"a {task.name} score") from None
+        if not math.isfinite(number):
+            raise InputError("the label is not a finite number", **at,
+                             expected=f"a {task.name} score")
+        return number
     if value not in task.labels:
-        raise ValueError(f"{where}: label {value!r} is not one of {task.labels}")
+        raise InputError(f"the label is not one of task {task.name}'s labels", **at,
+                         expected=f"one of {task.labels}")
     return task.labels.index(value)
 
 
 def table_examples(table: TsvTable, task: Task, path: str) -> list[Example]:
+    """The examples of a table read from `path`: its text columns and its label (a class index,
+    a score, or None without a label column).  InputError at `path:line` for a label outside
+    the task's set (or not a number, for a regression task)."""
     out = []
     for i, row in enumerate(table.rows):
         label = None
         if table.label_idx is not None:
-            label = _parse_label(row[table.label_idx], task, f"{path} row {i + 1}")
+            label = _parse_label(row[table.label_idx], task, path, table.line_of(i))
         out.append(Example(tuple(row[j] for j in table.text_idx), label))
     return out
 
@@ -72,12 +84,17 @@ def load_examples(task: Task, split: str, data_dir: str | None = None,
     if split == "train" and train_file:
         path = train_file
     elif data_dir:
+        if not os.path.isdir(data_dir):
+            raise InputError("no such file or folder" if not os.path.exists(data_dir)
+                             else "not a folder",
+                             argument="data_dir (--data-dir)", path=data_dir,
+                             expected=f"a GLUE {task.glue_dir} TSV folder ({split}.tsv, ...)")
         path = os.path.join(data_dir, f"{split}.tsv")
     else:
         return _load_hf(task, split)
     examples = table_examples(read_tsv(path, task), task, path)
     if not examples:
-        raise ValueError(f"{path}: no examples")
+        raise InputError("no examples: the file has a header and no rows", path=path)
     return examples
 
 
@@ -103,13 +120,20 @@ def _load_hf(task: Task, split: str) -> list[Example]:
 
 
 def read_corpus(path: str) -> list[Example]:
-    """Unlabeled text for general distillation: one passage per non-empty line."""
+    """Unlabeled text for general distillation: one passage per non-empty line, each line checked
+    as a TSV line is (glue.decode_line: InputError at `path:line:column` for a byte that is not
+    UTF-8, a NUL or a lone carriage return; other control characters kept with a warning)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such corpus file (one passage per line)")
-    with open(path, encoding="utf-8") as f:
-        examples = [Example((line.strip(),), None) for line in f if line.strip()]
+        raise FileNotFoundError(f"{path}: {'a folder' if os.path.isdir(path) else 'no such file'}"
+                                f" (expected the corpus file, one passage per line)")
+    tolerated: list[tuple[int, int, str]] = []
+    with open(path, "rb") as f:
+        lines = [decode_line(raw, path, n, tolerated).strip() for n, raw in enumerate(f, 1)]
+    warn_tolerated(path, tolerated)
+    examples = [Example((line,), None) for line in lines if line]
     if not examples:
-        raise ValueError(f"{path}: the corpus file has no text")
+        raise InputError("the corpus file has no text", path=path,
+                         expected="one passage per line")
     return examples
 
 

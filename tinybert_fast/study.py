@@ -1,10 +1,17 @@
 """`tinybert-fast study`: a grid of distillation runs, each run once (resumable), tabulated.
 
-A grid maps `distill` options (their DistillConfig field names: `attention_weight`,
-`mapping`, ...) to the values to try; every combination is a cell, run once per seed:
+A grid maps DistillConfig fields (`attention_weight`, `mapping`, ...; every field but those
+the study sets, RESERVED) to the values to try, as text; each value is checked against its
+field's type, and every combination is a cell, run once per seed:
 
     grid = {"mapping": ["uniform", "top"], "attention_weight": ["0.5", "1"]}   # 2 x 2 cells
-    run_study(out, grid, seeds=[1, 2], base_argv=["--stage", "task1", "--teacher", ...])
+    run_study(out, grid, seeds=[1, 2], base_argv=["--stage", "task1", "--teacher", ...],
+              parse_argv=tinybert_fast.commands.study.parse_distill_argv)
+
+Each run is a `tinybert-fast distill` process: its command line is the study's common flags, then
+the cell's (`--<field with '-'>`; a switch that is on by default is `--no-<field>`).  This module
+builds those flags without argparse, which lives in the command-line wing only; the distill
+command line is read back into a DistillConfig by `parse_argv`, which the caller passes.
 
 Layout of the output folder:
 
@@ -31,7 +38,6 @@ for a Matthews, Pearson or Spearman correlation r.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import functools
@@ -42,14 +48,20 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Callable
 
 from ._io import atomic_write
 from .cache.format import MANIFEST
+from .errors import InputError
+
+if typing.TYPE_CHECKING:
+    from .distill.config import DistillConfig
 
 log = logging.getLogger("tinybert_fast.study")
 
@@ -71,30 +83,62 @@ def parse_grid_flags(items: list[str]) -> dict[str, list[str]]:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise ValueError(f"--grid takes KEY=V1,V2,...; got {item!r}")
+            raise InputError("not KEY=V1,V2,...", argument="--grid", found=repr(item),
+                             expected="KEY=V1,V2,... (e.g. mapping=uniform,top)")
         split = [v.strip() for v in values.split(",")]
         if not values.strip() or any(not v for v in split):
-            raise ValueError(f"--grid {key}: empty value in {item!r}")
+            raise InputError(f"{key}: empty value", argument="--grid", found=repr(item),
+                             expected="values separated by single commas")
         if key in grid:
-            raise ValueError(f"--grid {key} is given twice")
+            raise InputError(f"{key} is given twice", argument="--grid")
         grid[key] = split
     return grid
 
 
+def _grid_text(path: str) -> dict:
+    """The table of a .json or .toml grid file; InputError at file:line:column when it does not
+    parse."""
+    at = dict(argument="--grid-file", path=path)
+    if not path.endswith((".toml", ".json")):
+        raise InputError("not a .json or .toml file", **at, expected="grid.json or grid.toml")
+    if not os.path.isfile(path):
+        raise InputError("no such file" if not os.path.exists(path) else "not a file", **at,
+                         expected="a JSON or TOML table of key = [values]")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = len(raw[raw.rfind(b"\n", 0, exc.start) + 1:exc.start].decode("utf-8")) + 1
+        raise InputError("not UTF-8 text", **at, line=line, column=column,
+                         found=f"byte 0x{raw[exc.start]:02x}", expected="UTF-8") from None
+    if path.endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not valid JSON ({exc.msg})", **at, line=exc.lineno,
+                             column=exc.colno) from None
+    import tomllib
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # Python < 3.14 gives the place only inside the message: "... (at line 1, column 2)"
+        found = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise InputError(f"not valid TOML ({message})", **at,
+                         line=int(found.group(1)) if found else None,
+                         column=int(found.group(2)) if found else None) from None
+
+
 def load_grid_file(path: str) -> dict[str, list[str]]:
     """A grid from a JSON or TOML file: {key: value or [values]}; a list-valued option's value
-    is a list ([[2, 4, 6], [1, 3, 5]])."""
-    if path.endswith(".toml"):
-        import tomllib
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    else:
-        raise ValueError(f"--grid-file must be a .json or .toml file; got {path!r}")
+    is a list ([[2, 4, 6], [1, 3, 5]]).  InputError naming --grid-file and the file (and its
+    line and column for a file that does not parse)."""
+    raw = _grid_text(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"--grid-file {path}: expected a table of key = [values]")
+        raise InputError("not a table", argument="--grid-file", path=path,
+                         found=type(raw).__name__, expected="a table of key = [values]")
 
     def text(v):
         if isinstance(v, list):
@@ -105,7 +149,7 @@ def load_grid_file(path: str) -> dict[str, list[str]]:
     for key, values in raw.items():
         values = values if isinstance(values, list) else [values]
         if not values:
-            raise ValueError(f"--grid-file {path}: {key} has no values")
+            raise InputError(f"{key} has no values", argument="--grid-file", path=path)
         grid[key.replace("-", "_")] = [text(v) for v in values]
     return grid
 
@@ -123,17 +167,25 @@ def cell_id(cell: dict[str, str]) -> str:
     return "__".join(f"{k}={v.replace('/', '_')}" for k, v in sorted(cell.items()))
 
 
-def distill_parser() -> argparse.ArgumentParser:
-    """The `distill` command's parser, raising instead of exiting on bad input."""
-    from .commands import distill as distill_command
-    p = argparse.ArgumentParser(prog="tinybert-fast distill", exit_on_error=False)
-    distill_command.add_arguments(p)
-    return p
-
-
-def _list_fields() -> set[str]:
+@functools.cache
+def grid_fields() -> dict[str, type]:
+    """{DistillConfig field a grid may vary: its type without None} (every field but RESERVED):
+    bool, int, float, str or list[int]."""
     from .distill.config import DistillConfig
-    return {f.name for f in dataclasses.fields(DistillConfig) if "list" in str(f.type)}
+    hints = typing.get_type_hints(DistillConfig)
+    out = {}
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in RESERVED:
+            continue
+        kinds = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] \
+            or [hints[f.name]]
+        out[f.name] = kinds[0]
+    return out
+
+
+def _default(name: str):
+    from .distill.config import DistillConfig
+    return next(f.default for f in dataclasses.fields(DistillConfig) if f.name == name)
 
 
 def _as_bool(key: str, value: str) -> bool:
@@ -142,33 +194,54 @@ def _as_bool(key: str, value: str) -> bool:
         return True
     if lowered in ("false", "0", "no", "off"):
         return False
-    raise ValueError(f"grid key {key!r} is a switch: its values must be true or false; got "
-                     f"{value!r}")
+    raise InputError(f"grid key {key!r} is a switch: its values must be true or false",
+                     found=repr(value), expected="true or false")
 
 
-def cell_argv(parser: argparse.ArgumentParser, cell: dict[str, str]) -> list[str]:
+def cell_value(key: str, value: str):
+    """A grid value as its DistillConfig field's type (grid_fields): InputError naming the key
+    for an unknown or reserved key or a value of the wrong type."""
+    if key in RESERVED:
+        raise InputError(f"grid key {key!r} is set by the study for each run; it cannot be "
+                         f"varied")
+    fields = grid_fields()
+    kind = fields.get(key)
+    if kind is None:
+        raise InputError(f"unknown grid key {key!r}: not a distill option (the keys are the "
+                         f"options without dashes and with '_': {', '.join(sorted(fields))})")
+    if kind is bool:
+        return _as_bool(key, value)
+    convert = {int: int, float: float, str: str}.get(kind)
+    try:
+        if typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            return [item(x) for x in value.split(":")]
+        return convert(value)
+    except (TypeError, ValueError):
+        raise InputError(f"grid key {key!r}: the value is not of the option's type",
+                         found=repr(value), expected=getattr(kind, "__name__", str(kind))) \
+            from None
+
+
+def flag(key: str) -> str:
+    """The distill flag of a DistillConfig field: --<field with '-'>, or --no-<field> for a
+    switch that is on by default (--no-eval, --no-progress)."""
+    name = key.replace("_", "-")
+    return f"--no-{name}" if grid_fields().get(key) is bool and _default(key) is True \
+        else f"--{name}"
+
+
+def cell_argv(cell: dict[str, str]) -> list[str]:
     """The `distill` flags that set a cell's values (appended after the study's common flags,
-    which they override)."""
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
-    list_fields = _list_fields()
+    which they override), each value checked against its DistillConfig field's type."""
     argv: list[str] = []
     for key, value in sorted(cell.items()):
-        if key in RESERVED:
-            raise ValueError(f"grid key {key!r} is set by the study for each run; it cannot be "
-                             f"varied")
-        action = actions.get(key)
-        if action is None or key == "help":
-            known = sorted(k for k in actions if k not in RESERVED + ("help",))
-            raise ValueError(f"unknown grid key {key!r}: not a distill option (the keys are the "
-                             f"options without dashes and with '_': {', '.join(known)})")
-        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") \
-            else action.option_strings[0]
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            on = _as_bool(key, value)
-            if on == isinstance(action, argparse._StoreTrueAction):
-                argv.append(flag)
+        typed = cell_value(key, value)
+        if isinstance(typed, bool):
+            if typed != _default(key):
+                argv.append(flag(key))
             continue
-        argv += [flag, value.replace(":", ",") if key in list_fields else value]
+        argv += [flag(key), ",".join(map(str, typed)) if isinstance(typed, list) else value]
     return argv
 
 
@@ -224,41 +297,42 @@ def _cache_key(cfg) -> str:
 
 
 def plan(output_dir: str, grid: dict[str, list[str]], seeds: list[int], base_argv: list[str],
-         *, teacher_cache: bool = True) -> list[Run]:
+         *, parse_argv: Callable[[list[str]], DistillConfig],
+         teacher_cache: bool = True) -> list[Run]:
     """Every run of the study, each checked (its distill command line parses, its config
-    resolves, its layer mapping and student/teacher pair are valid) before any runs: ValueError
-    naming the cell otherwise."""
-    from .commands._args import config_from_args
+    resolves, its layer mapping and student/teacher pair are valid, its input paths exist)
+    before any runs: InputError naming the cell otherwise.
+
+    parse_argv: a distill command line -> its DistillConfig, raising ValueError for a bad one
+    (tinybert_fast.commands.study.parse_distill_argv: the command line knows the flags, this
+    module the config)."""
     if not seeds:
-        raise ValueError("--seeds: give at least one seed")
+        raise InputError("give at least one seed", argument="--seeds")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds must be distinct; got {seeds}")
-    parser = distill_parser()
-    for flag in ("--output-dir", "--seed", "--resume", "--teacher-cache"):
-        if any(a == flag or a.startswith(flag + "=") for a in base_argv):
-            raise ValueError(f"{flag} is set by the study for each run; leave it out of the "
+        raise InputError("the seeds must be distinct", argument="--seeds", found=seeds)
+    for option in ("--output-dir", "--seed", "--resume", "--teacher-cache"):
+        if any(a == option or a.startswith(option + "=") for a in base_argv):
+            raise InputError(f"{option} is set by the study for each run; leave it out of the "
                              f"distill flags")
     runs = []
     for cell in cells(grid):
         name = cell_id(cell)
         try:
-            argv = [*base_argv, *cell_argv(parser, cell)]
+            argv = [*base_argv, *cell_argv(cell)]
             probe = [*argv, "--output-dir", os.path.join(output_dir, "runs", name), "--seed", "0"]
-            try:
-                args = parser.parse_args(probe)
-            except argparse.ArgumentError as exc:
-                raise ValueError(str(exc)) from exc
-            except SystemExit as exc:  # argparse exits on a missing required option
-                raise ValueError("the distill flags are incomplete (see the message above)") \
-                    from exc
-            cfg = config_from_args(args)
+            cfg = parse_argv(probe)
+            for key, value in cell.items():  # the flag set the field (cell_argv's convention)
+                if getattr(cfg, key) != cell_value(key, value):
+                    raise ValueError(f"grid key {key!r}: {flag(key)} {value} gave "
+                                     f"{getattr(cfg, key)!r}")
+            check_inputs(cfg)
             if cfg.stage == "all":  # the loop resolves each step on its own: check both
                 dataclasses.replace(cfg, stage="task2").resolved()
                 cfg = dataclasses.replace(cfg, stage="task1")
             cfg = cfg.resolved()
             key = _cache_key(cfg) if teacher_cache and cfg.stage != "finetune" else None
         except ValueError as exc:
-            raise ValueError(f"cell {name}: {exc}") from exc
+            raise InputError(f"cell {name}: {exc}") from exc
         for seed in seeds:
             directory = os.path.join(output_dir, "runs", name, f"seed{seed}")
             run_argv = [*argv, "--output-dir", directory, "--seed", str(seed)]
@@ -268,14 +342,54 @@ def plan(output_dir: str, grid: dict[str, list[str]], seeds: list[int], base_arg
     return runs
 
 
+def check_inputs(cfg: DistillConfig) -> None:
+    """The paths a run reads exist: the model folders (tinybert_fast.checkpoints: a local folder
+    checked, a local path that does not exist refused, a hub id passed on) and the data.  The
+    runs are other processes: without this, each would fail on its own, after the study
+    started."""
+    from .checkpoints import check_model_argument
+    from .distill.config import PRESETS
+    if cfg.teacher:
+        check_model_argument(cfg.teacher, "teacher (--teacher)")
+    if cfg.student not in PRESETS and not cfg.student.endswith(".json"):
+        check_model_argument(cfg.student, "student (--student)")
+    if cfg.tokenizer:
+        check_model_argument(cfg.tokenizer, "tokenizer (--tokenizer)", "tokenizer")
+    for name, kind in (("data_dir", "folder"), ("train_file", "file"), ("corpus", "file")):
+        path = getattr(cfg, name)
+        if path is not None and not (os.path.isdir(path) if kind == "folder"
+                                     else os.path.isfile(path)):
+            raise InputError("no such file or folder" if not os.path.exists(path)
+                             else f"not a {kind}", argument=f"--{name.replace('_', '-')}",
+                             path=path, expected=f"an existing {kind}")
+
+
 # --- running ---------------------------------------------------------------------------------------
+
+def _read_record(path: str, key: str | None = None) -> dict:
+    """A run's JSON record (run.json, summary.json), a table holding `key` (when given):
+    InputError naming the file (and line and column) for a damaged one, e.g. a study folder
+    edited or copied half-way."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON ({exc.msg}); delete the run's folder to redo it",
+                         path=path, line=exc.lineno, column=exc.colno) from None
+    except UnicodeDecodeError:
+        raise InputError("not UTF-8 text; delete the run's folder to redo it", path=path) \
+            from None
+    if not isinstance(record, dict) or (key is not None and key not in record):
+        raise InputError("not a run's record" + (f" (no {key!r})" if key else ""), path=path,
+                         expected="the file a study run writes")
+    return record
+
 
 def _check_run_folder(run: Run) -> None:
     """A run folder made by another command line is not taken over."""
     path = os.path.join(run.directory, "run.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            before = json.load(f)["argv"]
+        before = _read_record(path, "argv")["argv"]
         if before != run.argv:
             raise ValueError(f"run {run.name} was made with another command line "
                              f"({' '.join(before)}); use another --output-dir or delete "
@@ -401,8 +515,7 @@ def collect(runs: list[Run]) -> list[dict]:
     for run in runs:
         if not run.finished:
             continue
-        with open(os.path.join(run.directory, "summary.json"), encoding="utf-8") as f:
-            summary = json.load(f)
+        summary = _read_record(os.path.join(run.directory, "summary.json"))
         metrics, n_dev = _final_dev(summary)
         steps = [summary[k] for k in ("task1", "task2")] if summary.get("stage") == "all" \
             else [summary]  # a --stage all run's time is both steps'
@@ -553,9 +666,12 @@ def report(output_dir: str, grid: dict[str, list[str]], runs: list[Run]) -> dict
 
 
 def run_study(output_dir: str, grid: dict[str, list[str]], seeds: list[int],
-              base_argv: list[str], *, parallel: int = 1, teacher_cache: bool = True) -> dict:
-    """Plan (and check) every run, run the unfinished ones, write the tables and plots."""
-    runs = plan(output_dir, grid, seeds, base_argv, teacher_cache=teacher_cache)
+              base_argv: list[str], *, parse_argv: Callable[[list[str]], DistillConfig],
+              parallel: int = 1, teacher_cache: bool = True) -> dict:
+    """Plan (and check) every run, run the unfinished ones, write the tables and plots
+    (parse_argv: see plan)."""
+    runs = plan(output_dir, grid, seeds, base_argv, parse_argv=parse_argv,
+                teacher_cache=teacher_cache)
     os.makedirs(output_dir, exist_ok=True)
     log.info("study: %d cells x %d seeds = %d runs in %s", len(cells(grid)), len(seeds),
              len(runs), output_dir)

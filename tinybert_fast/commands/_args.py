@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from .. import glue
 from ..distill import config
+from ..errors import InputError
 
 
 def add_data_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, *,
@@ -93,3 +95,63 @@ def config_from_args(args: argparse.Namespace, **overrides):
     values = {k: v for k, v in vars(args).items() if k in fields}
     values.update(overrides)
     return config.DistillConfig(**values)
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """An output folder a run will create (or write into): InputError naming the flag when the
+    path, or a folder above it, is an existing file (os.makedirs would fail half-way)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise InputError("is a file, not a folder" if probe == os.path.abspath(path)
+                         else f"{probe} is a file, not a folder", argument=flag, path=path,
+                         expected="a folder to write into, or a path that does not exist yet")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """An output file a run will write: InputError naming the flag when it is a folder or its
+    folder does not exist."""
+    if os.path.isdir(path):
+        raise InputError("is a folder", argument=flag, path=path, expected="a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"its folder {folder} does not exist", argument=flag, path=path,
+                         expected="a file in an existing folder")
+
+
+def check_input_path(path: str | None, flag: str, kind: str) -> None:
+    """An input the user named (kind "file" or "folder"): InputError naming the flag when it is
+    missing or of the other kind.  None (not given) passes."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise InputError("no such file or folder", argument=flag, path=path,
+                         expected=f"an existing {kind}")
+    if (kind == "folder") != os.path.isdir(path):
+        raise InputError(f"not a {kind}", argument=flag, path=path, expected=f"a {kind}")
+
+
+def check_model(spec: str | None, flag: str, what: str = "model") -> None:
+    """A model argument (tinybert_fast.checkpoints.check_model_argument): a local folder checked,
+    a local path that does not exist refused, a hub id, a preset or a config.json passed on."""
+    from ..checkpoints import check_model_argument
+    if spec is None or spec in config.PRESETS or spec.endswith(".json"):
+        return
+    check_model_argument(spec, flag, what)
+
+
+def check_training_paths(args: argparse.Namespace) -> None:
+    """The paths of a distill / finetune-teacher command line, before anything loads: the model
+    folders (--teacher, --student or --model, --tokenizer; tinybert_fast.checkpoints), the data
+    (--data-dir, --train-file, --corpus) exist, --output-dir (and --teacher-cache) can be a
+    folder."""
+    for flag in ("teacher", "student", "model"):
+        check_model(getattr(args, flag, None), f"--{flag}")
+    check_model(args.tokenizer, "--tokenizer", "tokenizer")
+    check_input_path(args.data_dir, "--data-dir", "folder")
+    check_input_path(args.train_file, "--train-file", "file")
+    check_input_path(getattr(args, "corpus", None), "--corpus", "file")
+    check_output_folder(args.output_dir, "--output-dir")
+    if getattr(args, "teacher_cache", None):
+        check_output_folder(args.teacher_cache, "--teacher-cache")

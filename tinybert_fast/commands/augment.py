@@ -7,7 +7,7 @@ import argparse
 import logging
 
 from ..augment.mlm import MLM_DTYPES  # the package imports numpy, not transformers
-from ._args import add_device_argument
+from ._args import add_device_argument, check_input_path, check_model, check_output_file
 
 logger = logging.getLogger("tinybert_fast.augment")
 
@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_input_path(args.input, "--input", "file")
+    check_model(args.mlm, "--mlm")
+    check_model(args.tokenizer, "--tokenizer", "tokenizer")
+    check_output_file(args.output, "--output")
     from ..augment import augment
     text_columns = None
     if args.text_columns:

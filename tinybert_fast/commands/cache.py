@@ -12,7 +12,8 @@ import argparse
 import logging
 
 from .. import mapping
-from ._args import add_data_arguments, add_device_argument
+from ._args import (add_data_arguments, add_device_argument, check_input_path,
+                    check_model, check_output_folder)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model(args.teacher, "--teacher")
+    check_input_path(args.data_dir, "--data-dir", "folder")
+    check_input_path(args.train_file, "--train-file", "file")
+    check_output_folder(args.output, "--output")
     from transformers import AutoConfig, AutoTokenizer
 
     from .. import data, train

@@ -9,7 +9,7 @@ import logging
 
 from .. import mapping
 from ..distill import config
-from ._args import add_training_arguments, config_from_args
+from ._args import add_training_arguments, check_training_paths, config_from_args
 
 log = logging.getLogger("tinybert_fast.distill")
 
@@ -93,6 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_training_paths(args)
     from ..distill import distill
     summary = distill(config_from_args(args))
     log.info("summary: %s", json.dumps(summary))

@@ -8,7 +8,8 @@ import json
 import logging
 import os
 
-from ._args import add_data_arguments, add_device_argument
+from ._args import (add_data_arguments, add_device_argument, check_input_path,
+                    check_model, check_output_file)
 
 log = logging.getLogger("tinybert_fast.evaluate")
 
@@ -27,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_model(args.model, "--model")
+    check_input_path(args.data_dir, "--data-dir", "folder")
+    if args.output:
+        check_output_file(args.output, "--output")
     from .. import train
     from ..evaluate import evaluate_checkpoint
     results = evaluate_checkpoint(args.model, args.task, args.data_dir, args.split,

@@ -11,7 +11,7 @@ import json
 import logging
 
 from ..distill import config
-from ._args import add_training_arguments, config_from_args
+from ._args import add_training_arguments, check_training_paths, config_from_args
 
 log = logging.getLogger("tinybert_fast.finetune")
 
@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     """Raises ValueError (the CLI's one-line error, exit status 2) for a missing --task."""
     if args.task is None:
         raise ValueError("--task is required")
+    check_training_paths(args)
     from ..distill import distill
     summary = distill(config_from_args(args, stage="finetune", student=args.model,
                                        teacher=None))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ._args import check_input_path, check_output_file
+
 log = logging.getLogger("tinybert_fast.plot")
 
 HELP = "plot the training curves of runs (log.jsonl) into one PNG"
@@ -20,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for run_dir in args.run_dirs:
+        check_input_path(run_dir, "RUN_DIR", "folder")
+    check_output_file(args.output, "--output")
     from ..plot import plot_runs
     labels = args.labels.split(",") if args.labels else None
     counts = plot_runs(args.run_dirs, args.output, labels)

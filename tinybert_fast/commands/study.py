@@ -7,6 +7,9 @@ import argparse
 import json
 import logging
 
+from ..errors import InputError
+from ._args import check_output_folder
+
 log = logging.getLogger("tinybert_fast.study")
 
 HELP = "run a grid of distill configurations over seeds and tabulate them"
@@ -55,7 +58,24 @@ def _seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers; got {text!r}") from None
+        raise InputError("not comma-separated integers", argument="--seeds",
+                         found=repr(text), expected="e.g. 1,2,3") from None
+
+
+def parse_distill_argv(argv: list[str]):
+    """A `distill` command line -> its DistillConfig (what tinybert_fast.study.plan checks each
+    cell with): ValueError instead of argparse's exit for a bad one."""
+    from . import distill as distill_command
+    from ._args import config_from_args
+    parser = argparse.ArgumentParser(prog="tinybert-fast distill", exit_on_error=False)
+    distill_command.add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as exc:
+        raise ValueError(str(exc)) from exc
+    except SystemExit as exc:  # argparse exits on a missing required option
+        raise ValueError("the distill flags are incomplete (see the message above)") from exc
+    return config_from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,13 +85,16 @@ def run(args: argparse.Namespace) -> int:
         from_file = study.load_grid_file(args.grid_file)
         both = sorted(set(grid) & set(from_file))
         if both:
-            raise ValueError(f"grid keys given in --grid and --grid-file: {', '.join(both)}")
+            raise InputError(f"grid keys given in --grid and in the file: {', '.join(both)}",
+                             argument="--grid-file", path=args.grid_file)
         grid.update(from_file)
     base = list(args.distill_args)
     if base[:1] == ["--"]:
         base = base[1:]
+    check_output_folder(args.output_dir, "--output-dir")
     result = study.run_study(args.output_dir, grid, _seeds(args.seeds), base,
-                             parallel=args.parallel, teacher_cache=args.teacher_cache)
+                             parse_argv=parse_distill_argv, parallel=args.parallel,
+                             teacher_cache=args.teacher_cache)
     log.info("study: %s", json.dumps(result))
     if result["failed"]:
         log.error("study: %d runs failed: %s", len(result["failed"]),

@@ -27,9 +27,15 @@ STUDENT_ARG = "student (--student; finetune-teacher: --model)"
 
 
 def pretrained(argument: str, load, name: str, **kwargs):
-    """load(name, **kwargs) (a `from_pretrained`), with the OSError that transformers raises for a
-    missing folder, an unknown hub id or an unreachable hub turned into a ValueError that names
-    the argument."""
+    """load(name, **kwargs) (a `from_pretrained`).  A local folder is checked first
+    (tinybert_fast.checkpoints: missing or truncated weights, a config that does not match them,
+    a tokenizer too large for the vocabulary; a local path that does not exist), each an
+    InputError naming the argument and the file; the OSError that transformers raises for an
+    unknown hub id or an unreachable hub becomes a ValueError that names the argument."""
+    from ..checkpoints import check_model_argument
+    owner = getattr(getattr(load, "__self__", None), "__name__", "")
+    what = "tokenizer" if "Tokenizer" in owner else "config" if "Config" in owner else "model"
+    check_model_argument(str(name), argument, what)
     try:
         return load(name, **kwargs)
     except OSError as exc:
