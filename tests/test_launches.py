@@ -19,6 +19,7 @@ from conftest import count_launches, needs_triton
 from tinybert_fast import capture
 from tinybert_fast.distill.config import DistillConfig
 from tinybert_fast.distill.objective import Objective, StudentWithProjection
+from tinybert_fast.distill.targets import TeacherTargets
 from tinybert_fast.mapping import layer_map
 
 transformers = pytest.importorskip("transformers")
@@ -49,7 +50,7 @@ def _step_launches(n_student: int, attention_from: str, cached: bool):
                         attention_from=attention_from)
     lm = layer_map("uniform" if TEACHER_LAYERS % n_student == 0 else "top", n_student,
                    TEACHER_LAYERS)
-    objective = Objective(cfg, None, lm, teacher)
+    objective = Objective(cfg, None, TeacherTargets.of(cfg, lm, teacher.config), teacher)
     model = StudentWithProjection(student, nn.Linear(D_S, D_T))
     inputs = _inputs()
     batch = None
