@@ -561,7 +561,7 @@ def test_build_stores_what_the_teacher_computes(tmp_path, storage):
                                torch.stack([out.hidden_states[i] for i in (0, 1, 3)])[:, b, :L])
             assert torch.equal(t.logits[b], out.logits[b])
             if storage == "qk":
-                tq = cache.fetch(batch["example_id"], attention="qk")
+                tq = cache.fetch(batch["example_id"], attention_form="qk")
                 assert tq.attention is None
                 assert torch.equal(tq.query[:, b, :, :L], torch.stack(
                     [q for q, _ in rec.layers])[:, b, :, :L])

@@ -4,7 +4,7 @@ An example of length L stores 2*L*d_h values per head as Q and K instead of L*L 
 smaller from L > 2*d_h on.  Checked here: which examples take which form and what they cost in
 bytes; Q and K round-trip exactly (fp32/bf16/fp16) or within the 8-bit bound; scores formed from
 them equal Q K^T / sqrt(d_h) of the stored Q and K up to one rounding; mixed batches, ragged
-lengths 1 to 512, every padded entry 0; attention="qk" fetches; prefetch; the staged (CUDA-path)
+lengths 1 to 512, every padded entry 0; attention_form="qk" fetches; prefetch; the staged (CUDA-path)
 gather unpacked on the CPU; corruption inside a Q/K record; argument errors; and, on a GPU, the
 CUDA unpack kernel against the CPU path.
 """
@@ -126,7 +126,7 @@ def test_round_trip_mixed_batch(tmp_path, dtype, storage):
             assert torch.equal(t.logits[j], b.logits[e].to(odt))
             assert t.attention_mask[j].tolist() == [1] * L + [0] * (P - L)
         if storage == "qk":
-            tq = cache.fetch(ids, pad_to=pad_to, attention="qk")
+            tq = cache.fetch(ids, pad_to=pad_to, attention_form="qk")
             assert tq.attention is None and tq.query.shape == (2, 8, 3, P, 8)
             for j, e in enumerate(order):
                 L = int(b.lengths[e])
@@ -172,7 +172,7 @@ def test_int8_qk_within_bound(tmp_path, out_dtype):
     |dS_ij| <= (sum_t |q_it||dk_jt| + |dq_it||k_jt| + |dq_it||dk_jt|) / sqrt(d_h)."""
     b = Batch([20, 3, 33, 64], H=2, dh=8, spread=True, seed=5)
     cache = b.write(tmp_path / "c", "int8", "qk")
-    t = cache.fetch(b.ids, attention="qk", out_dtype=out_dtype)
+    t = cache.fetch(b.ids, attention_form="qk", out_dtype=out_dtype)
     ts = cache.fetch(b.ids, out_dtype=out_dtype)
     u = UNIT_ROUNDOFF[out_dtype]
     for e in range(b.B):
@@ -197,19 +197,19 @@ def test_int8_qk_within_bound(tmp_path, out_dtype):
 def test_fetch_qk_refuses_examples_stored_as_scores(tmp_path):
     b = Batch([4, 30, 2])
     cache = b.write(tmp_path / "c", "fp32", "auto")
-    cache.fetch(b.ids[[1]], attention="qk")          # 30 tokens: stored as Q and K
-    with pytest.raises(ValueError, match=r"attention='qk': examples \[11, 17\] of this batch are "
-                                         r"stored as scores.*attention_storage='qk'"):
-        cache.fetch(b.ids, attention="qk")
-    with pytest.raises(ValueError, match="attention must be 'scores' or 'qk'"):
-        cache.fetch(b.ids, attention="probs")
+    cache.fetch(b.ids[[1]], attention_form="qk")          # 30 tokens: stored as Q and K
+    with pytest.raises(ValueError, match=r"attention_form='qk': examples \[11, 17\] of this "
+                                         r"batch are stored as scores.*attention_storage='qk'"):
+        cache.fetch(b.ids, attention_form="qk")
+    with pytest.raises(ValueError, match="attention_form must be 'scores' or 'qk'"):
+        cache.fetch(b.ids, attention_form="probs")
     plain = b.write(tmp_path / "s", "fp32", "scores")
-    with pytest.raises(ValueError, match="attention='qk'"):
-        plain.fetch(b.ids[[1]], attention="qk")
+    with pytest.raises(ValueError, match="attention_form='qk'"):
+        plain.fetch(b.ids[[1]], attention_form="qk")
 
 
 def test_prefetch_and_staged_gather(tmp_path):
-    """prefetch(attention=...) equals fetch; the host half of the CUDA path (records + [4, B]
+    """prefetch(attention_form=...) equals fetch; the host half of the CUDA path (records + [4, B]
     metadata whose last row lists the score examples, then the Q/K examples) unpacked by the CPU
     kernel gives fetch's Q and K."""
     b = Batch([20, 3, 33, 5, 18, 40], seed=2)
@@ -297,10 +297,24 @@ def test_cuda_fetch_matches_cpu(tmp_path, dtype):
         u = UNIT_ROUNDOFF[cpu.attention.dtype]
         diff = (cpu.attention.double() - gpu.attention.cpu().double()).abs()
         assert (diff <= 4 * u * cpu.attention.double().abs() + 1e-5).all()
-        cq, gq = (qk_cache.fetch(order, dev, pad_to=pad_to, attention="qk")
+        cq, gq = (qk_cache.fetch(order, dev, pad_to=pad_to, attention_form="qk")
                   for dev in ("cpu", "cuda"))
         assert torch.equal(cq.query, gq.query.cpu()) and torch.equal(cq.key, gq.key.cpu())
-    for got, ids in zip(qk_cache.prefetch([order[:3], order[3:]], "cuda", attention="qk"),
+    for got, ids in zip(qk_cache.prefetch([order[:3], order[3:]], "cuda", attention_form="qk"),
                         [order[:3], order[3:]]):
-        want = qk_cache.fetch(ids, attention="qk")
+        want = qk_cache.fetch(ids, attention_form="qk")
         assert torch.equal(got.query.cpu(), want.query) and torch.equal(got.key.cpu(), want.key)
+
+
+def test_the_deprecated_attention_keyword_still_fetches_with_a_warning(tmp_path):
+    """fetch/prefetch(attention=...) is 0.1.0's name of attention_form: it warns, and gives what
+    attention_form gives, for one release."""
+    b = Batch([4, 30, 2])
+    cache = b.write(tmp_path / "c", "fp32", "qk")
+    want = cache.fetch(b.ids, attention_form="qk")
+    with pytest.warns(DeprecationWarning, match="attention_form"):
+        got = cache.fetch(b.ids, attention="qk")
+    torch.testing.assert_close(got.query, want.query, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="attention_form"):
+        got = next(iter(cache.prefetch([b.ids], attention="qk")))
+    torch.testing.assert_close(got.key, want.key, rtol=0, atol=0)

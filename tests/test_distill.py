@@ -2,6 +2,7 @@
 every stage, checkpoints, resume after SIGKILL, fused vs eager losses, DDP on CPU (gloo), and the
 errors that must come before training."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -273,22 +274,22 @@ def test_attention_from_qk_follows_the_score_run(models, tmp_path, mask_padding,
     tbf.set_backend(backend)  # restored after the test by conftest
     kw = dict(max_steps=4, mask_padding=mask_padding)
     distill.distill(_cfg(models, tmp_path / "scores", **kw))
-    distill.distill(_cfg(models, tmp_path / "qk", attention_from="qk", **kw))
+    distill.distill(_cfg(models, tmp_path / "qk", attention_form="qk", **kw))
     scores, qk = _log(tmp_path / "scores"), _log(tmp_path / "qk")
     assert len(scores) == len(qk) == 4
     for a, b in zip(scores, qk):
         for key in ("attention", "hidden", "total"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
     with pytest.raises(ValueError, match="averages"):
-        distill.distill(_cfg(models, tmp_path / "mean", attention_from="qk", mapping="mean"))
+        distill.distill(_cfg(models, tmp_path / "mean", attention_form="qk", mapping="mean"))
 
 
 def test_attention_from_qk_with_a_teacher_cache(models, tmp_path):
-    """--attention-from qk with --teacher-cache: the cache stores the teacher's Q and K (every
+    """--attention-form qk with --teacher-cache: the cache stores the teacher's Q and K (every
     example) and step 1 gives the live teacher's losses; a cache of scores is refused."""
     from tinybert_fast import cache
     require_cache_extension()
-    kw = dict(attention_from="qk", max_steps=3)
+    kw = dict(attention_form="qk", max_steps=3)
     distill.distill(_cfg(models, tmp_path / "live", mask_padding=True, **kw))
     store = tmp_path / "qk-cache"
     distill.distill(_cfg(models, tmp_path / "cached", teacher_cache=str(store),
@@ -569,3 +570,23 @@ def test_an_intermediate_stage_without_any_loss_is_refused():
     # step 2 does not use them: no error
     distill.DistillConfig(stage="task2", attention_loss="none", hidden_loss="none",
                           **base).resolved()
+
+
+def test_attention_from_is_the_deprecated_name_of_attention_form():
+    """0.1.0's attention_from (the DistillConfig field, --attention-from, ScoreRecord.kind)
+    still works for one release, with a DeprecationWarning."""
+    from tinybert_fast import capture
+    from tinybert_fast.commands import distill as distill_command
+    with pytest.warns(DeprecationWarning, match="attention_form"):
+        cfg = distill.DistillConfig(stage="task1", output_dir="o", student="s",
+                                    attention_from="qk")
+    assert cfg.attention_form == "qk" and dataclasses.replace(cfg).attention_form == "qk"
+    import argparse
+    p = argparse.ArgumentParser()
+    distill_command.add_arguments(p)
+    base = ["--stage", "task1", "--teacher", "t", "--student", "s", "--output-dir", "o"]
+    assert p.parse_args(base + ["--attention-from", "qk"]).attention_form == "qk"
+    assert p.parse_args(base).attention_form == "scores"
+    record = capture.ScoreRecord([0], "qk")
+    with pytest.warns(DeprecationWarning, match="form"):
+        assert record.kind == "qk"

@@ -43,11 +43,11 @@ def _inputs():
             "token_type_ids": torch.zeros(B, L, dtype=torch.long)}
 
 
-def _step_launches(n_student: int, attention_from: str, cached: bool):
+def _step_launches(n_student: int, attention_form: str, cached: bool):
     """(forward counts, backward counts) of one task-step-1 objective on a student of n layers."""
     teacher, student = _bert(TEACHER_LAYERS, D_T).eval(), _bert(n_student, D_S)
     cfg = DistillConfig(stage="task1", output_dir="-", student="-", task="sst2",
-                        attention_from=attention_from)
+                        attention_form=attention_form)
     lm = layer_map("uniform" if TEACHER_LAYERS % n_student == 0 else "top", n_student,
                    TEACHER_LAYERS)
     objective = Objective(cfg, None, TeacherTargets.of(cfg, lm, teacher.config), teacher)

@@ -49,6 +49,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -107,16 +108,17 @@ class _StackedSlots(torch.autograd.Function):
 
 
 class ScoreRecord:
-    """Pre-softmax scores (kind "scores") or (Q, K) pairs (kind "qk") of chosen layers, filled
-    during a forward pass.  stacked=True (scores only): the scores are written into one
-    [n_layers, B, H, L, L] buffer, given by `.stacked`."""
+    """The attention of chosen layers in one attention form, filled during a forward pass:
+    pre-softmax scores (form "scores") or (Q, K) pairs (form "qk").  stacked=True (scores
+    only): the scores are written into one [n_layers, B, H, L, L] buffer, given by
+    `.stacked`."""
 
-    def __init__(self, layer_indices: Iterable[int], kind: str = "scores", stacked: bool = False):
-        if kind not in ("scores", "qk"):
-            raise ValueError(f"kind must be 'scores' or 'qk'; got {kind!r}")
-        if stacked and kind != "scores":
-            raise ValueError("stacked=True records scores (kind 'scores'); Q and K stay per layer")
-        self.kind = kind
+    def __init__(self, layer_indices: Iterable[int], form: str = "scores", stacked: bool = False):
+        if form not in ("scores", "qk"):
+            raise ValueError(f"form must be 'scores' or 'qk'; got {form!r}")
+        if stacked and form != "scores":
+            raise ValueError("stacked=True records scores (form 'scores'); Q and K stay per layer")
+        self.form = form
         self.stacked_buffer = stacked
         self._buffer: torch.Tensor | None = None
         self.layer_indices = [int(i) for i in layer_indices]
@@ -124,6 +126,13 @@ class ScoreRecord:
             raise ValueError(f"layer indices must be distinct; got {self.layer_indices}")
         self._wanted = set(self.layer_indices)
         self._scores: dict[int, torch.Tensor] = {}
+
+    @property
+    def kind(self) -> str:
+        """Deprecated name of `form` (0.1.0); removed in the next release."""
+        warnings.warn("ScoreRecord.kind is deprecated: use ScoreRecord.form", DeprecationWarning,
+                      stacklevel=2)
+        return self.form
 
     def wants(self, layer_idx) -> bool:
         return layer_idx in self._wanted
@@ -215,7 +224,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
     record = _ACTIVE.get()
     layer_idx = getattr(module, "layer_idx", None)
-    if record is not None and record.kind == "qk" and record.wants(layer_idx):
+    if record is not None and record.form == "qk" and record.wants(layer_idx):
         record.put(layer_idx, (query, key))
         record = None
     if record is None or not record.wants(layer_idx):
@@ -272,7 +281,7 @@ def family(config, argument: str = "model") -> Family:
 
 MPNET_QK_ERROR = ("MPNet adds a relative position bias to every layer's scores, which the Q/K form "
                   "of the attention loss does not form: record the scores (capture.record_scores; "
-                  "--attention-from scores)")
+                  "--attention-form scores)")
 
 
 def _numbering_layers(forward, attention_of):
@@ -299,7 +308,7 @@ def _mpnet_self_attention(forward):
         if record is None or not record.wants(layer_idx):
             return forward(self, hidden_states, attention_mask, position_bias,
                            output_attentions=output_attentions, **kwargs)
-        if record.kind == "qk":
+        if record.form == "qk":
             raise ValueError(MPNET_QK_ERROR)
         shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
         query, key, value = (lin(hidden_states).view(shape).transpose(1, 2)

@@ -13,7 +13,7 @@
 
 `compute_loss` runs the `distill` loop's objective (tinybert_fast.distill.Objective, which calls
 tbf.distillation_terms with the mapped layers stacked) with score capture; the config's stage,
-mapping, loss weights, temperature and `attention_from` apply as in `tinybert-fast distill`
+mapping, loss weights, temperature and `attention_form` apply as in `tinybert-fast distill`
 (its data, schedule and run fields are the Trainer's business: use TrainingArguments).  The
 hidden projection d_s -> d_t is trained with the student: the Trainer's model is
 `StudentWithProjection(student, projection)` (the module the loop trains), so the optimizer, DDP
@@ -116,7 +116,7 @@ class DistillationTrainer(Trainer):
         return self.teacher_cache.fetch(
             example_id.tolist(), device=inputs["input_ids"].device,
             pad_to=inputs["input_ids"].shape[1],
-            attention=self.targets.attention_form or "scores")
+            attention_form=self.targets.attention_form or "scores")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The stage's objective on one batch: its "total" (and with return_outputs, every

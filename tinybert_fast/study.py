@@ -69,7 +69,7 @@ log = logging.getLogger("tinybert_fast.study")
 
 # the DistillConfig fields that decide what a teacher cache holds (with the mapped layers)
 CACHE_FIELDS = ("teacher", "tokenizer", "task", "data_dir", "train_file", "corpus", "max_length",
-                "pad_to_max_length", "limit_train", "cache_dtype", "attention_from")
+                "pad_to_max_length", "limit_train", "cache_dtype", "attention_form")
 CORRELATIONS = ("mcc", "pearson", "spearman")
 
 

@@ -12,7 +12,7 @@ scaling; padded keys are simply absent).  "auto" (default) stores Q and K for th
 that is smaller (L > 2*d_h: from 129 tokens for BERT-base's d_h = 64, 65 for MiniLM's 32) and
 the scores of the others, chosen per example by its length; fetch returns scores either way,
 forming those of the Q/K examples with one batched GEMM on the output device.  "qk" stores Q and
-K for every example, which `fetch(..., attention="qk")` returns as TeacherBatch.query / .key for
+K for every example, which `fetch(..., attention_form="qk")` returns as TeacherBatch.query / .key for
 `tbf.attention_mse_qk`; "scores" stores scores only.  When Q and K are stored, the teacher runs
 SDPA attention on every layer while the cache is built.
 
@@ -21,7 +21,7 @@ SDPA attention on every layer while the cache is built.
     cache = tbf.TeacherCache.open("cache/sst2")
     t = cache.fetch(batch["example_id"], device="cuda")
     t.attention        # [n_att, B, H, L, L]   (L = longest example of the batch, or pad_to)
-    t.query, t.key     # [n_att, B, H, L, d_h]  with fetch(..., attention="qk") instead
+    t.query, t.key     # [n_att, B, H, L, d_h]  with fetch(..., attention_form="qk") instead
     t.hidden           # [n_hid, B, L, d]
     t.logits           # [B, C]
     t.attention_mask   # [B, L] int64, 1 = token

@@ -45,7 +45,7 @@ def _teacher_outputs(teacher, inputs: dict, record, att_layers, hid_states,
     result = {"logits": None, "hidden": None, "attention": None, "query": None, "key": None}
     if hid_states:
         result["hidden"] = torch.stack([out.hidden_states[i] for i in hid_states])
-    layers, is_qk = (rec.layers if att_layers else []), rec.kind == "qk"
+    layers, is_qk = (rec.layers if att_layers else []), rec.form == "qk"
     del rec
     if layers and is_qk:
         result["query"] = torch.stack([q for q, _ in layers])
@@ -85,7 +85,7 @@ def build(cls, path: str | os.PathLike, teacher: torch.nn.Module, loader: Iterab
     dtype: "fp32" | "bf16" | "fp16" | "int8" (error bounds: tinybert_fast.cache).
     attention_storage: "auto" (Q and K for the examples where they are smaller than the
         scores, about L > 2*d_h; scores, from Q and K, for the others), "qk" (Q and K for every
-        example: what fetch(..., attention="qk") and attention_mse_qk read), "scores".
+        example: what fetch(..., attention_form="qk") and attention_mse_qk read), "scores".
     tokenizer, max_length, dataset, fingerprint_extra: go into the fingerprint.
     teacher_weights: hash_state_dict(teacher), when the caller has computed it already (else
         computed here: it reads all the weights).

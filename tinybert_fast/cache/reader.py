@@ -37,12 +37,12 @@ class TeacherBatch(NamedTuple):
     """Teacher outputs of a batch, padded to L (the longest example, or pad_to).
 
     attention: [n_att, B, H, L, L] pre-softmax scores (None when none are stored, or when fetched
-        with attention="qk")
+        with attention_form="qk")
     hidden: [n_hid, B, L, d] (None when none are stored)
     logits: [B, C] (None when none are stored)
     attention_mask: [B, L] int64, 1 = token, 0 = padding
     example_ids: [B] int64 (CPU)
-    query, key: [n_att, B, H, L, d_h] unscaled queries and keys (fetch(..., attention="qk") only;
+    query, key: [n_att, B, H, L, d_h] unscaled queries and keys (fetch(..., attention_form="qk") only;
         the scores are query @ key^T / sqrt(d_h)), else None
     Every padded entry of attention, hidden, query and key is 0.
     """
@@ -66,6 +66,15 @@ class _Plan(NamedTuple):
     attention: str
     positions: np.ndarray
     n_scores: int
+
+
+def _deprecated_attention(attention_form: str, attention: str | None) -> str:
+    """fetch/prefetch's attention form, from `attention=` (0.1.0's name; deprecated) if given."""
+    if attention is None:
+        return attention_form
+    warnings.warn("TeacherCache.fetch/prefetch(attention_form=...) is deprecated: use attention_form",
+                  DeprecationWarning, stacklevel=3)
+    return attention
 
 
 class TeacherCache:
@@ -311,7 +320,7 @@ class TeacherCache:
         if self.layout is None:
             raise CacheError(f"{self.path}: the cache is empty")
         if attention not in ("scores", "qk"):
-            raise ValueError(f"attention must be 'scores' or 'qk'; got {attention!r}")
+            raise ValueError(f"attention_form must be 'scores' or 'qk'; got {attention!r}")
         rows = self._rows(example_ids)
         if len(rows) == 0:
             raise ValueError("example_ids is empty")
@@ -334,10 +343,10 @@ class TeacherCache:
         on_qk = self.layout.stores_qk(lens)
         if attention == "qk" and not (self.layout.num_attention and on_qk.all()):
             if not self.layout.num_attention:
-                raise ValueError(f"attention='qk': {self.path} stores no attention")
+                raise ValueError(f"attention_form='qk': {self.path} stores no attention")
             short = self._ids[rows][~on_qk]
             raise ValueError(
-                f"attention='qk': examples {short[:10].tolist()} of this batch are stored as "
+                f"attention_form='qk': examples {short[:10].tolist()} of this batch are stored as "
                 f"scores in {self.path} (attention storage "
                 f"{self.fingerprint.get('attention_storage', 'scores')!r}: Q and K only from "
                 f"{self.layout.qk_min_length or 'no'} tokens on); build the cache with "
@@ -386,23 +395,24 @@ class TeacherCache:
     def fetch(self, example_ids, device: str | torch.device | None = None,
               pad_to: int | None = None, *, out_dtype: torch.dtype | None = None,
               verify: bool = True, num_threads: int | None = None,
-              attention: str = "scores") -> TeacherBatch:
+              attention_form: str = "scores", attention: str | None = None) -> TeacherBatch:
         """The teacher outputs of these examples, padded, on `device` (default CPU).
 
         example_ids: [B] ints (list, numpy array or tensor; any order, no need to be sorted).
         pad_to: pad to this length instead of the batch's longest example.
         out_dtype: for 8-bit caches, the float dtype to dequantize to (default bfloat16).
         verify: check each record's CRC32C (raises CacheCorruptionError naming file and example).
-        attention: "scores" (TeacherBatch.attention; examples stored as Q and K get
+        attention_form: "scores" (TeacherBatch.attention; examples stored as Q and K get
             Q K^T / sqrt(d_h), one batched GEMM accumulated in fp32) or "qk" (TeacherBatch.query
             and .key, for attention_mse_qk; every example of the batch must be stored as Q and K:
-            a cache built with attention_storage="qk").
+            a cache built with attention_storage="qk").  `attention=` is its deprecated name.
         Shapes and padding: see TeacherBatch.  On CUDA the records are gathered into a pinned
         buffer, copied on a side stream and unpacked by a CUDA kernel; the current stream waits
         for that copy, and the result is safe to use on it.
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
-        plan = self._plan(example_ids, pad_to, out_dtype, attention)
+        form = _deprecated_attention(attention_form, attention)
+        plan = self._plan(example_ids, pad_to, out_dtype, form)
         if device.type == "cuda" and has_cuda_kernels():
             with self._lock:
                 slot = self._staging[self._staging_next]
@@ -486,8 +496,8 @@ class TeacherCache:
     def prefetch(self, batches: Iterable, device: str | torch.device | None = None, *,
                  depth: int = 2, pad_to: int | None = None, out_dtype: torch.dtype | None = None,
                  batch_size: int | None = None, verify: bool = True,
-                 num_threads: int | None = None,
-                 attention: str = "scores") -> Iterator[TeacherBatch]:
+                 num_threads: int | None = None, attention_form: str = "scores",
+                 attention: str | None = None) -> Iterator[TeacherBatch]:
         """Iterate over TeacherBatch for each batch of example ids, `depth` batches ahead.
 
         batches: an iterable of id batches (e.g. a BatchSampler over example ids, or lists), or of
@@ -495,7 +505,7 @@ class TeacherCache:
         A background thread gathers batch i+1 (C++ threads; pinned buffer, copy on a side stream
         and the unpack kernel on CUDA) while the caller uses batch i.  Each yielded batch is ready
         to use on the current stream.  Errors (a corrupt record, an unknown id) are raised at the
-        batch they concern.  attention: as for fetch.
+        batch they concern.  attention_form (and its deprecated name `attention`): as for fetch.
         """
         if depth < 1:
             raise ValueError(f"depth must be >= 1; got {depth}")
@@ -503,7 +513,7 @@ class TeacherCache:
             batches = batched(batches, batch_size)
         device = torch.device(device) if device is not None else torch.device("cpu")
         return Prefetcher(self, batches, device, depth, pad_to, out_dtype, verify, num_threads,
-                           attention)
+                           _deprecated_attention(attention_form, attention))
 
     def verify(self) -> None:
         """Check the CRC32C of every chunk of every data file; on a mismatch, find the example."""

@@ -1,8 +1,8 @@
 """`tinybert-fast cache`: build a teacher cache ahead of distillation.
 
 It stores exactly what `tinybert-fast distill --teacher-cache PATH` with the same teacher, data,
-student layer count, mapping, max length and --attention-from will ask for (the mapped attention
-scores, or with --attention-from qk the teacher's queries and keys, and hidden states for step 1,
+student layer count, mapping, max length and --attention-form will ask for (the mapped attention
+scores, or with --attention-form qk the teacher's queries and keys, and hidden states for step 1,
 the logits for step 2), so the distillation run opens it instead of building it.
 """
 
@@ -30,9 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapping-layers", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--mapping-seed", type=int, default=0)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8"], default="bf16")
-    p.add_argument("--attention-from", choices=["scores", "qk"], default="scores",
+    p.add_argument("--attention-form", "--attention-from", choices=["scores", "qk"],
+                   default="scores", dest="attention_form",
                    help="as for distill: qk stores every example's Q and K (what "
-                        "attention_mse_qk reads); scores stores scores, or Q and K where smaller")
+                        "attention_mse_qk reads); scores stores scores, or Q and K where smaller; "
+                        "--attention-from is its deprecated name")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rebuild", action="store_true",
                    help="remove the cache at --output and build it afresh (one built from other "
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                                   layers=args.mapping_layers)
     # what task step 1 (and then step 2) with these flags reads from the teacher
     step1 = DistillConfig(stage="task1", output_dir=args.output, student="",
-                          mapping=args.mapping, attention_from=args.attention_from)
+                          mapping=args.mapping, attention_form=args.attention_form)
     targets = TeacherTargets.of(step1, layer_map, teacher_config)
     tokenizer = pretrained("teacher", AutoTokenizer.from_pretrained, args.teacher)
     examples = training_examples(task, data_dir=args.data_dir, train_file=args.train_file,

@@ -59,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mse: TinyBERT's score MSE; kl: MiniLM's KL(softmax(S_t) || "
                         "softmax(S_s)) per query row over the unpadded keys (padded rows "
                         "excluded; tbf.attention_kl_scores, or tbf.attention_kl with "
-                        "--attention-from qk); none: no attention term")
+                        "--attention-form qk); none: no attention term")
     g.add_argument("--hidden-loss", choices=config.LOSS_CHOICES["hidden_loss"], default="mse",
                    help="mse: TinyBERT's projected MSE; cosine: 1 - cos(X W^T + b, Y) per token "
                         "(tbf.hidden_cosine); none: no embedding and hidden terms")
@@ -73,10 +73,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Triton on CUDA tensors, the eager reference on CPU tensors); eager: "
                         "backend 'torch', the eager reference everywhere (the same as "
                         "TINYBERT_FAST_BACKEND=torch)")
-    g.add_argument("--attention-from", choices=["scores", "qk"], default="scores",
+    g.add_argument("--attention-form", "--attention-from", choices=["scores", "qk"],
+                   default="scores", dest="attention_form",
                    help="qk: the attention loss from Q and K (tbf.attention_mse_qk); student and "
                         "teacher then run SDPA attention on every layer (with --teacher-cache, "
-                        "the cache stores the teacher's Q and K)")
+                        "the cache stores the teacher's Q and K); --attention-from is its "
+                        "deprecated name")
     g.add_argument("--mask-padding", action="store_true",
                    help="exclude padded query rows and tokens from the intermediate losses "
                         "(TinyBERT keeps them; always on with --teacher-cache)")

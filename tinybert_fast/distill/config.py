@@ -5,6 +5,7 @@ line builds its parser from these names alone."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from .. import glue
 
@@ -88,7 +89,7 @@ class DistillConfig:
     cache_dtype: str = "bf16"          # fp32 | bf16 | fp16 | int8
     rebuild_cache: bool = False        # remove the teacher cache and build it afresh
     mask_padding: bool = False         # exclude padded positions from the intermediate losses
-    attention_from: str = "scores"     # scores | qk (attention_mse_qk: both models run SDPA)
+    attention_form: str = "scores"     # scores | qk (attention_mse_qk: both models run SDPA)
     epochs: float | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -112,6 +113,14 @@ class DistillConfig:
     limit_train: int | None = None
     limit_eval: int | None = None
     progress: bool = True
+    # deprecated (0.1.0's name of attention_form; removed in the next release)
+    attention_from: dataclasses.InitVar[str | None] = None
+
+    def __post_init__(self, attention_from: str | None) -> None:
+        if attention_from is not None:
+            warnings.warn("DistillConfig(attention_from=...) is deprecated: use attention_form",
+                          DeprecationWarning, stacklevel=3)
+            self.attention_form = attention_from
 
     def resolved(self) -> "DistillConfig":
         """A copy with the stage defaults filled in; validates choices."""
@@ -121,9 +130,9 @@ class DistillConfig:
             raise ValueError(f"losses must be 'fused' or 'eager'; got {self.losses!r}")
         if self.init not in ("auto", "random", "teacher-layers"):
             raise ValueError(f"init must be auto, random or teacher-layers; got {self.init!r}")
-        if self.attention_from not in ("scores", "qk"):
-            raise ValueError(f"attention_from must be 'scores' or 'qk'; got "
-                             f"{self.attention_from!r}")
+        if self.attention_form not in ("scores", "qk"):
+            raise ValueError(f"attention_form must be 'scores' or 'qk'; got "
+                             f"{self.attention_form!r}")
         for name, choices in LOSS_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}; got {getattr(self, name)!r}")
@@ -166,7 +175,7 @@ def ineffective_settings(cfg: DistillConfig, task: glue.Task | None) -> list[str
             notes.append(f"--{name.replace('_', '-')} has no effect {why}")
     builds_from_teacher = cfg.init == "teacher-layers"   # the mapping picks the copied layers
     for name in ("attention_weight", "hidden_weight", "embedding_weight", "mapping",
-                 "mapping_layers", "mapping_seed", "attention_from", "mask_padding",
+                 "mapping_layers", "mapping_seed", "attention_form", "mask_padding",
                  "attention_loss", "hidden_loss"):
         if name.startswith("mapping") and builds_from_teacher:
             continue

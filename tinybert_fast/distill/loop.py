@@ -287,7 +287,7 @@ class _Run:
                                          lengths=self.lengths)
             todo = batches[done_in_epoch:]
             cached = (self.cache.prefetch(todo, self.device, pad_to=pad_to,
-                                          attention=self.targets.attention_form or "scores")
+                                          attention_form=self.targets.attention_form or "scores")
                       if self.cache is not None else None)
             for batch in data.iterate_batches(self.train_set, todo,
                                               self.tokenizer.pad_token_id, pad_to, regression):

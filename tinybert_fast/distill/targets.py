@@ -61,12 +61,12 @@ class TeacherTargets:
         attention = cfg.attention_loss != "none" and cfg.attention_weight != 0
         hidden = cfg.hidden_loss != "none" and (cfg.hidden_weight != 0 or
                                                 cfg.embedding_weight != 0)
-        form = cfg.attention_from if attention else None
+        form = cfg.attention_form if attention else None
         if form == "qk" and bias:
-            raise ValueError(f"--attention-from qk: {capture.MPNET_QK_ERROR}")
+            raise ValueError(f"--attention-form qk: {capture.MPNET_QK_ERROR}")
         if form == "qk" and any(len(g) > 1 for g in layer_map.attention):
             raise ValueError(f"mapping {cfg.mapping!r} averages teacher score maps, which "
-                             f"attention_from 'qk' does not form; use --attention-from scores "
+                             f"attention_form 'qk' does not form; use --attention-form scores "
                              f"with it")
         return cls(
             stage=cfg.stage, attention_form=form, position_bias=bias,
