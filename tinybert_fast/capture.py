@@ -49,6 +49,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import logging
 import warnings
 from collections.abc import Iterable
 
@@ -334,14 +335,23 @@ def _wrap(cls, name: str, wrapper, *args) -> None:
 
 def _wrap_families() -> None:
     """The family wrappers (module docstring): DistilBERT's layer indices, MPNet's layer indices
-    and its inline attention."""
-    from transformers.models.distilbert import modeling_distilbert
-    from transformers.models.mpnet import modeling_mpnet
-    _wrap(modeling_distilbert.Transformer, "forward", _numbering_layers,
-          lambda layer: layer.attention)
-    _wrap(modeling_mpnet.MPNetEncoder, "forward", _numbering_layers,
-          lambda layer: layer.attention.attn)
-    _wrap(modeling_mpnet.MPNetSelfAttention, "forward", _mpnet_self_attention)
+    and its inline attention.  A transformers release that moved one of these classes leaves
+    that family unwrapped, with a warning: its layers then record nothing, and the record's
+    `layers` says so."""
+    import importlib
+    for module, cls, wrapper, *args in (
+            ("distilbert", "Transformer", _numbering_layers, lambda layer: layer.attention),
+            ("mpnet", "MPNetEncoder", _numbering_layers, lambda layer: layer.attention.attn),
+            ("mpnet", "MPNetSelfAttention", _mpnet_self_attention)):
+        try:
+            found = getattr(importlib.import_module(f"transformers.models.{module}.modeling_"
+                                                    f"{module}"), cls)
+        except (ImportError, AttributeError) as exc:
+            logging.getLogger(__name__).warning("capture: cannot wrap %s.%s (%s): %s models "
+                                                "will record no attention", module, cls, exc,
+                                                module)
+            continue
+        _wrap(found, "forward", wrapper, *args)
 
 
 def register() -> str:
