@@ -80,7 +80,7 @@ def default_textbrewer_python() -> str:
 
 # ----------------------------------------------------------------------------- set-up
 
-FULL = dict(batch_size=32, max_length=128, batches=8, rounds=8, steps=3, warmup=1,
+FULL = dict(batch_size=32, max_length=128, batches=8, rounds=10, steps=3, warmup=1,
             student="tinybert4")
 QUICK = dict(batch_size=4, max_length=128, batches=3, rounds=2, steps=2, warmup=1)
 # tiny MPNet models for --quick: the teacher 4 x 32 (4 heads), the student 2 x 16 (4 heads)
@@ -477,7 +477,14 @@ def run(args) -> dict:
     setup = Setup(args, root)
     teacher = distill.load_teacher(setup.teacher_dir, "task1", setup.task, torch.device("cpu"))
     total_steps = args.warmup + args.rounds * args.steps
-    notes = []
+    notes = [
+        "TextBrewer's step includes its per-step .item() of the total and of each match's loss "
+        "(write_loss; no TensorBoard writer: log_dir None) and its tqdm bar (to the worker's log)",
+        "TextBrewer 0.2.1 takes teacher outputs that a user computed and stored if the batch "
+        "carries them ('teacher_cache'); it has no store or builder of its own, and runs the "
+        "teacher every step by default, as here",
+        "CPU ms/step is the process's CPU time over all its threads (the cache's prefetch thread "
+        "included): a median above the step's wall time means a second core did work"]
 
     if not tc.HAS_EXTENSION:
         raise RuntimeError(f"the teacher-cache extension is not available: {tc.EXTENSION_ERROR}")
@@ -519,8 +526,15 @@ def run(args) -> dict:
                 notes.append(f"stopped after {rounds_done} of {args.rounds} rounds: "
                              f"--budget-seconds {args.budget_seconds} reached")
                 break
-            for name, provider in providers.items():
-                got = provider.run(args.warmup if r == 0 else args.steps)
+            for name, provider in list(providers.items()):
+                try:
+                    got = provider.run(args.warmup if r == 0 else args.steps)
+                except RuntimeError as exc:  # the worker died: report the others
+                    if provider is not worker_proc:
+                        raise
+                    notes.append(f"textbrewer stopped in round {r}: {exc}")
+                    del providers[name]
+                    continue
                 if r == 0:
                     continue  # warm-up: the allocator, the first prefetch, the worker's imports
                 for key in times[name]:
