@@ -272,4 +272,4 @@ def test_study_end_to_end_killed_and_finished(tiny, tmp_path):
         assert len(list((out / "caches").iterdir())) == 1
     # run again: nothing left to run
     third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert third.returncode == 0 and "study: starting" not in third.stderr
+    assert third.returncode == 0 and "study: starting" not in third.stderr, third.stderr[-3000:]
