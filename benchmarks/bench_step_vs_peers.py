@@ -227,8 +227,8 @@ def _optimizer(named_parameters, cfg):
 # ----------------------------------------------------------------------------- our loop's step
 
 class LoopStep:
-    """The loop's task-1 step (distill.loop._Run._train_step): the Objective on the student and
-    the teacher's outputs (live, or from the teacher cache's prefetch), backward, clipping,
+    """The loop's task-1 step (tinybert_fast.distill.train_step): the Objective on the student
+    and the teacher's outputs (live, or from the teacher cache's prefetch), backward, clipping,
     AdamW, schedule, zero_grad."""
 
     def __init__(self, name: str, setup: Setup, teacher, cache=None, total_steps: int = 0):
@@ -246,7 +246,8 @@ class LoopStep:
         if cache is not None:  # one prefetch over all the steps, as the loop has one an epoch
             ids = [setup.example_batches[i % len(setup.batches)] for i in range(total_steps)]
             self.prefetch = cache.prefetch(ids, torch.device("cpu"), num_threads=setup.args.threads,
-                                           attention=setup.targets.attention_form or "scores")
+                                           attention_form=setup.targets.attention_form
+                                           or "scores")
 
     def loss_terms(self, step: int) -> dict:
         """The objective's terms on the batch of `step`, in eval mode, no grad (the loss check;
@@ -256,7 +257,8 @@ class LoopStep:
         if self.cache is not None:
             cached = next(iter(self.cache.prefetch(
                 [self.setup.example_batches[step % len(self.setup.batches)]],
-                torch.device("cpu"), attention=self.setup.targets.attention_form or "scores")))
+                torch.device("cpu"),
+                attention_form=self.setup.targets.attention_form or "scores")))
         self.model.eval()
         with torch.no_grad():
             terms = self.objective(self.model, dict(batch), None, cached)
@@ -264,6 +266,7 @@ class LoopStep:
         return {k: float(v) for k, v in terms.items()}
 
     def run(self, steps: int) -> dict:
+        from tinybert_fast import distill
         wall, cpu, digests = [], [], []
         for _ in range(steps):
             batch = self.setup.batch(self.step_index)
@@ -272,12 +275,8 @@ class LoopStep:
             t0, c0 = time.perf_counter(), time.process_time()
             cached = next(self.prefetch) if self.prefetch is not None else None
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-            terms = self.objective(self.model, inputs, None, cached)
-            terms["total"].backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.setup.cfg.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            distill.train_step(self.model, self.objective, self.optimizer, self.scheduler,
+                               inputs, None, cached, max_grad_norm=self.setup.cfg.max_grad_norm)
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         return {"wall": wall, "cpu": cpu, "digests": digests}

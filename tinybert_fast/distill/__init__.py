@@ -47,7 +47,8 @@ _NAMES = {
     **dict.fromkeys(("TeacherTargets",), ".targets"),
     **dict.fromkeys(("dataset_fingerprint", "open_teacher_cache",
                      "teacher_cache", "training_source", "training_tokens"), ".cache_glue"),
-    **dict.fromkeys(("distill", "load_training_examples", "training_examples"), ".loop"),
+    **dict.fromkeys(("distill", "train_step", "load_training_examples", "training_examples"),
+                    ".loop"),
     # the package modules the loop is built on, reachable as before (distill.data.get_task)
     **dict.fromkeys(("data", "train", "mapping", "capture"), ".."),
 }

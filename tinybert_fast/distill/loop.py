@@ -3,6 +3,7 @@ DDP, checkpoints and exact resume, logging, dev evaluation and the exported mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -50,6 +51,26 @@ def load_training_examples(cfg: DistillConfig, task: data.Task | None) -> list[d
     return training_examples(task, general=cfg.stage == "general", data_dir=cfg.data_dir,
                              train_file=cfg.train_file, corpus=cfg.corpus,
                              limit=cfg.limit_train)
+
+
+def train_step(model: nn.Module, objective: Objective, optimizer, scheduler, inputs: dict,
+               labels, cached=None, *, max_grad_norm: float = 1.0, autocast=None,
+               parameters=None) -> dict:
+    """One optimisation step of the loop: the objective's terms on a batch (the teacher's
+    outputs live, or `cached`: its TeacherBatch), backward, gradient clipping to max_grad_norm
+    (0: none), the optimizer and schedule steps, zero_grad; returns the terms, detached (on the
+    device: no sync).  model: StudentWithProjection (or DDP of it); autocast: a context (default
+    none); parameters: what is clipped (default model.parameters())."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        terms = objective(model, inputs, labels, cached)
+    terms["total"].backward()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters() if parameters is None else parameters,
+                                       max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {k: v.detach() for k, v in terms.items()}
 
 
 def distill(cfg: DistillConfig) -> dict:
@@ -345,15 +366,10 @@ class _Run:
         inputs = {k: batch[k].to(self.device, non_blocking=True)
                   for k in train.model_inputs(self.student, batch)}
         labels = batch["labels"].to(self.device) if "labels" in batch else None
-        with train.autocast(self.device, self.bf16):
-            terms = self.objective(self.ddp, inputs, labels, cached)
-        terms["total"].backward()
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {k: v.detach() for k, v in terms.items()}
+        return train_step(self.ddp, self.objective, self.optimizer, self.scheduler, inputs,
+                          labels, cached, max_grad_norm=self.cfg.max_grad_norm,
+                          autocast=train.autocast(self.device, self.bf16),
+                          parameters=self.model.parameters())
 
     def _log_window(self, window, terms, epoch, bar) -> None:
         elapsed = time.perf_counter() - window["t0"]
