@@ -187,3 +187,72 @@ def test_unsupported_families_are_refused_by_name():
         capture.family(transformers.GPT2Config())
     assert capture.family(_config("mpnet")).position_bias
     assert not capture.family(_config("distilbert")).token_types
+
+
+def _targets(attention_loss="mse", family="bert"):
+    from tinybert_fast import mapping
+    from tinybert_fast.distill import DistillConfig, TeacherTargets
+    cfg = DistillConfig(stage="task1", output_dir="o", student="s", attention_loss=attention_loss)
+    return TeacherTargets.of(cfg, mapping.layer_map("uniform", 1, LAYERS), _config(family))
+
+
+def test_pairs_that_cannot_be_distilled_are_refused_by_name():
+    from transformers import BertConfig
+
+    from tinybert_fast.distill import check_pair
+    teacher = _config("bert")
+    check_pair(_config("bert", hidden=24), teacher, _targets())        # widths may differ
+    with pytest.raises(ValueError, match="vocabularies differ: the student's has 99 entries "
+                                         "and the teacher's 120"):
+        check_pair(BertConfig(vocab_size=99, num_attention_heads=4, hidden_size=32), teacher,
+                   _targets())
+    with pytest.raises(ValueError, match=r"pad with different ids \(1 and 0\)"):
+        check_pair(_config("roberta"), teacher, _targets())
+    other_heads = BertConfig(vocab_size=V, num_attention_heads=2, hidden_size=32)
+    with pytest.raises(ValueError, match="student has 2 heads and the teacher 4"):
+        check_pair(other_heads, teacher, _targets())
+    # no attention term, no head pairing: the drift check_pair had (it refused this pair)
+    check_pair(other_heads, teacher, _targets(attention_loss="none"))
+
+    class Tokenizer:
+        def __len__(self):
+            return V + 5
+    with pytest.raises(ValueError, match=f"tokenizer has {V + 5} tokens but the models' "
+                                         f"vocabulary {V}"):
+        check_pair(_config("bert"), teacher, _targets(), Tokenizer())
+
+
+def test_presets_share_the_teachers_tokenizer_in_either_family():
+    from tinybert_fast.distill import preset_config
+    mpnet = _config("mpnet")
+    same = preset_config("tinybert4", mpnet)
+    assert (same.model_type, same.num_hidden_layers, same.hidden_size, same.num_attention_heads,
+            same.intermediate_size) == ("mpnet", 4, 312, 12, 1200)
+    assert (same.vocab_size, same.pad_token_id, same.relative_attention_num_buckets) == (V, 1, 32)
+    bert = preset_config("tinybert4", mpnet, "bert", num_labels=3)
+    assert (bert.model_type, bert.vocab_size, bert.pad_token_id, bert.num_labels) == (
+        "bert", V, 1, 3)
+    distil = preset_config("tinybert6", _config("distilbert"))
+    assert (distil.model_type, distil.n_layers, distil.dim, distil.n_heads,
+            distil.hidden_dim) == ("distilbert", 6, 768, 12, 3072)
+    electra = preset_config("tinybert4", _config("electra"))
+    assert electra.embedding_size == electra.hidden_size == 312
+
+
+def test_an_mpnet_student_from_teacher_layers_takes_the_position_bias_table():
+    from tinybert_fast import mapping
+    from tinybert_fast.distill import build_student
+    from transformers import AutoModel
+    torch.manual_seed(4)
+    teacher = AutoModel.from_config(_config("mpnet"))
+    student = build_student("tinybert4", "general", None, _config("mpnet", hidden=32), "random")
+    assert student.config.model_type == "mpnet"
+    small = _config("mpnet")
+    small.num_hidden_layers = 1
+    from tinybert_fast.distill import copy_teacher_layers
+    one = AutoModel.from_config(small)
+    copy_teacher_layers(one, teacher, mapping.layer_map("uniform", 1, LAYERS))
+    torch.testing.assert_close(one.encoder.relative_attention_bias.weight,
+                               teacher.encoder.relative_attention_bias.weight)
+    torch.testing.assert_close(one.encoder.layer[0].attention.attn.q.weight,
+                               teacher.encoder.layer[LAYERS - 1].attention.attn.q.weight)
