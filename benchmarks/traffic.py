@@ -20,11 +20,11 @@ with backend "triton" (the kernels interpreted) and counts:
 - launches: Triton kernel launches + aten ops that move bytes.
 
 The interpreter is slow, so the tool measures at batch sizes 1, 2 and 3 of the headline shape,
-fits bytes = a + b * B on the first two, checks that the third matches the fit exactly (every
-count, per launch too) and reports the headline batch by the fit: those rows say
-"scaled from B = 1, 2 (checked at 3)".  Output: ops.json ({"rows": [...]}) and ops.md, whose time
-columns are a PREDICTION (bytes / copy bandwidth: H100 3.0 TB/s, H200 4.3 TB/s), not a
-measurement.
+fits bytes = a + b * B on the first two, checks that the third matches the fit (every count, per
+launch too; exactly, or within FIT_SLACK_BYTES where a grid rounds up) and reports the headline
+batch by the fit: those rows say "scaled from B=1,2 (checked at B=3: ...)".  Output: ops.json
+({"rows": [...]}) and ops.md, whose time columns are a PREDICTION (bytes / copy bandwidth: H100
+3.0 TB/s, H200 4.3 TB/s), not a measurement.
 """
 
 from __future__ import annotations
@@ -205,6 +205,7 @@ class Case:
     shape: Callable[[int], str]
     batch: int              # the headline batch
     dtype: torch.dtype = torch.bfloat16
+    headline: bool = True   # the op's headline shape (False: an extra shape beside it)
 
 
 def _randn(gen, *shape, dtype, scale=1.0):
@@ -217,7 +218,8 @@ def _cases(dtype=torch.bfloat16) -> list[Case]:
     n, H, L = 4, 12, 128          # TinyBERT4: 4 mapped attention layers, 12 heads, length 128
     d_s, d_t = 26, 64             # head dims of TinyBERT4 and BERT-base
     D_S, D_T, n_hid = 312, 768, 5  # hidden widths, 5 mapped states
-    C = 1000                      # logits: the issue's C = 1000, N = B rows
+    C = 1000                      # logits: the issue's C = 1000, N = B*L = 4096 rows
+    VOCAB = 30522                 # BERT's vocabulary: an MLM-logit KL (DistilBERT)
 
     def scores(fused, eager, scale):
         def make(B):
@@ -247,7 +249,7 @@ def _cases(dtype=torch.bfloat16) -> list[Case]:
             return fused, eager, x, ("student", "weight", "bias")
         return make
 
-    def logits(fused, eager):
+    def logits(fused, eager, C=C):
         def make(B):
             g = torch.Generator().manual_seed(B)
             x = {"student_logits": _randn(g, B, C, dtype=dtype, scale=2.0),
@@ -259,6 +261,7 @@ def _cases(dtype=torch.bfloat16) -> list[Case]:
     qk_shape = lambda B: f"n={n} B={B} H={H} L={L} d_s={d_s} d_t={d_t}"
     hid_shape = lambda B: f"n={n_hid} B={B} L={L} d_s={D_S} d_t={D_T}"
     logit_shape = lambda N: f"N={N} C={C}"
+    vocab_shape = lambda N: f"N={N} C={VOCAB}"
     return [
         Case("attention_mse", scores(tbf.attention_mse, ref.attention_mse, 3.0), score_shape, 32,
              dtype),
@@ -273,6 +276,11 @@ def _cases(dtype=torch.bfloat16) -> list[Case]:
              logit_shape, 4096, dtype),
         Case("kl_divergence", logits(tbf.kl_divergence, ref.kl_divergence), logit_shape, 4096,
              dtype),
+        # beside the headline: the MLM vocabulary (DistilBERT's KL), rows wider than one tile
+        Case("soft_cross_entropy", logits(tbf.soft_cross_entropy, ref.soft_cross_entropy, VOCAB),
+             vocab_shape, 4096, dtype, headline=False),
+        Case("kl_divergence", logits(tbf.kl_divergence, ref.kl_divergence, VOCAB), vocab_shape,
+             4096, dtype, headline=False),
     ]
 
 
@@ -312,6 +320,12 @@ def _affine(y1, y2, b1, b2, b):
     return y1 + slope * (b - b1)
 
 
+# Largest difference between a count measured at the third batch size and the fit on the first
+# two that still counts as linear: a kernel whose grid rounds up (cdiv) may store a few partial
+# sums more or less than the line says (hidden_cosine: 4 to 8 bytes).
+FIT_SLACK_BYTES = 64
+
+
 def _counts(case: Case, B: int) -> dict:
     fused, eager, inputs, needs = case.make(B)
     return {"measured": measure(fused, inputs, needs, True),
@@ -338,19 +352,21 @@ def run_case(case: Case, sizes=(1, 2, 3), log=print) -> list[dict]:
     counts = [_flat(_counts(case, b)) for b in sizes]
     if not (counts[0].keys() == counts[1].keys() == counts[2].keys()):
         raise RuntimeError(f"{case.op}: the launches differ between batch sizes {sizes}")
-    fit = {}
+    fit, worst = {}, 0
     for key in counts[0]:
         pred3 = _affine(counts[0][key], counts[1][key], b1, b2, b3)
-        if pred3 != counts[2][key]:
+        dev = abs(pred3 - counts[2][key])
+        if dev > FIT_SLACK_BYTES:
             raise RuntimeError(f"{case.op}: {key} is {counts[2][key]} at B={b3}, the fit on "
                                f"B={b1},{b2} predicts {pred3}")
+        worst = max(worst, dev)
         fit[key] = _affine(counts[0][key], counts[1][key], b1, b2, case.batch)
     rows = []
     for p in PASSES:
         launches = sorted((k[2], k[3], v) for k, v in fit.items()
                           if k[0] == "launch" and k[1] == p)
         rows.append({
-            "op": case.op, "shape": case.shape(case.batch),
+            "op": case.op, "shape": case.shape(case.batch), "headline": case.headline,
             "dtype": str(case.dtype).replace("torch.", ""), "pass": p,
             "measured_bytes": fit[("measured", p, "bytes")],
             "compulsory_bytes": fit[("compulsory", p)],
@@ -358,7 +374,8 @@ def run_case(case: Case, sizes=(1, 2, 3), log=print) -> list[dict]:
             "launches": fit[("measured", p, "launches")],
             "eager_launches": fit[("eager", p, "launches")],
             "per_launch": [{"kernel": name, "bytes": v} for _, name, v in launches],
-            "method": f"scaled from B={b1},{b2} (checked exactly at B={b3})",
+            "method": (f"scaled from B={b1},{b2} (checked at B={b3}: "
+                       + ("exact)" if worst == 0 else f"within {worst} bytes)")),
         })
         log(f"{case.op:20s} {p:8s} measured {rows[-1]['measured_bytes'] / 2**20:10.2f} MiB  "
             f"compulsory {rows[-1]['compulsory_bytes'] / 2**20:10.2f}  "
@@ -366,9 +383,39 @@ def run_case(case: Case, sizes=(1, 2, 3), log=print) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+# the ops whose forward + backward #26 asks at <= 1.5x compulsory and >= 3x less than eager
+AT_THE_MINIMUM = ("attention_mse", "attention_kl_scores", "soft_cross_entropy", "kl_divergence")
+
+
+def _ratio(a: float, b: float) -> str:
+    """a / b for a table cell; '>999' for a backward that moves next to nothing."""
+    if b == 0:
+        return "-"
+    return ">999" if a / b > 999 else f"{a / b:.2f}"
+
+
+def _table(rows: list[dict]) -> list[str]:
     mib = lambda b: f"{b / 2**20:.1f}"
     us = lambda b, bw: f"{b / bw * 1e6:.0f}"
+    lines = [
+        "| op | shape | pass | measured MiB | compulsory MiB | eager MiB | measured / compulsory "
+        "| eager / measured | launches | H100 µs (pred.) | H200 µs (pred.) "
+        "| eager H100 µs (pred.) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m, c, e = r["measured_bytes"], r["compulsory_bytes"], r["eager_bytes"]
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['pass']} | {mib(m)} | {mib(c)} | {mib(e)} | "
+            f"{_ratio(m, c)} | {_ratio(e, m)} | {r['launches']} | {us(m, BANDWIDTH['H100'])} | "
+            f"{us(m, BANDWIDTH['H200'])} | {us(e, BANDWIDTH['H100'])} |")
+    return lines
+
+
+def markdown(rows: list[dict]) -> str:
+    """ops.md: the bar of #26 for the four ops at the minimum, then every row."""
+    both = [r for r in rows if r["pass"] == "fwd+bwd" and r.get("headline", True)
+            and r["op"] in AT_THE_MINIMUM]
     lines = [
         "# Memory traffic per op (measured in Triton's interpreter)",
         "",
@@ -376,21 +423,27 @@ def markdown(rows: list[dict]) -> str:
         "(mask-true lanes only) plus the fused path's own aten ops; compulsory = each input read "
         "once + each output and gradient written once; eager = input + output bytes of every "
         "aten op of `tinybert_fast.reference`.  Student inputs require grad, the teacher's do "
-        "not; bf16; headline shapes scaled from measured batches (see `method` in ops.json).",
+        "not; grad_output = 1; bf16; no attention mask; headline shapes scaled from measured "
+        "batches (see `method` in ops.json).",
         "",
         "**The µs columns are a PREDICTION** (bytes / copy bandwidth: H100 3.0 TB/s, H200 "
         "4.3 TB/s), not a measurement: no GPU has timed these ops yet.",
         "",
-        "| op | shape | pass | measured MiB | compulsory MiB | eager MiB | measured / compulsory "
-        "| eager / measured | launches | H100 µs (pred.) | H200 µs (pred.) | eager H100 µs (pred.) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Forward + backward at the headline shapes (#26: <= 1.5x compulsory, >= 3x less than "
+        "eager): " + "; ".join(
+            f"{r['op']} {_ratio(r['measured_bytes'], r['compulsory_bytes'])}x compulsory, "
+            f"eager {_ratio(r['eager_bytes'], r['measured_bytes'])}x" for r in both) + ".",
+        "",
+        "## Headline shapes",
+        "",
+        *_table([r for r in rows if r.get("headline", True)]),
     ]
-    for r in rows:
-        m, c, e = r["measured_bytes"], r["compulsory_bytes"], r["eager_bytes"]
-        lines.append(
-            f"| {r['op']} | {r['shape']} | {r['pass']} | {mib(m)} | {mib(c)} | {mib(e)} | "
-            f"{m / c:.2f} | {e / m:.2f} | {r['launches']} | {us(m, BANDWIDTH['H100'])} | "
-            f"{us(m, BANDWIDTH['H200'])} | {us(e, BANDWIDTH['H100'])} |")
+    extra = [r for r in rows if not r.get("headline", True)]
+    if extra:
+        lines += ["", "## Beside the headline", "",
+                  "Logits over BERT's vocabulary: a row of 30,522 classes is wider than one tile "
+                  "(4,096), so the forward reads it twice (the second time for the gradients).",
+                  "", *_table(extra)]
     return "\n".join(lines) + "\n"
 
 
@@ -400,7 +453,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join("benchmarks", "results", "traffic"),
                         help="folder for ops.json and ops.md")
     parser.add_argument("--ops", nargs="*", help="only these ops (default: all)")
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="rewrite ops.md from the ops.json in --out, measuring nothing")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        with open(os.path.join(args.out, "ops.json")) as f:
+            rows = json.load(f)["rows"]
+        with open(os.path.join(args.out, "ops.md"), "w") as f:
+            f.write(markdown(rows))
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         parser.error("set TRITON_INTERPRET=1 (the counts come from Triton's interpreter)")
     torch.manual_seed(0)

@@ -99,3 +99,36 @@ def test_markdown_labels_prediction():
     assert "PREDICTION" in text
     # 3 MB at 3.0 TB/s is 1 us; ratios 1.50 and 3.00
     assert "| x | s | fwd+bwd | 2.9 | 1.9 | 8.6 | 1.50 | 3.00 | 2 | 1 | 1 | 3 |" in text
+
+
+def _score_inputs():
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 2, 3, 32, 32)  # [n, B, H, L, L]
+    return {"student": torch.randn(shape, generator=g) * 3,
+            "teacher": torch.randn(shape, generator=g) * 3}
+
+
+def _logit_inputs():
+    g = torch.Generator().manual_seed(0)
+    return {"student_logits": torch.randn(8, 100, generator=g) * 2,
+            "teacher_logits": torch.randn(8, 100, generator=g) * 2}
+
+
+@needs_triton
+@pytest.mark.parametrize("op, inputs", [
+    ("attention_mse", _score_inputs), ("attention_kl_scores", _score_inputs),
+    ("soft_cross_entropy", _logit_inputs), ("kl_divergence", _logit_inputs)])
+def test_score_and_logit_ops_move_the_compulsory_bytes(op, inputs):
+    """#26's bar at a small shape: forward + backward within 1.5x of the compulsory bytes (each
+    input read once, the gradient written once) and at least 3x less than eager; the forward
+    writes the student's gradient, so the backward (grad_output = 1) moves almost nothing."""
+    import tinybert_fast as tbf
+    x = inputs()
+    needs = (next(iter(x)),)  # the student's input
+    fused = traffic.measure(getattr(tbf, op), x, needs, fused=True)
+    eager = traffic.measure(getattr(tbf.reference, op), x, needs, fused=False)
+    need = traffic.compulsory(x, needs)
+    total = fused["fwd+bwd"]["bytes"]
+    assert total <= 1.5 * need["fwd+bwd"], (total, need)
+    assert eager["fwd+bwd"]["bytes"] >= 3 * total, (eager["fwd+bwd"]["bytes"], total)
+    assert fused["bwd"]["bytes"] < 0.01 * need["bwd"], fused["bwd"]

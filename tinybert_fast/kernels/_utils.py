@@ -232,7 +232,7 @@ def online_softmax_step(m, l, z, k):
 
 @triton.jit
 def load_logit_tile(s_ptr, t_ptr, s_row, t_row, rows_ok, c0, C, s_stride_c, t_stride_c,
-                 BLOCK_C: tl.constexpr):
+                    BLOCK_C: tl.constexpr):
     """Columns c0 .. c0 + BLOCK_C of rows of both [N, C] logit sets (s_row, t_row: the rows'
     int64 offsets) in fp32, -inf past C (for the softmax) and 0 on rows past N; and the tile's
     columns and in-bounds mask."""

@@ -28,7 +28,7 @@ def register_autograd(op, backward, setup_context) -> None:
     op.register_autograd(backward_for_passed_arguments, setup_context=setup_context)
 
 
-# --- gradients computed in the forward pass ---------------------------------------------------------
+# --- gradients computed in the forward pass -----------------------------------------------------
 # attention_mse, attention_kl_scores, soft_cross_entropy and kl_divergence write d(loss)/d(input)
 # in their forward kernel (for an incoming gradient of 1) when an input requires grad, and return
 # it as an output marked non-differentiable; their backward scales it by the incoming gradient in

@@ -136,7 +136,8 @@ def _backward(ctx, grad, _grad_gs, _grad_gt):
     saved = list(ctx.saved_tensors)
     check_computed("attention_mse", [any(w) for w in ctx.needs_input_grad[:2]], ctx.need)
     gs = scaled_gradients(grad, saved[:n], ctx.factor) if need_s else [None] * n
-    gt = scaled_gradients(grad, saved[n:] if need_s else saved, ctx.factor) if need_t else [None] * n
+    gt = scaled_gradients(grad, saved[n:] if need_s else saved, ctx.factor) if need_t \
+        else [None] * n
     # list inputs take a list of gradients (None entries where none is needed)
     return gs, gt, None, None, None, None, None
 

@@ -37,8 +37,8 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperatu
     temperature = _checks.logits_arguments(student_logits, temperature, reduction)
     if not _backend.use_fused(student_logits):
         return reference.soft_cross_entropy(student_logits, teacher_logits, temperature, reduction)
-    return fused_logits_loss(torch.ops.tinybert_fast.soft_cross_entropy, student_logits, teacher_logits,
-                             temperature, reduction)
+    return fused_logits_loss(torch.ops.tinybert_fast.soft_cross_entropy, student_logits,
+                             teacher_logits, temperature, reduction)
 
 
 # --- registered ops ------------------------------------------------------------------------------
