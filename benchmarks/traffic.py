@@ -72,7 +72,9 @@ class TrafficCounter:
         self.in_kernel = False
         self._saved = []
 
-    def _patch(self, owner, name, wrapper):
+    def _patch(self, owner, name, wrapper, required=True):
+        if not required and not hasattr(owner, name):
+            return  # an interpreter without it (atomics): nothing of that kind to count
         original = getattr(owner, name)
         self._saved.append((owner, name, original))
         setattr(owner, name, wrapper(original))
@@ -121,8 +123,8 @@ class TrafficCounter:
         B = ti.InterpreterBuilder
         self._patch(B, "create_masked_load", count("loaded"))    # (ptrs, mask, other, ...)
         self._patch(B, "create_masked_store", count("stored"))   # (ptrs, value, mask, ...)
-        self._patch(B, "create_atomic_rmw", atomic(3))           # (op, ptr, val, mask, ...)
-        self._patch(B, "create_atomic_cas", atomic(None))        # (ptr, cmp, val, ...)
+        self._patch(B, "create_atomic_rmw", atomic(3), False)    # (op, ptr, val, mask, ...)
+        self._patch(B, "create_atomic_cas", atomic(None), False)  # (ptr, cmp, val, ...)
         self._patch(ti.GridExecutor, "__call__", launch)
         return self
 
