@@ -132,3 +132,18 @@ def test_score_and_logit_ops_move_the_compulsory_bytes(op, inputs):
     assert total <= 1.5 * need["fwd+bwd"], (total, need)
     assert eager["fwd+bwd"]["bytes"] >= 3 * total, (eager["fwd+bwd"]["bytes"], total)
     assert fused["bwd"]["bytes"] < 0.01 * need["bwd"], fused["bwd"]
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["attention_mse", "attention_kl_scores"])
+def test_an_int64_mask_costs_one_byte_per_score(op):
+    """Hugging Face's int64 attention mask: the kernels load the key mask with every tile, as one
+    byte per entry (kernels._utils.byte_mask), so a masked pass stays within the bar."""
+    import tinybert_fast as tbf
+    x = _score_inputs()
+    mask = torch.ones(2, 32, dtype=torch.int64)
+    mask[1, 20:] = 0
+    fn = lambda student, teacher: getattr(tbf, op)(student, teacher, mask)
+    fused = traffic.measure(fn, x, ("student",), fused=True)
+    need = traffic.compulsory(x, ("student",))
+    assert fused["fwd+bwd"]["bytes"] <= 1.5 * need["fwd+bwd"], (fused["fwd+bwd"], need)

@@ -193,6 +193,16 @@ def qk_tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
 
 # --- the streaming loss families (attention_mse, attention_kl_scores, soft_ce, kl_div) -----------
 
+def byte_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A [B, L] mask as 1 byte per entry (nonzero = token): a kernel that loads the key mask with
+    every [rows, keys] tile requests 1 byte per score instead of 8 for an int64 mask (Hugging
+    Face's), which would double the traffic of a bf16 score pass.  bool and uint8 pass as they
+    are; anything else costs one elementwise op over B*L."""
+    if mask is None or mask.dtype in (torch.bool, torch.uint8):
+        return mask
+    return mask != 0
+
+
 def stream_launch(n_cols: int, max_cols: int = 8192) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_COLS, num_warps) of a streaming kernel over rows of `n_cols` columns:
     stream_tile and stream_num_warps together (every streaming family launches this way)."""

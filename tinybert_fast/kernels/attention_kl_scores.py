@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (LN2, LOG2E, mask_args, online_softmax_step, score_row_offsets,
+from ._utils import (LN2, LOG2E, byte_mask, mask_args, online_softmax_step, score_row_offsets,
                      stream_launch)
 
 # Start of the running maxima: the most negative finite fp32 (see the module docstring).
@@ -200,7 +200,7 @@ def attention_kl_scores_forward(student: list[torch.Tensor], teacher: list[torch
     grids = [triton.cdiv(r, block_rows) for r in n_rows]
     device = student[0].device
     partials = torch.empty(sum(grids), dtype=torch.float32, device=device)
-    mask_t, msb, msj, has_mask = mask_args(mask, partials)
+    mask_t, msb, msj, has_mask = mask_args(byte_mask(mask), partials)
     grads_s = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in student] \
         if need_student else []
     grads_t = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in teacher] \

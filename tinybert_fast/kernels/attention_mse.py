@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._semantics import MASK_THRESHOLD
-from ._utils import mask_args, score_row_offsets, split_grad_scale, stream_launch
+from ._utils import byte_mask, mask_args, score_row_offsets, split_grad_scale, stream_launch
 
 _THRESHOLD = tl.constexpr(MASK_THRESHOLD)  # kernels read globals only as constexpr
 
@@ -109,7 +109,7 @@ def attention_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tenso
     block_rows, block_l, num_warps = stream_launch(L)
     grids = [triton.cdiv(s.shape[0] * B * H * L, block_rows) for s in student]
     partials = torch.empty(sum(grids), dtype=torch.float32, device=student[0].device)
-    mask_t, msb, msj, has_mask = mask_args(mask, partials)
+    mask_t, msb, msj, has_mask = mask_args(byte_mask(mask), partials)
     grads_s = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student] \
         if need_student else []
     grads_t = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teacher] \
