@@ -54,6 +54,7 @@ from tinybert_fast.kernels import attention_kl, attention_mse, attention_qk, hid
 from tinybert_fast.kernels import kl_div
 from tinybert_fast.kernels import attention_kl_scores
 from tinybert_fast.kernels import hidden_cosine
+from tinybert_fast.kernels import _utils
 
 RESULTS = Path(__file__).resolve().parent / "results" / "static"
 META = torch.device("meta")
@@ -213,10 +214,11 @@ def calls_attention_mse(quick):
             m = None if md is None else _mask(B, L, md)
             for mq in ((False,) if m is None or quick else (False, True)):
                 name = f"attention_mse B{B}H{H}L{L} {DT[ds]}/{DT[dt]} mask={_mname(md)} mq={mq}"
-                yield name, lambda s=s, t=t, m=m, mq=mq: (
-                    attention_mse.attention_mse_forward([s], [t], m, 1.0, mq),
-                    attention_mse.attention_mse_backward(_t(), [s], [t], m, 1.0, True, not quick,
-                                                         mq))
+                # no gradient (evaluation), the student's (training), both (full table)
+                needs = [(True, False)] if quick else [(False, False), (True, False), (True, True)]
+                yield name, lambda s=s, t=t, m=m, mq=mq, needs=needs: [
+                    attention_mse.attention_mse_forward([s], [t], m, 1.0, mq, *need)
+                    for need in needs]
 
 
 def calls_hidden_mse(quick):
@@ -287,10 +289,9 @@ def calls_soft_ce(quick):
     dtypes = [(BF16, BF16)] if quick else [(BF16, BF16), (F32, F32), (F16, F16), (BF16, F32)]
     for (N, C), (ds, dt) in _product(shapes, dtypes):
         s, t = _t(N, C, dtype=ds), _t(N, C, dtype=dt)
-        yield f"soft_ce N{N}C{C} {DT[ds]}/{DT[dt]}", lambda s=s, t=t: (
-            soft_ce.soft_cross_entropy_forward(s, t, 1.0, 1.0),
-            soft_ce.soft_cross_entropy_backward(_t(), s, t, _t(3, s.shape[0]), 1.0, 1.0, True,
-                                                not quick))
+        needs = [(True, False)] if quick else [(False, False), (True, False), (True, True)]
+        yield f"soft_ce N{N}C{C} {DT[ds]}/{DT[dt]}", lambda s=s, t=t, needs=needs: [
+            soft_ce.soft_cross_entropy_forward(s, t, 1.0, 1.0, *need) for need in needs]
 
 
 def calls_kl_div(quick):
@@ -301,12 +302,9 @@ def calls_kl_div(quick):
     dtypes = [(BF16, BF16)] if quick else [(BF16, BF16), (F32, F32), (F16, F16), (F32, BF16)]
     for (N, C), (ds, dt) in _product(shapes, dtypes):
         s, t = _t(N, C, dtype=ds), _t(N, C, dtype=dt)
-        yield f"kl_div N{N}C{C} {DT[ds]}/{DT[dt]}", lambda s=s, t=t: (
-            kl_div.kl_divergence_forward(s, t, 2.0, 1.0),
-            kl_div.kl_divergence_backward(_t(), s, t, _t(kl_div.N_STATS, s.shape[0]), 2.0, 1.0,
-                                          True, False),
-            None if quick else kl_div.kl_divergence_backward(
-                _t(), s, t, _t(kl_div.N_STATS, s.shape[0]), 2.0, 1.0, True, True))
+        needs = [(True, False)] if quick else [(False, False), (True, False), (True, True)]
+        yield f"kl_div N{N}C{C} {DT[ds]}/{DT[dt]}", lambda s=s, t=t, needs=needs: [
+            kl_div.kl_divergence_forward(s, t, 2.0, 1.0, *need) for need in needs]
 
 
 # (B, H, L, d_s, d_t): TinyBERT4 <- BERT-base at L = 128 (the real shape), the benchmark's lengths
@@ -400,16 +398,25 @@ def calls_attention_kl_scores(quick):
             s, t = _t(4, B, H, L, L, dtype=ds), _t(4, B, H, L, L, dtype=dt)
             m = None if md is None else _mask(B, L, md)
             name = f"attention_kl_scores B{B}H{H}L{L} {DT[ds]}/{DT[dt]} mask={_mname(md)}"
-            # backward: the student's gradient (training), and both (teacher gradients too)
-            yield name, lambda s=s, t=t, m=m, L=L: (
-                attention_kl_scores.attention_kl_scores_forward([s], [t], m),
-                [attention_kl_scores.attention_kl_scores_backward(
-                    _t(), _t(5, 4 * B * H * L), [s], [t], m, True, need_t)
-                 for need_t in ((False,) if quick else (False, True))])
+            # no gradient (evaluation), the student's (training), both (teacher gradients too)
+            needs = [(True, False)] if quick else [(False, False), (True, False), (True, True)]
+            yield name, lambda s=s, t=t, m=m, needs=needs: [
+                attention_kl_scores.attention_kl_scores_forward([s], [t], m, _t(), *need)
+                for need in needs]
+
+
+def calls_scale_in_place(quick):
+    # the backward of the four losses that write their gradient in the forward: one in-place scale
+    # of each gradient tensor ([4, 32, 12, 128, 128] scores, [4096, 30522] logits)
+    dtypes = [BF16] if quick else [BF16, F32, F16]
+    for shape, dtype in _product([(4, 32, 12, 128, 128), (32 * 128, 30522)], dtypes):
+        yield f"scale_in_place {'x'.join(map(str, shape))} {DT[dtype]}", \
+            lambda x=_t(*shape, dtype=dtype): _utils.scale_in_place([x], _t())
 
 
 CALLS = (calls_attention_mse, calls_hidden_mse, calls_soft_ce, calls_attention_qk,
-         calls_attention_kl, calls_kl_div, calls_attention_kl_scores, calls_hidden_cosine)
+         calls_attention_kl, calls_kl_div, calls_attention_kl_scores, calls_hidden_cosine,
+         calls_scale_in_place)
 
 
 def _product(*lists):

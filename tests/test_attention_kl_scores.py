@@ -371,7 +371,8 @@ def test_torch_backend_is_the_reference(device):
 @pytest.mark.skipif(not INTERPRETER, reason="counts launches in Triton's interpreter")
 @pytest.mark.parametrize("as_list", [False, True], ids=["stacked", "list"])
 def test_launches(fused, as_list, device):
-    """One forward and one backward launch per stacked tensor, one per layer for lists."""
+    """One forward launch per stacked tensor (one per layer for lists), and one in-place scale of
+    each gradient tensor in backward."""
     B, H, L, n = 2, 2, 9, 3
     mask = key_mask(B, L)
     s, t = pair((n, B, H, L, L), mask=mask)
@@ -380,8 +381,10 @@ def test_launches(fused, as_list, device):
     with count_launches() as backward:
         loss.backward()
     per = n if as_list else 1
-    assert forward == {"_kl_scores_fwd_kernel": per}
-    assert backward == {"_kl_scores_bwd_kernel": per}
+    # the forward kernel writes the gradients; backward scales them in place (one launch per
+    # gradient tensor, which finds grad_output == 1 and moves nothing else)
+    assert forward == {"_kl_scores_kernel": per}
+    assert backward == {"_scale_in_place_kernel": per * 2}
 
 
 # --- bad inputs ----------------------------------------------------------------------------------
@@ -439,55 +442,49 @@ def _op_inputs(requires_grad=True, with_mask=True):
 def test_opcheck_forward(backend, reduction, with_mask):
     tbf.set_backend(backend)
     s, t, mask = _op_inputs(with_mask=with_mask)
-    torch.library.opcheck(ops.attention_kl_scores.default, (s, t, mask, reduction))
+    # the inputs require grad: the op is told to write their gradients (as the public function does)
+    torch.library.opcheck(ops.attention_kl_scores.default, (s, t, mask, reduction, True, True))
 
 
 @pytest.mark.parametrize("backend", opcheck_backends())
-@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)],
-                         ids=["ds+dt", "ds", "dt"])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["ds+dt", "ds", "dt", "none"])
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
-def test_opcheck_backward(backend, need, with_mask):
+def test_opcheck_forward_with_gradients(backend, need, with_mask):
     tbf.set_backend(backend)
     s, t, mask = _op_inputs(requires_grad=False, with_mask=with_mask)
-    _, stats = ops.attention_kl_scores(s, t, mask, "mean")
-    grad = torch.tensor(random_scale(), device=DEVICE)
-    torch.library.opcheck(ops.attention_kl_scores_backward.default,
-                          (grad, stats, s, t, mask, "mean", *need))
+    torch.library.opcheck(ops.attention_kl_scores.default, (s, t, mask, "mean", *need))
 
 
 @pytest.mark.parametrize("backend", opcheck_backends())
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
 def test_op_values(backend, with_mask):
-    """The ops on every backend (the PyTorch CPU kernels included) against the float64 reference,
-    the saved statistics against their definitions, grad_output != 1."""
+    """The ops on every backend (the PyTorch CPU kernels included) against the float64 reference:
+    the loss, the forward's gradient outputs (incoming gradient 1), and the gradients through
+    autograd with grad_output != 1."""
     tbf.set_backend(backend)
     s, t, mask = _op_inputs(with_mask=with_mask)
-    loss, stats = ops.attention_kl_scores(s, t, mask, "mean")
-    assert stats.shape == (5, 3 * 2 * 3 * 7) and stats.dtype == torch.float32
+    loss, gs, gt = ops.attention_kl_scores(s, t, mask, "mean", True, True)
     flat = [[v for g in x for v in g.unbind(0)] for x in (s, t)]
     flat64 = [[v.detach().double().requires_grad_() for v in lst] for lst in flat]
     want = ref(*flat64, mask)
     assert_rel("loss", loss, want, 1e-5)
-    with torch.no_grad():
-        z = [torch.stack(lst) for lst in flat64]  # [3, B, H, L, L]
-        keys = torch.ones(2, 7, dtype=torch.bool, device=DEVICE) if mask is None else mask != 0
-        ok = keys[None, :, None, None, :]
-        mx = [v.masked_fill(~ok, -torch.inf).amax(-1) for v in z]
-        c = [torch.logsumexp(v.masked_fill(~ok, -torch.inf), -1) - m for v, m in zip(z, mx)]
-        lp = [v - (m + cc)[..., None] for v, m, cc in zip(z, mx, c)]
-        kl = torch.where(ok, lp[1].exp() * (lp[1] - lp[0]), 0.0).sum(-1)
-        rows = keys[None, :, None, :].expand_as(kl)
-        for i, value in enumerate((mx[0], c[0], mx[1], c[1], kl)):
-            want_i = torch.where(rows, value, 0.0).reshape(-1)
-            assert_rel(f"stats[{i}]", stats[i], want_i, 1e-5)
-    g = random_scale()
-    got = torch.autograd.grad(loss, s + t, torch.tensor(g, device=DEVICE))
-    want_g = torch.autograd.grad(want, flat64[0] + flat64[1],
-                                 torch.tensor(g, dtype=torch.float64, device=DEVICE))
-    want_g = [torch.stack(want_g[0:2]), want_g[2][None], torch.stack(want_g[3:5]), want_g[5][None]]
-    for i, (a, b) in enumerate(zip(got, want_g)):
-        assert a.is_contiguous()
-        assert_rel(f"grad {i}", a, b, 1e-5)
+    for g in (1.0, random_scale()):
+        if g == 1.0:
+            got = gs + gt
+        else:
+            loss = ops.attention_kl_scores(s, t, mask, "mean", True, True)[0]
+            got = torch.autograd.grad(loss, s + t, torch.tensor(g, device=DEVICE))
+        want_g = torch.autograd.grad(want, flat64[0] + flat64[1],
+                                     torch.tensor(g, dtype=torch.float64, device=DEVICE),
+                                     retain_graph=True)
+        want_g = [torch.stack(want_g[0:2]), want_g[2][None], torch.stack(want_g[3:5]),
+                  want_g[5][None]]
+        for i, (a, b) in enumerate(zip(got, want_g)):
+            assert a.is_contiguous()
+            assert_rel(f"grad {i}, g={g}", a, b, 1e-5)
+    loss, gs, gt = ops.attention_kl_scores(s, t, mask, "mean", False, True)
+    assert gs == [] and len(gt) == 2
 
 
 # --- torch.compile --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""tinybert_fast.attention_mse and the ops tinybert_fast::attention_mse(_backward)."""
+"""tinybert_fast.attention_mse and the ops tinybert_fast::attention_mse and scale_gradients_."""
 
 from __future__ import annotations
 
@@ -385,7 +385,8 @@ def _op_inputs(device=DEVICE, requires_grad=True):
 @cpu_only
 def test_op_cpu_torch_kernel_matches_reference(torch_cpu_kernels):
     s, t, mask, scale = _op_inputs()
-    loss = ops.attention_mse(s, t, mask, scale)
+    loss, gs, gt = ops.attention_mse(s, t, mask, scale)
+    assert gs == [] and gt == []
     want = ref([x[i] for x in s for i in range(x.shape[0])],
                [x[i] for x in t for i in range(x.shape[0])], mask)
     assert_rel("loss", loss, want, 1e-6)
@@ -396,38 +397,70 @@ def test_op_cpu_torch_kernel_matches_reference(torch_cpu_kernels):
 def test_opcheck_forward(backend, with_mask):
     tbf.set_backend(backend)
     s, t, mask, scale = _op_inputs()
-    torch.library.opcheck(ops.attention_mse.default, (s, t, mask if with_mask else None, scale))
+    # the inputs require grad: the op is told to write their gradients (as the public function does)
+    torch.library.opcheck(ops.attention_mse.default,
+                          (s, t, mask if with_mask else None, scale, False, True, True))
 
 
 @pytest.mark.parametrize("backend", opcheck_backends())
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)],
                          ids=["ds+dt", "ds", "dt"])
-def test_opcheck_backward(backend, need):
+def test_opcheck_forward_with_gradients(backend, need):
     tbf.set_backend(backend)
     s, t, mask, scale = _op_inputs(requires_grad=False)
+    torch.library.opcheck(ops.attention_mse.default, (s, t, mask, scale, False, *need))
+
+
+@pytest.mark.parametrize("backend", opcheck_backends())
+def test_opcheck_scale_gradients(backend):
+    tbf.set_backend(backend)
+    s, _, _, _ = _op_inputs(requires_grad=False)
     grad = torch.tensor(random_scale(), device=DEVICE)
-    torch.library.opcheck(ops.attention_mse_backward.default, (grad, s, t, mask, scale, *need))
+    torch.library.opcheck(ops.scale_gradients_.default, ([x.clone() for x in s], grad))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("g", [1.0, 0.37], ids=["g=1", "g!=1"])
+def test_scale_gradients_in_place(backend, g):
+    """x *= g in place; with g == 1 the kernel reads the incoming gradient and nothing else."""
+    tbf.set_backend(backend)
+    x = [torch.randn(3, 37, device=DEVICE), torch.randn(5, device=DEVICE).half()]
+    want = [v.float() * g for v in x]
+    ptrs = [v.data_ptr() for v in x]
+    ops.scale_gradients_(x, torch.tensor(g, device=DEVICE))
+    assert [v.data_ptr() for v in x] == ptrs
+    for got, w in zip(x, want):
+        assert_rel("scaled", got.float(), w, 1e-3 if got.dtype == torch.half else 1e-7)
 
 
 @needs_triton
-def test_op_backward_values(fused):
-    """The backward op against the float64 reference's autograd, grad_output != 1."""
+def test_op_gradient_outputs(fused):
+    """The forward's gradient outputs (incoming gradient 1) against the float64 reference's
+    autograd; through autograd with grad_output != 1 they are scaled in place."""
     s, t, mask, scale = _op_inputs(requires_grad=False)
-    g = random_scale()
-    gs, gt = ops.attention_mse_backward(torch.tensor(g, device=DEVICE), s, t, mask, scale,
-                                        True, True)
+    _, gs, gt = ops.attention_mse(s, t, mask, scale, False, True, True)
     s64, t64 = upcast(s), upcast(t)
     for x in (*s64, *t64):
         x.requires_grad_()
     loss = ref([x[i] for x in s64 for i in range(x.shape[0])],
                [x[i] for x in t64 for i in range(x.shape[0])], mask)
-    want = torch.autograd.grad(loss, (*s64, *t64), torch.tensor(g, device=DEVICE))
+    want = torch.autograd.grad(loss, (*s64, *t64))
     for got, w in zip((*gs, *gt), want):
         assert got.is_contiguous()
         assert_rel("grad", got, w, 1e-5)
-    gs, gt = ops.attention_mse_backward(torch.tensor(g, device=DEVICE), s, t, mask, scale,
-                                        False, True)
+    _, gs, gt = ops.attention_mse(s, t, mask, scale, False, False, True)
     assert gs == [] and len(gt) == 2
+
+
+@needs_triton
+def test_backward_twice_is_refused(fused):
+    """The saved gradient is scaled in place: a second backward through the graph is an error,
+    never a wrong gradient."""
+    s = scores((2, 3, 2, 8, 8))
+    loss = tbf.attention_mse(s, scores((2, 3, 2, 8, 8), requires_grad=False))
+    loss.backward(torch.tensor(0.5, device=DEVICE), retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward(torch.tensor(0.5, device=DEVICE))
 
 
 # --- torch.compile ----------------------------------------------------------------------------------

@@ -189,3 +189,242 @@ def qk_tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
                 FP32_T=dot_in_fp32(q_t[0].dtype, k_t[0].dtype, device),
                 BLOCK_M=block, BLOCK_N=block, BLOCK_DS=bds, BLOCK_DT=bdt,
                 num_warps=qk_num_warps(bds, bdt))
+
+
+# --- the streaming loss families (attention_mse, attention_kl_scores, soft_ce, kl_div) -----------
+
+def byte_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A [B, L] mask as 1 byte per entry (nonzero = token): a kernel that loads the key mask with
+    every [rows, keys] tile requests 1 byte per score instead of 8 for an int64 mask (Hugging
+    Face's), which would double the traffic of a bf16 score pass.  bool and uint8 pass as they
+    are; anything else costs one elementwise op over B*L."""
+    if mask is None or mask.dtype in (torch.bool, torch.uint8):
+        return mask
+    return mask != 0
+
+
+def stream_launch(n_cols: int, max_cols: int = 8192) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, num_warps) of a streaming kernel over rows of `n_cols` columns:
+    stream_tile and stream_num_warps together (every streaming family launches this way)."""
+    block_rows, block_cols = stream_tile(n_cols, max_cols)
+    return block_rows, block_cols, stream_num_warps(block_rows * block_cols)
+
+
+@triton.jit
+def score_row_offsets(rows, L, H, B, strides):
+    """int64 element offsets of rows (flattened layer, batch, head, query i) of an
+    [n, B, H, L, L] tensor with `strides` (its 5 strides), their batch index b and query index i."""
+    i = rows % L
+    q = rows // L
+    h = q % H
+    q = q // H
+    b = q % B
+    n = q // B
+    off = (n.to(tl.int64) * strides[0] + b.to(tl.int64) * strides[1]
+           + h.to(tl.int64) * strides[2] + i.to(tl.int64) * strides[3])
+    return off, b, i
+
+
+@triton.jit
+def online_softmax_step(m, l, z, k):
+    """One tile of an online softmax over the rows of z [ROWS, COLS] (-inf where a column does not
+    take part), with m the running row maxima and l the running sums of exp2((z - m) * k):
+    returns (m', l', alpha, e) with m' = max(m, max_j z), alpha = exp2((m - m') * k) (how the
+    earlier terms rescale), e = exp2((z - m') * k) [ROWS, COLS] and l' = l * alpha + sum_j e.
+    k converts z to base-2 exponent units (log2 e / T).  A row whose maximum is still -inf
+    (nothing yet) rescales against 0, so exp2(-inf - -inf) = NaN never occurs."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m - ref) * k)
+    e = tl.exp2((z - ref[:, None]) * k)
+    return m_new, l * alpha + tl.sum(e, axis=1), alpha, e
+
+
+@triton.jit
+def load_logit_tile(s_ptr, t_ptr, s_row, t_row, rows_ok, c0, C, s_stride_c, t_stride_c,
+                    BLOCK_C: tl.constexpr):
+    """Columns c0 .. c0 + BLOCK_C of rows of both [N, C] logit sets (s_row, t_row: the rows'
+    int64 offsets) in fp32, -inf past C (for the softmax) and 0 on rows past N; and the tile's
+    columns and in-bounds mask."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = (cols < C)[None, :]
+    ok = rows_ok[:, None] & col_ok
+    c_off = cols[None, :].to(tl.int64)
+    zs = tl.load(s_ptr + s_row[:, None] + c_off * s_stride_c, mask=ok, other=0.0).to(tl.float32)
+    zt = tl.load(t_ptr + t_row[:, None] + c_off * t_stride_c, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(col_ok, zs, float("-inf")), tl.where(col_ok, zt, float("-inf")), cols, ok
+
+
+@triton.jit
+def _w_terms(e, zs, zt, W_OF_DIFF: tl.constexpr):
+    """e * Z_s (or e * (Z_t - Z_s)), 0 where e == 0 (no teacher mass: Z_s, Z_t may be -inf)."""
+    if W_OF_DIFF:
+        x = zt - zs
+    else:
+        x = zs
+    return tl.where(e > 0, e * x, 0.0)
+
+
+@triton.jit
+def logits_row_stats(s_ptr, t_ptr, s_row, t_row, row_ok, C, s_stride_c, t_stride_c, k,
+                     W_OF_DIFF: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """The online softmaxes of both [N, C] logit sets over the rows of one program (the soft-CE
+    and KL kernels' row loop), fp32, maxima in logit units, k = log2(e) / T:
+
+        m_x = max_c Z_x[c],   l_x = sum_c exp2((Z_x[c] - m_x) k)                    (x = s, t)
+        w   = sum_c exp2((Z_t[c] - m_t) k) * (Z_s[c], or Z_t[c] - Z_s[c] with W_OF_DIFF)
+
+    (classes where the teacher gives no mass skip w's term: Z_s may be -inf there).  Returns
+    (m_s, l_s, m_t, l_t, w, zs, zt, cols, ok); with ONE_TILE (C <= BLOCK_C) the last four are the
+    row's only tile, still in registers for the gradients; otherwise placeholders."""
+    m_s = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    m_t = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    l_s = tl.zeros((BLOCK_N,), tl.float32)
+    l_t = tl.zeros((BLOCK_N,), tl.float32)
+    w = tl.zeros((BLOCK_N,), tl.float32)
+    if ONE_TILE:
+        zs, zt, cols, ok = load_logit_tile(s_ptr, t_ptr, s_row, t_row, row_ok, 0, C,
+                                           s_stride_c, t_stride_c, BLOCK_C)
+        m_s, l_s, _, _ = online_softmax_step(m_s, l_s, zs, k)
+        m_t, l_t, _, e = online_softmax_step(m_t, l_t, zt, k)
+        w = tl.sum(_w_terms(e, zs, zt, W_OF_DIFF), axis=1)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            zs, zt, cols, ok = load_logit_tile(s_ptr, t_ptr, s_row, t_row, row_ok, c0, C,
+                                               s_stride_c, t_stride_c, BLOCK_C)
+            m_s, l_s, _, _ = online_softmax_step(m_s, l_s, zs, k)
+            m_t, l_t, alpha, e = online_softmax_step(m_t, l_t, zt, k)
+            w = w * alpha + tl.sum(_w_terms(e, zs, zt, W_OF_DIFF), axis=1)
+        zs = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        zt = zs
+        cols = tl.arange(0, BLOCK_C)
+        ok = zs != 0.0
+    return m_s, l_s, m_t, l_t, w, zs, zt, cols, ok
+
+
+@triton.jit
+def _logits_grad_tile(zs, zt, m_s, r_s, m_t, r_t, v, g_off, ok, coef, inv_temp, ds_ptr, dt_ptr,
+                      KL: tl.constexpr, NEED_DS: tl.constexpr, NEED_DT: tl.constexpr):
+    """Store one tile of dZ_s = coef (p_s - p_t) and dZ_t = -coef p_t (log p_s + ce) (soft CE)
+    or coef p_t (log p_t - log p_s - kl) (KL), v the row's ce or kl; log p = (Z - m) / T - r."""
+    log_p_s = (zs - m_s[:, None]) * inv_temp - r_s[:, None]
+    log_p_t = (zt - m_t[:, None]) * inv_temp - r_t[:, None]
+    p_t = tl.exp2(log_p_t * LOG2E)
+    if NEED_DS:
+        ds = coef * (tl.exp2(log_p_s * LOG2E) - p_t)
+        tl.store(ds_ptr + g_off, ds.to(ds_ptr.dtype.element_ty), mask=ok)
+    if NEED_DT:
+        if KL:
+            dt = coef * p_t * (log_p_t - log_p_s - v[:, None])
+        else:
+            dt = -coef * p_t * (log_p_s + v[:, None])
+        # p_t == 0 (teacher logit -inf): no mass, no gradient (and no -inf - -inf)
+        tl.store(dt_ptr + g_off, tl.where(p_t > 0, dt, 0.0).to(dt_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _logits_loss_kernel(
+    # pointers (dZ_s and dZ_t are allocated contiguous [N, C])
+    s_ptr, t_ptr, partial_ptr, ds_ptr, dt_ptr,
+    # sizes
+    N, C,
+    # strides
+    s_stride_n, s_stride_c, t_stride_n, t_stride_c,
+    # scalars
+    inv_temp, loss_scale, grad_coef,
+    # meta-parameters
+    KL: tl.constexpr, NEED_DS: tl.constexpr, NEED_DT: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    s_row = rows.to(tl.int64) * s_stride_n
+    t_row = rows.to(tl.int64) * t_stride_n
+    k = inv_temp * LOG2E  # logit differences -> base-2 exponent units
+    m_s, l_s, m_t, l_t, w, zs, zt, cols, ok = logits_row_stats(
+        s_ptr, t_ptr, s_row, t_row, row_ok, C, s_stride_c, t_stride_c, k, KL, ONE_TILE,
+        BLOCK_N, BLOCK_C)
+    r_s = tl.log2(l_s) * LN2
+    r_t = tl.log2(l_t) * LN2
+    if KL:
+        # kl = E_t[u - x] + lse(x) - lse(u), lse(x) - lse(u) = (m_s - m_t) / T + r_s - r_t
+        v = (w / l_t - (m_t - m_s)) * inv_temp + (r_s - r_t)
+    else:
+        # ce = lse(x) - E_t[x] = (m_s - E_t[Z_s]) / T + r_s
+        v = (m_s - w / l_t) * inv_temp + r_s
+    tl.store(partial_ptr + pid, tl.sum(tl.where(row_ok, v, 0.0)) * loss_scale)
+    if NEED_DS or NEED_DT:
+        g_row = rows.to(tl.int64)[:, None] * C
+        if ONE_TILE:
+            _logits_grad_tile(zs, zt, m_s, r_s, m_t, r_t, v, g_row + cols[None, :], ok, grad_coef,
+                              inv_temp, ds_ptr, dt_ptr, KL, NEED_DS, NEED_DT)
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                zs, zt, cols, ok = load_logit_tile(s_ptr, t_ptr, s_row, t_row, row_ok, c0, C,
+                                                   s_stride_c, t_stride_c, BLOCK_C)
+                _logits_grad_tile(zs, zt, m_s, r_s, m_t, r_t, v, g_row + cols[None, :], ok,
+                                  grad_coef, inv_temp, ds_ptr, dt_ptr, KL, NEED_DS, NEED_DT)
+
+
+def logits_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                loss_scale: float, grad_coef: float, kl: bool, need_student: bool,
+                need_teacher: bool, max_block_c: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The soft-CE (kl=False) or KL (kl=True) kernel over [N, C] logits: (loss_scale * sum of the
+    rows' ce or kl, fp32 scalar; dZ_s; dZ_t), the gradients contiguous [N, C] in the logits'
+    dtypes with coefficient grad_coef (see _logits_grad_tile), an empty [0] tensor where not
+    asked for.  One program per BLOCK_N rows; a row up to max_block_c classes is read once."""
+    N, C = student.shape
+    block_n, block_c, num_warps = stream_launch(C, max_block_c)
+    grid = triton.cdiv(N, block_n)
+    partials = torch.empty(grid, dtype=torch.float32, device=student.device)
+    ds = student.new_empty((N, C) if need_student else (0,))
+    dt = teacher.new_empty((N, C) if need_teacher else (0,))
+    _logits_loss_kernel[(grid,)](
+        student, teacher, partials, ds, dt,
+        N, C,
+        *student.stride(), *teacher.stride(),
+        1.0 / temperature, loss_scale, grad_coef,
+        KL=kl, NEED_DS=need_student, NEED_DT=need_teacher, ONE_TILE=C <= block_c,
+        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return partials.sum(), ds, dt
+
+
+# The gradient of these losses is written by their forward kernel (scaled for an incoming gradient
+# of 1); the backward multiplies it by the incoming gradient g in place, read on the device: a
+# program that finds g == 1 (a loss summed into the total) stops before touching the gradient, so
+# the usual backward moves 4 bytes per program and no pass over the maps.
+SCALE_BLOCK = 4096
+
+
+@triton.jit
+def _scale_in_place_kernel(x_ptr, g_ptr, factor, n, BLOCK: tl.constexpr):
+    g = tl.load(g_ptr).to(tl.float32) * factor
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=ok)
+
+
+def scale_in_place(tensors: list[torch.Tensor], grad: torch.Tensor, factor: float = 1.0) -> None:
+    """x *= g * factor for each contiguous tensor x, with g the 0-dim (or one-element) tensor
+    `grad`, read by the kernel (no host synchronisation); nothing is read or written where
+    g * factor == 1."""
+    for x in tensors:
+        if x.numel():
+            _scale_in_place_kernel[(triton.cdiv(x.numel(), SCALE_BLOCK),)](
+                x, grad, factor, x.numel(), BLOCK=SCALE_BLOCK, num_warps=8)
+
+
+def split_grad_scale(scale, *dtypes: torch.dtype) -> tuple:
+    """(forward factor, backward factor) of a gradient whose reduction scale is `scale` (a float
+    or a 0-dim tensor, returned as it is in one of the two places), for a
+    forward that writes the gradient and a backward that multiplies it by g * (backward factor).
+    Normally (scale, 1): the backward touches nothing when g == 1.  float16 has 5 exponent bits:
+    a gradient scaled by 1 / (B*H*L*L) falls into its subnormals, so a float16 gradient is
+    written unscaled, (1, scale), and the backward always makes its pass."""
+    return (1.0, scale) if torch.float16 in dtypes else (scale, 1.0)

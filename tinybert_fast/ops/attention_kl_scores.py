@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .. import _backend, _checks, reference
 from ..kernels import attention_kl_scores as kernels
-from ._autograd import register_autograd
+from ..kernels._utils import split_grad_scale
+from ._autograd import check_computed, needs_grad, register_autograd, scaled_gradients
 from ._reduction import row_kl_scale
 
 
@@ -50,10 +51,13 @@ def attention_kl_scores(student, teacher, attention_mask: Tensor | None = None,
     (0 on padded keys and rows):
         dS_s = g c (P_s - P_t),    dS_t = g c P_t ((log P_t - log P_s) - KL_i)
 
-    Fused path: forward one kernel launch per stacked tensor (per layer for lists) + one
-    partial-sum reduction ("mean" with a mask adds a few scalar ops counting T on the device);
-    backward one launch per stacked tensor.  Saved for backward: the inputs and 5 fp32 per query
-    row (each side's row maximum and log-sum of exponentials below it, and KL_i: [5, n*B*H*L]).
+    Fused path: one kernel launch per stacked tensor (per layer for lists) + one partial-sum
+    reduction ("mean" with a mask adds a few scalar ops counting T on the device); the kernel
+    also writes the gradients of the inputs that require grad (for an incoming gradient of 1; at
+    L <= 1024 from the rows still in registers, so forward + backward reads each map once and
+    writes each gradient once), and the backward scales them in place by the incoming gradient
+    (one launch per gradient tensor, nothing touched when it is 1).  Saved for backward: those
+    gradients.  A graph through the fused op can be backpropagated once (see ops._autograd).
     Accuracy: fp32 accumulation; every term is taken against the row's own maximum, so the
     absolute error of KL_i is ~eps_fp32 * max_j |S_ij - max_k S_ik| (a student equal to its
     teacher gives exactly 0).
@@ -65,35 +69,50 @@ def attention_kl_scores(student, teacher, attention_mask: Tensor | None = None,
         return reference.attention_kl_scores(student, teacher, attention_mask, reduction)
     _checks.check_attention(s_layers, t_layers, attention_mask, fused=True)
     s_groups, t_groups = _checks.launch_groups(s_layers, s_stacked, t_layers, t_stacked)
-    loss, _ = torch.ops.tinybert_fast.attention_kl_scores(s_groups, t_groups, attention_mask,
-                                                          reduction)
+    loss, _, _ = torch.ops.tinybert_fast.attention_kl_scores(
+        s_groups, t_groups, attention_mask, reduction, needs_grad(s_groups), needs_grad(t_groups))
     return loss
 
 
 # --- registered ops ------------------------------------------------------------------------------
 # Groups are [n, B, H, L, L] tensors (one stacked tensor, or one per layer); `reduction` gives the
-# scale (on the device with a mask).  Outputs: the loss and the per-row statistics [5, R] fp32
-# (mx_s, c_s, mx_t, c_t, KL for the R = sum(n)*B*H*L query rows; 0 on padded rows) that backward
-# reuses.  The default kernel launches Triton; the CPU kernel computes the same in PyTorch unless
-# backend "triton" runs the kernels in Triton's interpreter.
+# scale c (on the device with a mask).  Outputs: the loss and the gradients of the groups for an
+# incoming gradient of 1 (divided by the backward factor of kernels._utils.split_grad_scale) when
+# need_student / need_teacher, an empty list otherwise.  The default kernel launches Triton; the CPU
+# kernel computes the same in PyTorch unless backend "triton" runs the kernels in Triton's
+# interpreter.
 
 @torch.library.custom_op("tinybert_fast::attention_kl_scores", mutates_args=())
 def _attention_kl_scores_op(student: list[Tensor], teacher: list[Tensor],
-                            attention_mask: Optional[Tensor], reduction: str
-                            ) -> tuple[Tensor, Tensor]:
-    return _triton_forward(student, teacher, attention_mask, reduction)
+                            attention_mask: Optional[Tensor], reduction: str,
+                            need_student: bool = False, need_teacher: bool = False
+                            ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    return _triton_forward(student, teacher, attention_mask, reduction, need_student,
+                           need_teacher)
 
 
 @_attention_kl_scores_op.register_fake
-def _(student, teacher, attention_mask, reduction):
-    return (student[0].new_empty((), dtype=torch.float32),
-            student[0].new_empty(kernels.stats_shape(student), dtype=torch.float32))
+def _(student, teacher, attention_mask, reduction, need_student=False, need_teacher=False):
+    gs = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student] if need_student else []
+    gt = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teacher] if need_teacher else []
+    return student[0].new_empty((), dtype=torch.float32), gs, gt
 
 
-def _triton_forward(student, teacher, attention_mask, reduction):
-    scale = row_kl_scale(attention_mask, student, reduction)
-    kl_sum, stats = kernels.attention_kl_scores_forward(student, teacher, attention_mask)
-    return kl_sum * scale, stats
+def _split_scale(attention_mask, student, teacher, reduction):
+    """(c, forward part of c as a 0-dim fp32 tensor, backward part: a float or a 0-dim tensor)
+    with c the reduction scale, split by kernels._utils.split_grad_scale."""
+    c = row_kl_scale(attention_mask, student, reduction)
+    fwd, bwd = split_grad_scale(c, student[0].dtype, teacher[0].dtype)
+    if not isinstance(fwd, Tensor):
+        fwd = torch.full((), fwd, dtype=torch.float32, device=student[0].device)
+    return c, fwd.reshape(()).to(torch.float32), bwd
+
+
+def _triton_forward(student, teacher, attention_mask, reduction, need_student, need_teacher):
+    c, coef, _ = _split_scale(attention_mask, student, teacher, reduction)
+    kl_sum, gs, gt = kernels.attention_kl_scores_forward(
+        student, teacher, attention_mask, coef, need_student, need_teacher)
+    return kl_sum * c, gs, gt
 
 
 def _torch_valid(s: Tensor, attention_mask: Tensor | None):
@@ -120,73 +139,27 @@ def _torch_log_probs(x: Tensor, ok: Tensor | None, rows: Tensor | None):
 
 
 @_attention_kl_scores_op.register_kernel("cpu")
-def _(student, teacher, attention_mask, reduction):
+def _(student, teacher, attention_mask, reduction, need_student=False, need_teacher=False):
     if _backend.cpu_kernel_runs_triton():
-        return _triton_forward(student, teacher, attention_mask, reduction)
-    scale = row_kl_scale(attention_mask, student, reduction)
-    stats = []
+        return _triton_forward(student, teacher, attention_mask, reduction, need_student,
+                               need_teacher)
+    c, coef, _ = _split_scale(attention_mask, student, teacher, reduction)
+    total = torch.zeros((), dtype=torch.float32)
+    gs, gt = [], []
     for s, t in zip(student, teacher):
         ok, rows = _torch_valid(s, attention_mask)
-        a_s, mx_s, c_s = _torch_log_probs(s, ok, rows)
-        a_t, mx_t, c_t = _torch_log_probs(t, ok, rows)
+        a_s, _, c_s = _torch_log_probs(s, ok, rows)
+        a_t, _, c_t = _torch_log_probs(t, ok, rows)
         terms = a_t.exp() * (a_t - a_s)
         if ok is not None:
             terms = torch.where(ok, terms, 0.0)  # padded keys may hold anything
         kl = c_s - c_t + terms.sum(-1) / c_t.exp()
         if rows is not None:
             kl = torch.where(rows, kl, 0.0)
-        stats.append(torch.stack([mx_s, c_s, mx_t, c_t, kl]).reshape(kernels.N_STATS, -1))
-    stats = torch.cat(stats, 1)
-    return stats[-1].sum() * scale, stats
-
-
-@torch.library.custom_op("tinybert_fast::attention_kl_scores_backward", mutates_args=())
-def _attention_kl_scores_backward_op(grad: Tensor, stats: Tensor, student: list[Tensor],
-                                     teacher: list[Tensor], attention_mask: Optional[Tensor],
-                                     reduction: str, need_student: bool, need_teacher: bool
-                                     ) -> tuple[list[Tensor], list[Tensor]]:
-    return _triton_backward(grad, stats, student, teacher, attention_mask, reduction,
-                            need_student, need_teacher)
-
-
-def _coef(grad: Tensor, attention_mask, student, reduction) -> Tensor:
-    """g * c as a 0-dim fp32 tensor on the device (no host synchronisation)."""
-    return (grad.to(torch.float32) * row_kl_scale(attention_mask, student, reduction)
-            ).reshape(()).contiguous()
-
-
-def _triton_backward(grad, stats, student, teacher, attention_mask, reduction, need_student,
-                     need_teacher):
-    coef = _coef(grad, attention_mask, student, reduction)
-    return kernels.attention_kl_scores_backward(coef, stats, student, teacher, attention_mask,
-                                                need_student, need_teacher)
-
-
-@_attention_kl_scores_backward_op.register_fake
-def _(grad, stats, student, teacher, attention_mask, reduction, need_student, need_teacher):
-    gs = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student] if need_student else []
-    gt = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teacher] if need_teacher else []
-    return gs, gt
-
-
-@_attention_kl_scores_backward_op.register_kernel("cpu")
-def _(grad, stats, student, teacher, attention_mask, reduction, need_student, need_teacher):
-    if _backend.cpu_kernel_runs_triton():
-        return _triton_backward(grad, stats, student, teacher, attention_mask, reduction,
-                                need_student, need_teacher)
-    coef = _coef(grad, attention_mask, student, reduction)
-    gs, gt = [], []
-    row0 = 0
-    for s, t in zip(student, teacher):
-        ok, _ = _torch_valid(s, attention_mask)
-        n_rows = s.shape[:-1].numel()
-        mx_s, c_s, mx_t, c_t, kl = (x.reshape(s.shape[:-1])[..., None]
-                                    for x in stats[:, row0:row0 + n_rows])
-        row0 += n_rows
-        lp_s = (s.float() - mx_s) - c_s
-        lp_t = (t.float() - mx_t) - c_t
+        total = total + kl.sum()
+        lp_s, lp_t = a_s - c_s[..., None], a_t - c_t[..., None]
         p_s, p_t = lp_s.exp(), lp_t.exp()
-        d_t = p_t * ((lp_t - lp_s) - kl)
+        d_t = p_t * ((lp_t - lp_s) - kl[..., None])
         if ok is not None:
             p_s, p_t = torch.where(ok, p_s, 0.0), torch.where(ok, p_t, 0.0)
             d_t = torch.where(ok, d_t, 0.0)
@@ -194,32 +167,33 @@ def _(grad, stats, student, teacher, attention_mask, reduction, need_student, ne
             gs.append(((p_s - p_t) * coef).to(s.dtype).contiguous())
         if need_teacher:
             gt.append((d_t * coef).to(t.dtype).contiguous())
-    return gs, gt
+    return total * c, gs, gt
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, attention_mask, reduction = inputs
-    _, stats = output
+    student, teacher, attention_mask, reduction, need_student, need_teacher = inputs
+    _, gs, gt = output
     ctx.n_groups = len(student)
-    ctx.reduction = reduction
-    ctx.has_mask = attention_mask is not None
-    ctx.mark_non_differentiable(stats)
-    # no zeros_like(stats) for its (absent) gradient: it would double its memory
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(stats, *student, *teacher,
-                          *([attention_mask] if ctx.has_mask else []))
+    ctx.need = (need_student, need_teacher)
+    ctx.mark_non_differentiable(*gs, *gt)
+    ctx.set_materialize_grads(False)  # no zero gradients for the gradient outputs
+    bwd = _split_scale(attention_mask, student, teacher, reduction)[2] \
+        if torch.float16 in (student[0].dtype, teacher[0].dtype) else 1.0
+    ctx.factor = bwd if not isinstance(bwd, Tensor) else None
+    ctx.save_for_backward(*gs, *gt, *([bwd] if isinstance(bwd, Tensor) else []))
 
 
-def _backward(ctx, grad, _grad_stats):
-    stats, *saved = ctx.saved_tensors
-    n = ctx.n_groups
-    student, teacher = list(saved[:n]), list(saved[n:2 * n])
-    attention_mask = saved[2 * n] if ctx.has_mask else None
-    need_s, need_t = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
-    gs, gt = torch.ops.tinybert_fast.attention_kl_scores_backward(
-        grad, stats, student, teacher, attention_mask, ctx.reduction, need_s, need_t)
+def _backward(ctx, grad, _grad_gs, _grad_gt):
+    n, (need_s, need_t) = ctx.n_groups, ctx.need
+    check_computed("attention_kl_scores", [any(w) for w in ctx.needs_input_grad[:2]], ctx.need)
+    saved = list(ctx.saved_tensors)
+    factor = ctx.factor
+    if factor is None:  # float16 with a mask: the scale is a tensor, g * c formed on the device
+        grad, factor = grad.to(torch.float32) * saved.pop(), 1.0
+    gs = scaled_gradients(grad, saved[:n], factor) if need_s else [None] * n
+    gt = scaled_gradients(grad, saved[n:] if need_s else saved, factor) if need_t else [None] * n
     # list inputs take a list of gradients (None entries where none is needed)
-    return (gs if need_s else [None] * n), (gt if need_t else [None] * n), None, None
+    return gs, gt, None, None, None, None
 
 
 register_autograd(_attention_kl_scores_op, _backward, _setup_context)

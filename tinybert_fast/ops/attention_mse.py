@@ -12,7 +12,8 @@ from torch import Tensor
 from .. import _backend, _checks, reference
 from .._semantics import MASK_THRESHOLD
 from ..kernels import attention_mse as kernels
-from ._autograd import register_autograd
+from ..kernels._utils import split_grad_scale
+from ._autograd import check_computed, needs_grad, register_autograd, scaled_gradients
 
 
 def attention_mse(student, teacher, attention_mask: Tensor | None = None,
@@ -37,8 +38,12 @@ def attention_mse(student, teacher, attention_mask: Tensor | None = None,
     Padded query rows are not masked (TinyBERT semantics).
 
     Gradients flow to whichever of student/teacher require them.  Fused path: one kernel launch
-    per stacked tensor (per layer for lists) + one partial-sum reduction; backward one launch per
-    stacked tensor; nothing but the inputs is saved for backward.
+    per stacked tensor (per layer for lists) + one partial-sum reduction, which also writes the
+    gradients of the inputs that require grad (for an incoming gradient of 1), so forward +
+    backward reads each map once and writes each gradient once; the backward scales them in
+    place by the incoming gradient (one launch per gradient tensor, which reads the incoming
+    gradient on the device and touches nothing when it is 1).  Saved for backward: those
+    gradients only.  A graph through the fused op can be backpropagated once (see ops._autograd).
     """
     _checks.check_reduction(reduction, "attention")
     s_layers, s_stacked = _checks.attention_layers("student", student)
@@ -52,25 +57,35 @@ def attention_mse(student, teacher, attention_mask: Tensor | None = None,
     s_groups, t_groups = _checks.launch_groups(s_layers, s_stacked, t_layers, t_stacked)
     B, H, L, _ = s_layers[0].shape
     scale = 1.0 / (B * H * L * L) if reduction == "mean" else 1.0
-    return torch.ops.tinybert_fast.attention_mse(s_groups, t_groups, attention_mask, scale,
-                                                 mask_queries)
+    loss, _, _ = torch.ops.tinybert_fast.attention_mse(
+        s_groups, t_groups, attention_mask, scale, mask_queries, needs_grad(s_groups),
+        needs_grad(t_groups))
+    return loss
 
 
 # --- registered ops ------------------------------------------------------------------------------
 # Groups are [n, B, H, L, L] tensors (one stacked tensor, or one per layer); `scale` folds in the
-# reduction.  The default kernel launches Triton; the CPU kernel computes the same in PyTorch unless
-# backend "triton" runs the kernels in Triton's interpreter.
+# reduction.  Outputs: the loss and the gradients of the groups (for an incoming gradient of 1) when
+# need_student / need_teacher, an empty list otherwise.  The default kernel launches Triton; the CPU
+# kernel computes the same in PyTorch unless backend "triton" runs the kernels in Triton's
+# interpreter.
 
 @torch.library.custom_op("tinybert_fast::attention_mse", mutates_args=())
 def _attention_mse_op(student: list[Tensor], teacher: list[Tensor],
                       attention_mask: Optional[Tensor], scale: float,
-                      mask_queries: bool = False) -> Tensor:
-    return kernels.attention_mse_forward(student, teacher, attention_mask, scale, mask_queries)
+                      mask_queries: bool = False, need_student: bool = False,
+                      need_teacher: bool = False
+                      ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    return kernels.attention_mse_forward(student, teacher, attention_mask, scale, mask_queries,
+                                         need_student, need_teacher)
 
 
 @_attention_mse_op.register_fake
-def _(student, teacher, attention_mask, scale, mask_queries=False):
-    return student[0].new_empty((), dtype=torch.float32)
+def _(student, teacher, attention_mask, scale, mask_queries=False, need_student=False,
+      need_teacher=False):
+    gs = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student] if need_student else []
+    gt = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teacher] if need_teacher else []
+    return student[0].new_empty((), dtype=torch.float32), gs, gt
 
 
 def _torch_diff(s: Tensor, t: Tensor, attention_mask: Tensor | None, mask_queries: bool):
@@ -87,68 +102,44 @@ def _torch_diff(s: Tensor, t: Tensor, attention_mask: Tensor | None, mask_querie
 
 
 @_attention_mse_op.register_kernel("cpu")
-def _(student, teacher, attention_mask, scale, mask_queries=False):
+def _(student, teacher, attention_mask, scale, mask_queries=False, need_student=False,
+      need_teacher=False):
     if _backend.cpu_kernel_runs_triton():
-        return kernels.attention_mse_forward(student, teacher, attention_mask, scale, mask_queries)
+        return kernels.attention_mse_forward(student, teacher, attention_mask, scale,
+                                             mask_queries, need_student, need_teacher)
     total = torch.zeros((), dtype=torch.float32)
-    for s, t in zip(student, teacher):
-        total = total + _torch_diff(s, t, attention_mask, mask_queries)[0].square().sum()
-    return total * scale
-
-
-@torch.library.custom_op("tinybert_fast::attention_mse_backward", mutates_args=())
-def _attention_mse_backward_op(grad: Tensor, student: list[Tensor], teacher: list[Tensor],
-                               attention_mask: Optional[Tensor], scale: float, need_student: bool,
-                               need_teacher: bool, mask_queries: bool = False
-                               ) -> tuple[list[Tensor], list[Tensor]]:
-    return kernels.attention_mse_backward(grad, student, teacher, attention_mask, scale,
-                                          need_student, need_teacher, mask_queries)
-
-
-@_attention_mse_backward_op.register_fake
-def _(grad, student, teacher, attention_mask, scale, need_student, need_teacher,
-      mask_queries=False):
-    gs = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in student] if need_student else []
-    gt = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in teacher] if need_teacher else []
-    return gs, gt
-
-
-@_attention_mse_backward_op.register_kernel("cpu")
-def _(grad, student, teacher, attention_mask, scale, need_student, need_teacher,
-      mask_queries=False):
-    if _backend.cpu_kernel_runs_triton():
-        return kernels.attention_mse_backward(grad, student, teacher, attention_mask, scale,
-                                              need_student, need_teacher, mask_queries)
-    coef = 2.0 * scale * grad.float()
     gs, gt = [], []
     for s, t in zip(student, teacher):
         d, s_live, t_live = _torch_diff(s, t, attention_mask, mask_queries)
-        d = d * coef
+        total = total + d.square().sum()
+        d = d * (2.0 * split_grad_scale(scale, s.dtype, t.dtype)[0])
         if need_student:
             gs.append(torch.where(s_live, d, 0.0).to(s.dtype).contiguous())
         if need_teacher:
             gt.append(torch.where(t_live, -d, 0.0).to(t.dtype).contiguous())
-    return gs, gt
+    return total * scale, gs, gt
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, attention_mask, scale, mask_queries = inputs
+    student, teacher, _, _, _, need_student, need_teacher = inputs
+    _, gs, gt = output
     ctx.n_groups = len(student)
-    ctx.scale = scale
-    ctx.mask_queries = mask_queries
-    ctx.has_mask = attention_mask is not None
-    ctx.save_for_backward(*student, *teacher, *([attention_mask] if ctx.has_mask else []))
+    ctx.mark_non_differentiable(*gs, *gt)
+    ctx.set_materialize_grads(False)  # no zero gradients for the gradient outputs
+    ctx.save_for_backward(*gs, *gt)
+    ctx.need = (need_student, need_teacher)
+    ctx.factor = split_grad_scale(inputs[3], student[0].dtype, teacher[0].dtype)[1]
 
 
-def _backward(ctx, grad):
-    saved, n = ctx.saved_tensors, ctx.n_groups
-    student, teacher = list(saved[:n]), list(saved[n:2 * n])
-    attention_mask = saved[2 * n] if ctx.has_mask else None
-    need_s, need_t = any(ctx.needs_input_grad[0]), any(ctx.needs_input_grad[1])
-    gs, gt = torch.ops.tinybert_fast.attention_mse_backward(
-        grad, student, teacher, attention_mask, ctx.scale, need_s, need_t, ctx.mask_queries)
+def _backward(ctx, grad, _grad_gs, _grad_gt):
+    n, (need_s, need_t) = ctx.n_groups, ctx.need
+    saved = list(ctx.saved_tensors)
+    check_computed("attention_mse", [any(w) for w in ctx.needs_input_grad[:2]], ctx.need)
+    gs = scaled_gradients(grad, saved[:n], ctx.factor) if need_s else [None] * n
+    gt = scaled_gradients(grad, saved[n:] if need_s else saved, ctx.factor) if need_t \
+        else [None] * n
     # list inputs take a list of gradients (None entries where none is needed)
-    return (gs if need_s else [None] * n), (gt if need_t else [None] * n), None, None, None
+    return gs, gt, None, None, None, None, None
 
 
 register_autograd(_attention_mse_op, _backward, _setup_context)
