@@ -563,3 +563,17 @@ def test_a_bad_tsv_in_a_real_process_is_exactly_one_stderr_line(model, tmp_path)
         f"tinybert-fast finetune-teacher: error: {path}:3:3: the file is not UTF-8 text: "
         f"found byte 0xfe, expected UTF-8 (re-save the file as UTF-8)"], proc.stderr
     assert not out.exists()
+
+
+def test_the_valid_variants_train(model, tmp_path, capsys):
+    """A training file with CRLF line ends, a byte-order mark, quotes inside a sentence, a kept
+    control character and an empty sentence trains through the command line (exit 0, a model)."""
+    train = ("\ufeffsentence\tlabel\r\n"
+             'he said "hi"\t1\r\n'
+             "b\u0008c is fine\t0\r\n"
+             "\t1\r\n")
+    data_dir = sst2_dir(tmp_path, train)
+    out = tmp_path / "out"
+    status, err = run_cli(capsys, *finetune(model, data_dir, out))
+    assert status == 0, err
+    assert (out / "model" / "config.json").is_file() and (out / "summary.json").is_file()
