@@ -222,13 +222,15 @@ def k_div(K: int, x: torch.Tensor, weight: torch.Tensor) -> int:
 
 
 def gemm_config(dtype: torch.dtype, two_outputs: bool = False) -> dict:
-    """Tile sizes for the projection: 16-bit operands feed the tensor cores in 128x128 tiles;
-    full fp32 ("ieee") products run on the FMA units and take smaller tiles.  two_outputs (the
-    backward writing both G and dY): 16-bit tiles 128x64, since the second epilogue tile would
-    spill at 128x128 (ptxas on sm_90: 255 registers + 12 bytes of spills)."""
+    """Tile sizes for the projection: 16-bit operands feed the tensor cores in 128x64 tiles (64x64
+    for the backward writing both G and dY); full fp32 ("ieee") products run on the FMA units and
+    take smaller tiles.  Chosen against ptxas (sm_90, benchmarks/static.py): 128x128 spilled
+    (255 registers + 204-432 bytes) at the tests' narrow K, where the loads are 2-8 bytes wide, and
+    the two-output epilogue spilled 64-88 bytes at 128x64 and 52-60 at 64x64 with 4 warps; at these
+    tiles nothing spills."""
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64 if two_outputs else 128, BLOCK_K=64, num_warps=8,
+    return dict(BLOCK_M=64 if two_outputs else 128, BLOCK_N=64, BLOCK_K=64, num_warps=8,
                 num_stages=3)
 
 
