@@ -76,7 +76,8 @@ CONFIG_NOTES = {
         "hidden_mse; 128x128 spilled 204 B where K's loads are narrow (the tests' K = 7..100).",
     "_hidden_cosine_bwd_kernel": "16-bit: 128x64x64 (one output) / 64x64x64 (G and dY), 8 warps, "
         "K_DIV as for hidden_mse: 128x128 spilled 214-432 B, the two-output epilogue 64-88 B at "
-        "128x64 and 52-60 B at 64x64 with 4 warps.",
+        "128x64 and 52-60 B at 64x64 with 4 warps; fp32 (FMA) 64x64x32, 32x64x32 for G and dY "
+        "(4-84 B at 64x64).",
     "_gram_fwd_kernel": "BLOCK_L 64 rows per step with 16-bit tensor-core products; 16 when any "
         "product runs in fp32 (FMA: each thread holds its operand rows over the whole BLOCK_L "
         "reduction; 28-80 B spilled at 64 and 32 for d = 128).",

@@ -227,9 +227,10 @@ def gemm_config(dtype: torch.dtype, two_outputs: bool = False) -> dict:
     take smaller tiles.  Chosen against ptxas (sm_90, benchmarks/static.py): 128x128 spilled
     (255 registers + 204-432 bytes) at the tests' narrow K, where the loads are 2-8 bytes wide, and
     the two-output epilogue spilled 64-88 bytes at 128x64 and 52-60 at 64x64 with 4 warps; at these
-    tiles nothing spills."""
+    tiles nothing spills; fp32 (FMA) two-output tiles 32x64 (64x64 spilled 4-84 bytes)."""
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32 if two_outputs else 64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                    num_stages=3)
     return dict(BLOCK_M=64 if two_outputs else 128, BLOCK_N=64, BLOCK_K=64, num_warps=8,
                 num_stages=3)
 
