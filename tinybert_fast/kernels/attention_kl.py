@@ -60,6 +60,30 @@ from ._utils import (LN2, LOG2E, head_base, head_index, keep_rows, load_rows, ma
 M_FLOOR = tl.constexpr(-1.0e30)
 
 
+# Query/key tiles where qk_tile_meta's 64 x 64 spilled (ptxas, sm_90, benchmarks/static.py).
+# Full fp32 products (the FMA units, "ieee") hold each thread's operand rows over the whole
+# reduction in registers: 32 registers and 20-34 KB of spills at d = 64 and 128, so their tile
+# shrinks with the head width, FP32_TILE_ELEMENTS / BLOCK_D rows; 16-bit products on heads
+# wider than 64 with both gradients spilled 40-112 bytes at 64: HALF_WIDE_TILE.
+FP32_TILE_ELEMENTS = 2048
+HALF_WIDE_TILE = 32
+
+
+def _tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
+    """qk_tile_meta, with smaller query/key tiles for fp32 products and for heads > 64 wide."""
+    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    if q_s[0].device.type == "cpu":  # Triton's interpreter: no registers to spill
+        return meta
+    block_d = max(meta["BLOCK_DS"], meta["BLOCK_DT"])
+    if meta["FP32_S"] or meta["FP32_T"]:
+        tile = FP32_TILE_ELEMENTS // block_d
+    else:
+        tile = HALF_WIDE_TILE if block_d > 64 else meta["BLOCK_M"]
+    tile = max(16, min(meta["BLOCK_M"], tile))  # tl.dot's smallest block
+    meta.update(BLOCK_M=tile, BLOCK_N=tile)
+    return meta
+
+
 @triton.jit
 def _program_tile(B, H, BLOCK: tl.constexpr):
     """(flattened head bh, its layer, batch and head, this program's BLOCK rows) on a
@@ -236,7 +260,7 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, mask) -> tuple[torch.Tensor, torch.
     """(sum of KL_i over the valid rows of every head, fp32 scalar; statistics [3, N, L] fp32 =
     lse_s, lse_t, KL per row, 0 on padded query rows).  See the module docstring."""
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
-    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    meta = _tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
     n_m = triton.cdiv(L, meta["BLOCK_M"])
     device = q_s[0].device
     partials = torch.empty(sum(heads) * n_m, dtype=torch.float32, device=device)
@@ -260,7 +284,7 @@ def attention_kl_backward(coef, stats, q_s, k_s, q_t, k_t, mask, need: tuple):
     (empty where not needed), for coef = g * c a 0-dim fp32 tensor.  need: (q_s, k_s, q_t, k_t)
     flags."""
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
-    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    meta = _tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
     n_tiles = triton.cdiv(L, meta["BLOCK_M"])
     mask_t, msb, msl, has_mask = mask_args(mask, coef)
     out = [[], [], [], []]

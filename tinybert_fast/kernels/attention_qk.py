@@ -57,6 +57,34 @@ from ._utils import (MAX_HEAD_DIM, dot_block, dot_in_fp32, head_base, head_index
 # (B*L fixed, long L); the partial Grams cost n*B*H*ceil(L/512)*(d_s+d_t)^2 fp32.
 GRAM_ROWS_PER_PROGRAM = 512
 GRAM_BLOCK_L = 64
+# ... and when a product runs in full fp32 (FMA units, "ieee"): each thread then holds its operand
+# rows over the whole BLOCK_L reduction, which spilled at 64 and 32 rows for d = 128 (ptxas, sm_90:
+# 28-80 bytes).
+GRAM_FP32_BLOCK_L = 16
+# Backward: rows per program and the columns of [X1 | X2] (rows of the Gram) per step of its
+# fp32 products (on the FMA units: "ieee"), sized so that nothing spills (benchmarks/static.py).
+GRAM_BWD_BLOCK_L = 32
+GRAM_BWD_BLOCK_K = 16
+
+
+# Query/key tiles when a product runs in full fp32 (the FMA units, "ieee"): the FMA path holds
+# each thread's operand rows over the whole reduction in registers, and at qk_tile_meta's 64 x 64
+# ptxas (sm_90) gave these kernels 32 registers and 11-18 KB of spills at d = 64/128, 48 bytes at
+# 32 x 32 (benchmarks/static.py), so the tile shrinks with the head width:
+# FP32_TILE_ELEMENTS / BLOCK_D rows.
+FP32_TILE_ELEMENTS = 2048
+
+
+def _tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
+    """qk_tile_meta, with FP32_TILE_ELEMENTS / BLOCK_D query/key tiles for fp32 products."""
+    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    if q_s[0].device.type == "cpu":  # Triton's interpreter: no registers to spill
+        return meta
+    if meta["FP32_S"] or meta["FP32_T"]:
+        tile = FP32_TILE_ELEMENTS // max(meta["BLOCK_DS"], meta["BLOCK_DT"])
+        tile = max(16, min(meta["BLOCK_M"], tile))  # tl.dot's smallest block
+        meta.update(BLOCK_M=tile, BLOCK_N=tile)
+    return meta
 
 
 # --- gram path -----------------------------------------------------------------------------------
@@ -152,6 +180,33 @@ def _gram_combine_kernel(
 
 
 @triton.jit
+def _gram_bwd_side(x1_ptr, x2_ptr, x1_base, x2_base, rows, ok, g, D, off_out, D_OUT, u1, u2,
+                   D1, D2, x1_stride_l, x1_stride_d, x2_stride_l, x2_stride_d,
+                   BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr):
+    """[BLOCK_L, BLOCK_OUT] rows of [u1 x1 | u2 x2] G[:, off_out:off_out + D_OUT] in fp32, as a
+    loop over BLOCK_K columns of X (and rows of G) at a time."""
+    k = tl.arange(0, BLOCK_K)
+    c = tl.arange(0, BLOCK_OUT)
+    c_ok = (c < D_OUT)[None, :]
+    acc = tl.zeros((BLOCK_L, BLOCK_OUT), dtype=tl.float32)
+    # X G in fp32: the two products nearly cancel when student ~ teacher, so no 16-bit rounding
+    # of G or X before the sum.
+    for k0 in range(0, D1, BLOCK_K):
+        x = load_rows(x1_ptr, x1_base + k0 * x1_stride_d, rows, ok, x1_stride_l, x1_stride_d,
+                      D1 - k0, BLOCK_K).to(tl.float32) * u1
+        gk = tl.load(g + (k0 + k)[:, None] * D + (off_out + c)[None, :],
+                     mask=(k0 + k < D1)[:, None] & c_ok, other=0.0)
+        acc = tl.dot(x, gk, acc, input_precision="ieee")
+    for k0 in range(0, D2, BLOCK_K):
+        x = load_rows(x2_ptr, x2_base + k0 * x2_stride_d, rows, ok, x2_stride_l, x2_stride_d,
+                      D2 - k0, BLOCK_K).to(tl.float32) * u2
+        gk = tl.load(g + (D1 + k0 + k)[:, None] * D + (off_out + c)[None, :],
+                     mask=(k0 + k < D2)[:, None] & c_ok, other=0.0)
+        acc = tl.dot(x, gk, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _gram_bwd_kernel(
     # pointers: x1, x2 as in the forward; g: the OTHER side's Grams [N, D1+D2, D1+D2] fp32;
     # dx1 [N*L, D1], dx2 [N*L, D2] contiguous, input dtypes
@@ -166,41 +221,35 @@ def _gram_bwd_kernel(
     u1, u2, scale,
     # meta-parameters
     HAS_MASK: tl.constexpr, NEED_1: tl.constexpr, NEED_2: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D1: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
 ):
+    """dx1 = coef u1 [u1 x1 | u2 x2] G[:, :D1] and dx2 = coef u2 [u1 x1 | u2 x2] G[:, D1:] for
+    this program's BLOCK_L rows, coef = 2 scale g.  The products run over BLOCK_K columns of X at
+    a time (X re-read from L1/L2 per gradient), one accumulator live at a time: holding all of X
+    and the [D, D] Gram in registers spilled (ptxas, sm_90: 116-276 bytes at d = 26/64 with both
+    gradients, 4.6 KB at d = 128)."""
     bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     n, b, h = head_index(bh, B, H)
-    ok = keep_rows(mask_ptr, b, rows, L, mask_stride_b, mask_stride_l, HAS_MASK)
     # padded key rows load as 0, so their gradient rows come out 0
-    x1 = load_rows(x1_ptr, head_base(n, b, h, x1_stride_n, x1_stride_b, x1_stride_h), rows, ok,
-                    x1_stride_l, x1_stride_d, D1, BLOCK_D1).to(tl.float32) * u1
-    x2 = load_rows(x2_ptr, head_base(n, b, h, x2_stride_n, x2_stride_b, x2_stride_h), rows, ok,
-                    x2_stride_l, x2_stride_d, D2, BLOCK_D2).to(tl.float32) * u2
+    ok = keep_rows(mask_ptr, b, rows, L, mask_stride_b, mask_stride_l, HAS_MASK)
+    x1_base = head_base(n, b, h, x1_stride_n, x1_stride_b, x1_stride_h)
+    x2_base = head_base(n, b, h, x2_stride_n, x2_stride_b, x2_stride_h)
     D = D1 + D2
     g = g_ptr + bh.to(tl.int64) * D * D
-    c1 = tl.arange(0, BLOCK_D1)
-    c2 = tl.arange(0, BLOCK_D2)
     coef = 2.0 * scale * tl.load(grad_out_ptr).to(tl.float32)
     out_rows = bh.to(tl.int64) * L + rows
     in_range = rows < L
-    # X G in fp32: the two products nearly cancel when student ~ teacher, so no 16-bit rounding
-    # of G or X before the sum.
     if NEED_1:
-        g11 = tl.load(g + c1[:, None] * D + c1[None, :],
-                      mask=(c1 < D1)[:, None] & (c1 < D1)[None, :], other=0.0)
-        g21 = tl.load(g + (D1 + c2)[:, None] * D + c1[None, :],
-                      mask=(c2 < D2)[:, None] & (c1 < D1)[None, :], other=0.0)
-        acc = tl.dot(x1, g11, input_precision="ieee")
-        acc = tl.dot(x2, g21, acc, input_precision="ieee")
+        acc = _gram_bwd_side(x1_ptr, x2_ptr, x1_base, x2_base, rows, ok, g, D, 0, D1, u1, u2,
+                             D1, D2, x1_stride_l, x1_stride_d, x2_stride_l, x2_stride_d,
+                             BLOCK_L, BLOCK_K, BLOCK_D1)
         store_rows(dx1_ptr, out_rows, in_range, D1, acc * (coef * u1), BLOCK_D1)
     if NEED_2:
-        g12 = tl.load(g + c1[:, None] * D + (D1 + c2)[None, :],
-                      mask=(c1 < D1)[:, None] & (c2 < D2)[None, :], other=0.0)
-        g22 = tl.load(g + (D1 + c2)[:, None] * D + (D1 + c2)[None, :],
-                      mask=(c2 < D2)[:, None] & (c2 < D2)[None, :], other=0.0)
-        acc = tl.dot(x1, g12, input_precision="ieee")
-        acc = tl.dot(x2, g22, acc, input_precision="ieee")
+        acc = _gram_bwd_side(x1_ptr, x2_ptr, x1_base, x2_base, rows, ok, g, D, D1, D2, u1, u2,
+                             D1, D2, x1_stride_l, x1_stride_d, x2_stride_l, x2_stride_d,
+                             BLOCK_L, BLOCK_K, BLOCK_D2)
         store_rows(dx2_ptr, out_rows, in_range, D2, acc * (coef * u2), BLOCK_D2)
 
 
@@ -332,7 +381,10 @@ def gram_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> tuple[torch.Tensor, 
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
     N, D = sum(heads), d_s + d_t
     device = q_s[0].device
-    block_l = dot_block(L, GRAM_BLOCK_L)
+    dtypes = {x[0].dtype for x in (q_s, k_s, q_t, k_t)}
+    # (on CPU, Triton's interpreter, nothing spills: the 16-bit rows then)
+    fp32 = device.type != "cpu" and any(dot_in_fp32(a, b, device) for a in dtypes for b in dtypes)
+    block_l = dot_block(L, GRAM_FP32_BLOCK_L if fp32 else GRAM_BLOCK_L)
     bd1, bd2 = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
     partial = torch.empty(gram_workspace_shape(N, L, d_s, d_t), dtype=torch.float32, device=device)
     n_splits = partial.shape[2]
@@ -370,7 +422,7 @@ def gram_backward(grad_out, grams, q_s, k_s, q_t, k_t, mask, scale: float, need:
     """Gradients (contiguous, input dtypes) [dq_s, dk_s, dq_t, dk_t], each a list over groups
     (empty where not needed).  need: (q_s, k_s, q_t, k_t) flags."""
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
-    block_l = dot_block(L, GRAM_BLOCK_L)
+    block_l = dot_block(L, GRAM_BWD_BLOCK_L)
     bd1, bd2 = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
     mask_t, msb, msl, has_mask = mask_args(mask, grad_out)
     a_s, a_t = d_s ** -0.5, d_t ** -0.5
@@ -392,7 +444,8 @@ def gram_backward(grad_out, grams, q_s, k_s, q_t, k_t, mask, scale: float, need:
                 *x1.stride(), *x2.stride(), msb, msl,
                 u1, u2, scale,
                 HAS_MASK=side_mask, NEED_1=need1, NEED_2=need2,
-                BLOCK_L=block_l, BLOCK_D1=bd1, BLOCK_D2=bd2, num_warps=qk_num_warps(bd1, bd2),
+                BLOCK_L=block_l, BLOCK_K=GRAM_BWD_BLOCK_K, BLOCK_D1=bd1, BLOCK_D2=bd2,
+                num_warps=qk_num_warps(bd1, bd2),
             )
             start += n_heads
             if need1:
@@ -405,7 +458,7 @@ def gram_backward(grad_out, grams, q_s, k_s, q_t, k_t, mask, scale: float, need:
 def tiled_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> torch.Tensor:
     """Loss (fp32 scalar); see the module docstring."""
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
-    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    meta = _tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
     n_m = triton.cdiv(L, meta["BLOCK_M"])
     partials = torch.empty(sum(heads) * n_m, dtype=torch.float32, device=q_s[0].device)
     mask_t, msb, msl, has_mask = mask_args(mask, partials)
@@ -426,7 +479,7 @@ def tiled_backward(grad_out, q_s, k_s, q_t, k_t, mask, scale: float, need: tuple
     """As gram_backward, recomputing the score-difference tiles: `_tiled_bwd_kernel` once for
     dQ_s / dQ_t (X_IS_Q) and once for dK_s / dK_t, per group, each only when needed."""
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
-    meta = qk_tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    meta = _tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
     mask_t, msb, msl, has_mask = mask_args(mask, grad_out)
     out = [[], [], [], []]
     # dQ then dK: X = (q_s, k_s, q_t, k_t)[slot] (student) and [slot + 2] (teacher), Y = the other

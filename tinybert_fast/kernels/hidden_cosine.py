@@ -53,8 +53,17 @@ def _projection_tile(x_ptr, w_ptr, b_ptr, state, tok, rows_ok, cols, col_ok, K,
                      x_stride_s, x_stride_m, x_stride_k, w_stride_n, w_stride_k, b_stride,
                      HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
                      INPUT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] tile of X W^T + b in fp32 (0 outside rows_ok x col_ok)."""
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     K_DIV: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] tile of X W^T + b in fp32 (0 outside rows_ok x col_ok).  K and the row
+    strides of X and W are multiples of K_DIV (the launcher checks, k_div): written so, Triton
+    knows it and keeps 16-byte loads and cp.async at K = 312 (its own specialisation only marks
+    multiples of 16)."""
+    if K_DIV > 1:
+        K = K // K_DIV * K_DIV
+        x_stride_s = x_stride_s // K_DIV * K_DIV
+        x_stride_m = x_stride_m // K_DIV * K_DIV
+        w_stride_n = w_stride_n // K_DIV * K_DIV
     x_row = x_ptr + state * x_stride_s + tok * x_stride_m
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -86,7 +95,7 @@ def _hidden_cosine_sums_kernel(
     sums_stride_tile,
     # meta-parameters
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_DIV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -101,7 +110,8 @@ def _hidden_cosine_sums_kernel(
     tok = (rows % M).to(tl.int64)
     p = _projection_tile(x_ptr, w_ptr, b_ptr, state, tok, row_ok, cols, col_ok, K,
                          x_stride_s, x_stride_m, x_stride_k, w_stride_n, w_stride_k, b_stride,
-                         HAS_BIAS, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                         HAS_BIAS, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                         K_DIV)
     y = tl.load(y_ptr + (state * y_stride_s + tok * y_stride_m)[:, None] + cols[None, :] * y_stride_n,
                 mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     out = sums_ptr + pid_n.to(tl.int64) * sums_stride_tile + rows.to(tl.int64) * 3
@@ -168,7 +178,7 @@ def _hidden_cosine_bwd_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, NEED_G: tl.constexpr, NEED_DY: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_DIV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -183,7 +193,8 @@ def _hidden_cosine_bwd_kernel(
     tok = (rows % M).to(tl.int64)
     p = _projection_tile(x_ptr, w_ptr, b_ptr, state, tok, row_ok, cols, col_ok, K,
                          x_stride_s, x_stride_m, x_stride_k, w_stride_n, w_stride_k, b_stride,
-                         HAS_BIAS, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                         HAS_BIAS, DOT_FP32, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                         K_DIV)
     y = tl.load(y_ptr + (state * y_stride_s + tok * y_stride_m)[:, None] + cols[None, :] * y_stride_n,
                 mask=in_bounds, other=0.0).to(tl.float32)
     r3 = rows.to(tl.int64) * 3
@@ -201,14 +212,26 @@ def _hidden_cosine_bwd_kernel(
                  mask=in_bounds)
 
 
+def k_div(K: int, x: torch.Tensor, weight: torch.Tensor) -> int:
+    """Largest power of two <= 16 dividing K and the row strides of x [n, M, K] and weight [N, K]:
+    the K_DIV hint (K = 312 gives 8, so bf16 rows load 16 bytes at a time)."""
+    div = 16
+    while div > 1 and any(v % div for v in (K, x.stride(0), x.stride(1), weight.stride(0))):
+        div //= 2
+    return div
+
+
 def gemm_config(dtype: torch.dtype, two_outputs: bool = False) -> dict:
-    """Tile sizes for the projection: 16-bit operands feed the tensor cores in 128x128 tiles;
-    full fp32 ("ieee") products run on the FMA units and take smaller tiles.  two_outputs (the
-    backward writing both G and dY): 16-bit tiles 128x64, since the second epilogue tile would
-    spill at 128x128 (ptxas on sm_90: 255 registers + 12 bytes of spills)."""
+    """Tile sizes for the projection: 16-bit operands feed the tensor cores in 128x64 tiles (64x64
+    for the backward writing both G and dY); full fp32 ("ieee") products run on the FMA units and
+    take smaller tiles.  Chosen against ptxas (sm_90, benchmarks/static.py): 128x128 spilled
+    (255 registers + 204-432 bytes) at the tests' narrow K, where the loads are 2-8 bytes wide, and
+    the two-output epilogue spilled 64-88 bytes at 128x64 and 52-60 at 64x64 with 4 warps; at these
+    tiles nothing spills; fp32 (FMA) two-output tiles 32x64 (64x64 spilled 4-84 bytes)."""
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64 if two_outputs else 128, BLOCK_K=64, num_warps=8,
+        return dict(BLOCK_M=32 if two_outputs else 64, BLOCK_N=64, BLOCK_K=32, num_warps=4,
+                    num_stages=3)
+    return dict(BLOCK_M=64 if two_outputs else 128, BLOCK_N=64, BLOCK_K=64, num_warps=8,
                 num_stages=3)
 
 
@@ -246,7 +269,7 @@ def hidden_cosine_forward(student: list[torch.Tensor], teacher: list[torch.Tenso
             *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *y.stride(),
             sums.stride(0),
             HAS_BIAS=bias is not None, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
-            **cfg,
+            K_DIV=k_div(K, x, weight), **cfg,
         )
         row0 += rows
     block_r = min(FINISH_ROWS, next_power_of_2(total_rows))
@@ -297,7 +320,7 @@ def hidden_cosine_backward(s: torch.Tensor, student: list[torch.Tensor],
             rows, M, N, K,
             *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *y.stride(),
             HAS_BIAS=bias is not None, NEED_G=need_g, NEED_DY=need_dy, DOT_FP32=dot_fp32,
-            INPUT_PRECISION=precision,
+            INPUT_PRECISION=precision, K_DIV=k_div(K, x, weight),
             **cfg,
         )
         if need_dy:
