@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -311,7 +313,11 @@ def test_the_deprecated_attention_keyword_still_fetches_with_a_warning(tmp_path)
     attention_form gives, for one release."""
     b = Batch([4, 30, 2])
     cache = b.write(tmp_path / "c", "fp32", "qk")
-    want = cache.fetch(b.ids, attention_form="qk")
+    with warnings.catch_warnings():  # the new name warns nowhere, prefetch's worker included
+        warnings.simplefilter("error", DeprecationWarning)
+        want = cache.fetch(b.ids, attention_form="qk")
+        assert torch.equal(next(iter(cache.prefetch([b.ids], attention_form="qk"))).query,
+                           want.query)
     with pytest.warns(DeprecationWarning, match="attention_form"):
         got = cache.fetch(b.ids, attention="qk")
     torch.testing.assert_close(got.query, want.query, rtol=0, atol=0)

@@ -85,7 +85,7 @@ class Prefetcher:
                 else:
                     item = (self.cache.fetch(ids, self.device, pad_to, out_dtype=out_dtype,
                                              verify=verify, num_threads=num_threads,
-                                             attention=attention), None)
+                                             attention_form=attention), None)
                 self._put(item)
         except BaseException as exc:  # delivered to the consumer at the batch it concerns
             self._put(exc)

@@ -72,7 +72,7 @@ def _deprecated_attention(attention_form: str, attention: str | None) -> str:
     """fetch/prefetch's attention form, from `attention=` (0.1.0's name; deprecated) if given."""
     if attention is None:
         return attention_form
-    warnings.warn("TeacherCache.fetch/prefetch(attention_form=...) is deprecated: use attention_form",
+    warnings.warn("TeacherCache.fetch/prefetch(attention=...) is deprecated: use attention_form",
                   DeprecationWarning, stacklevel=3)
     return attention
 
