@@ -40,6 +40,8 @@ run() {  # name, then the command's arguments; a finished run (summary.json) is 
     local name=$1; shift
     [ -f "$runs/$name/summary.json" ] && return 0
     echo "mpnet_glue_run: $name: tinybert-fast $* --output-dir $runs/$name" >&2
+    mkdir -p "$runs/$name"   # the command, for benchmarks.mpnet_results
+    echo "tinybert-fast $* --output-dir $runs/$name" > "$runs/$name/command.txt"
     "$PY" -m tinybert_fast.cli "$@" --resume --no-progress --output-dir "$runs/$name"
 }
 
