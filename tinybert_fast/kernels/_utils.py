@@ -428,3 +428,12 @@ def split_grad_scale(scale, *dtypes: torch.dtype) -> tuple:
     a gradient scaled by 1 / (B*H*L*L) falls into its subnormals, so a float16 gradient is
     written unscaled, (1, scale), and the backward always makes its pass."""
     return (1.0, scale) if torch.float16 in dtypes else (scale, 1.0)
+
+
+def k_div(K: int, x: torch.Tensor, weight: torch.Tensor) -> int:
+    """Largest power of two <= 16 dividing K and the row strides of x [n, M, K] and weight [N, K]:
+    the K_DIV hint (K = 312 gives 8, so bf16 rows load 16 bytes at a time)."""
+    div = 16
+    while div > 1 and any(v % div for v in (K, x.stride(0), x.stride(1), weight.stride(0))):
+        div //= 2
+    return div

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_loadable_mask, dot_in_fp32, dot_precision, next_power_of_2
+from ._utils import as_loadable_mask, dot_in_fp32, dot_precision, k_div, next_power_of_2
 
 # Row sums kept per token: <p, y>, |p|^2, |y|^2 (the sums buffer), and the per-token coefficients
 # alpha, beta_p, beta_y (the saved coefficients).
@@ -210,15 +210,6 @@ def _hidden_cosine_bwd_kernel(
         s = tl.load(s_ptr)
         tl.store(dy_ptr + out, ((alpha * p - beta_y * y) * -s).to(dy_ptr.dtype.element_ty),
                  mask=in_bounds)
-
-
-def k_div(K: int, x: torch.Tensor, weight: torch.Tensor) -> int:
-    """Largest power of two <= 16 dividing K and the row strides of x [n, M, K] and weight [N, K]:
-    the K_DIV hint (K = 312 gives 8, so bf16 rows load 16 bytes at a time)."""
-    div = 16
-    while div > 1 and any(v % div for v in (K, x.stride(0), x.stride(1), weight.stride(0))):
-        div //= 2
-    return div
 
 
 def gemm_config(dtype: torch.dtype, two_outputs: bool = False) -> dict:

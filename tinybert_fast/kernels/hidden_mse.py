@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_loadable_mask, dot_in_fp32, dot_precision
+from ._utils import as_loadable_mask, dot_in_fp32, dot_precision, k_div
 
 
 @triton.jit
@@ -91,15 +91,6 @@ def _hidden_mse_fwd_kernel(
         tl.store(res_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
                  r.to(res_ptr.dtype.element_ty), mask=in_bounds)
         tl.store(colsum_ptr + pid_m.to(tl.int64) * N + cols, tl.sum(r, axis=0), mask=col_ok)
-
-
-def k_div(K: int, x: torch.Tensor, weight: torch.Tensor) -> int:
-    """Largest power of two <= 16 dividing K and the row strides of x [n, M, K] and weight [N, K]:
-    the K_DIV hint (K = 312 gives 8, so bf16 rows load 16 bytes at a time)."""
-    div = 16
-    while div > 1 and any(v % div for v in (K, x.stride(0), x.stride(1), weight.stride(0))):
-        div //= 2
-    return div
 
 
 def gemm_config(n_rows: int, N: int, K: int, dtype: torch.dtype) -> dict:
