@@ -11,7 +11,9 @@
 # general: builds the teacher folder (benchmarks.mpnet_teacher) and the corpus
 # (benchmarks.glue_corpus: every GLUE training sentence, dev/test excluded), then general
 # distillation into RUNS/general/run (teacher cache at RUNS/general/cache).
-# TASK (needs RUNS/general/run/model): the task's teacher (finetune-teacher), task step 1 and 2
+# TASK: the task's teacher (finetune-teacher; it needs nothing else), then, from the
+# general-distilled student RUNS/general/run/model (it stops before them until that exists), task
+# step 1 and 2
 # from the general-distilled init (RUNS/TASK/task1, task2), the hard-label TinyBERT4 from the same
 # init for as many epochs as steps 1 + 2 (RUNS/TASK/hard), and TinyBERT4 with task distillation
 # only (random init, steps 1 + 2: RUNS/TASK/task_only1, task_only2).  The teacher cache of the
@@ -32,6 +34,10 @@ PY="${PYTHON:-python3}"
 GLUE="${GLUE:-../shared/data/glue}"
 MODELS="${MODELS:-../models}"
 export OMP_NUM_THREADS="${THREADS:-1}" MKL_NUM_THREADS="${THREADS:-1}" HF_HUB_OFFLINE=1
+case "$what" in general|rte|mrpc|cola|sst2) ;;
+    *) echo "mpnet_glue_run: the first argument must be general, rte, mrpc, cola or sst2;" \
+            "got '$what'" >&2; exit 2 ;;
+esac
 mkdir -p "$runs"
 teacher_dir=$("$PY" -m benchmarks.mpnet_teacher --out "$MODELS")
 family=(--student-family "${STUDENT_FAMILY:-teacher}")
@@ -66,8 +72,6 @@ case "$what" in
             "got '$what'" >&2; exit 2 ;;
 esac
 general="$runs/general/run/model"
-[ -f "$general/config.json" ] || { echo "mpnet_glue_run: no general-distilled student at" \
-    "$general: run 'bash benchmarks/mpnet_glue_run.sh general $runs' first" >&2; exit 2; }
 STEP1_EPOCHS="${STEP1_EPOCHS:-$step1}" STEP2_EPOCHS="${STEP2_EPOCHS:-3}"
 data=(--task "$what" --data-dir "$GLUE/$folder" --max-length "$max_length" --group-by-length)
 cache=(--teacher-cache "$runs/$what/cache")
@@ -78,6 +82,10 @@ teacher="$runs/$what/teacher/model"
 
 run "$what/teacher" finetune-teacher --model "$teacher_dir" "${data[@]}" --batch-size 16 \
     --epochs "${TEACHER_EPOCHS:-3}" --lr "${TEACHER_LR:-2e-5}" --save-steps 100
+# the teacher needs no general-distilled student; everything after it starts from one
+[ -f "$general/config.json" ] || { echo "mpnet_glue_run: $what/teacher done; no general-distilled" \
+    "student at $general yet: run 'bash benchmarks/mpnet_glue_run.sh general $runs' first" >&2
+    exit 2; }
 run "$what/task1" distill --stage task1 --teacher "$teacher" --student "$general" "${data[@]}" \
     "${cache[@]}" "${step1[@]}" --save-steps 200
 run "$what/task2" distill --stage task2 --teacher "$teacher" --student "$runs/$what/task1/model" \
