@@ -103,7 +103,7 @@ def cases(quick: bool = False) -> list[Case]:
 
 def cpu_memory_rows(max_measure_gb: float, lengths=LENGTHS, tokens=TOKENS, H=HEADS) -> list[dict]:
     """memory_rows of eager and fused (the analytic figure decides what is measured)."""
-    from tinybert_fast.kernels import attention_kl as k_kl
+    from tinybert_fast.kernels import attention_kl_qk as k_kl
 
     def peak_bytes(provider, B, L, H):
         analytic = analytic_peak_bytes(provider, B, L, H)

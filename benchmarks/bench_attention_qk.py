@@ -205,7 +205,7 @@ def memory_rows(make_case, providers, peak_bytes, kernel_modules, max_measure_gb
 
 def cpu_memory_rows(max_measure_gb: float, lengths=LENGTHS, tokens=TOKENS, H=HEADS) -> list[dict]:
     """memory_rows of every provider but compile."""
-    from tinybert_fast.kernels import attention_mse as k_mse, attention_qk as k_qk
+    from tinybert_fast.kernels import attention_mse as k_mse, attention_mse_qk as k_qk
 
     def peak_bytes(provider, B, L, H):
         analytic = analytic_peak_bytes(provider, B, L, H)

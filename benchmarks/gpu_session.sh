@@ -67,9 +67,9 @@ plan_long=(env install real_run)
 eval "plan=(\"\${plan_${phase}[@]}\")"
 # The smoke selection: the tests that compare each op's forward and gradients with the float64
 # reference over dtypes and shapes (real ones included).  `tests` runs everything else.
-SMOKE_FILES="tests/test_attention_mse.py tests/test_hidden_mse.py tests/test_soft_ce.py
-tests/test_attention_qk.py tests/test_attention_kl.py tests/test_kl_div.py
-tests/test_attention_kl_scores.py tests/test_hidden_cosine.py"
+SMOKE_FILES="tests/test_attention_mse.py tests/test_hidden_mse.py tests/test_soft_cross_entropy.py
+tests/test_attention_mse_qk.py tests/test_attention_kl_qk.py tests/test_kl_divergence.py
+tests/test_attention_kl.py tests/test_hidden_cosine.py"
 SMOKE_K="matches_reference or matches_score_path or dtypes or real_shape or mixed"
 
 if [ "$mode" = plan ]; then

@@ -54,9 +54,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
-from tinybert_fast.kernels import attention_kl, attention_mse, attention_qk, hidden_mse, soft_ce
-from tinybert_fast.kernels import kl_div
-from tinybert_fast.kernels import attention_kl_scores
+from tinybert_fast.kernels import (attention_kl, attention_kl_qk, attention_mse, attention_mse_qk,
+                                   hidden_mse, kl_divergence, soft_cross_entropy)
 from tinybert_fast.kernels import hidden_cosine
 from tinybert_fast.kernels import _utils
 
@@ -342,7 +341,7 @@ def calls_soft_ce(quick):
         s, t = _t(N, C, dtype=ds), _t(N, C, dtype=dt)
         needs = [(True, False)] if quick else [(False, False), (True, False), (True, True)]
         yield f"soft_ce N{N}C{C} {DT[ds]}/{DT[dt]}", lambda s=s, t=t, needs=needs: [
-            soft_ce.soft_cross_entropy_forward(s, t, 1.0, 1.0, *need) for need in needs]
+            soft_cross_entropy.soft_cross_entropy_forward(s, t, 1.0, 1.0, *need) for need in needs]
 
 
 def calls_kl_div(quick):
@@ -356,7 +355,7 @@ def calls_kl_div(quick):
         s, t = _t(N, C, dtype=ds), _t(N, C, dtype=dt)
         needs = [(True, False)] if quick else [(False, False), (True, False), (True, True)]
         yield f"kl_div N{N}C{C} {DT[ds]}/{DT[dt]}", lambda s=s, t=t, needs=needs: [
-            kl_div.kl_divergence_forward(s, t, 2.0, 1.0, *need) for need in needs]
+            kl_divergence.kl_divergence_forward(s, t, 2.0, 1.0, *need) for need in needs]
 
 
 # (B, H, L, d_s, d_t): TinyBERT4 <- BERT-base at L = 128 (the real shape), the benchmark's lengths
@@ -405,22 +404,22 @@ def calls_attention_qk(quick):
         m = None if md is None else _mask(B, L, md)
 
         def tiled(x=x, m=m, needs=needs):
-            attention_qk.tiled_forward(*x, m, 1.0)
+            attention_mse_qk.tiled_forward(*x, m, 1.0)
             for need in needs:
-                attention_qk.tiled_backward(_t(), *x, m, 1.0, need)
+                attention_mse_qk.tiled_backward(_t(), *x, m, 1.0, need)
 
         def gram(x=x, m=m, needs=needs, N=4 * B * H, D=d_s + d_t):
-            attention_qk.gram_forward(*x, m, 1.0)
+            attention_mse_qk.gram_forward(*x, m, 1.0)
             for need in needs:
-                attention_qk.gram_backward(_t(), _t(2, N, D, D), *x, m, 1.0, need)
+                attention_mse_qk.gram_backward(_t(), _t(2, N, D, D), *x, m, 1.0, need)
         yield _qk_name("attention_qk[tiled]", shape, ds, dt, md, hf), tiled
         yield _qk_name("attention_qk[gram]", shape, ds, dt, md, hf), gram
     if quick:  # "auto" takes the Gram path from L = 512: its real shape
         shape = (16, 12, 512, 26, 64)
         x, m = _qk_inputs(*shape, BF16, BF16, True), _mask(16, 512)
         yield _qk_name("attention_qk[gram]", shape, BF16, BF16, torch.bool, True), lambda: (
-            attention_qk.gram_forward(*x, m, 1.0),
-            attention_qk.gram_backward(_t(), _t(2, 4 * 16 * 12, 90, 90), *x, m, 1.0,
+            attention_mse_qk.gram_forward(*x, m, 1.0),
+            attention_mse_qk.gram_backward(_t(), _t(2, 4 * 16 * 12, 90, 90), *x, m, 1.0,
                                        NEED_STUDENT))
 
 
@@ -431,9 +430,9 @@ def calls_attention_kl(quick):
         m = None if md is None else _mask(B, L, md)
 
         def call(x=x, m=m, needs=needs, N=4 * B * H, L=L):
-            attention_kl.attention_kl_forward(*x, m)
+            attention_kl_qk.attention_kl_forward(*x, m)
             for need in needs:
-                attention_kl.attention_kl_backward(_t(), _t(3, N, L), *x, m, need)
+                attention_kl_qk.attention_kl_backward(_t(), _t(3, N, L), *x, m, need)
         yield _qk_name("attention_kl", shape, ds, dt, md, hf), call
 
 
@@ -454,7 +453,7 @@ def calls_attention_kl_scores(quick):
             # no gradient (evaluation), the student's (training), both (teacher gradients too)
             needs = [(True, False)] if quick else [(False, False), (True, False), (True, True)]
             yield name, lambda s=s, t=t, m=m, needs=needs: [
-                attention_kl_scores.attention_kl_scores_forward([s], [t], m, _t(), *need)
+                attention_kl.attention_kl_scores_forward([s], [t], m, _t(), *need)
                 for need in needs]
 
 

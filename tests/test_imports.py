@@ -295,13 +295,13 @@ def test_graph_sees_the_package():
     vacuously)."""
     modules = build_graph(REPO)
     for name in (PACKAGE, OPS, KERNELS, REFERENCE, CONSTANTS, f"{KERNELS}._utils",
-                 f"{KERNELS}.attention_qk", f"{OPS}.attention_qk"):
+                 f"{KERNELS}.attention_mse_qk", f"{OPS}.attention_mse_qk"):
         assert name in modules, f"{name} not found among {sorted(modules)}"
     # relative imports: of a sibling, of a sibling package's module, from kernels/ up to the
     # constants; an import inside a function is test_rules_catch_what_they_forbid's
     assert f"{PACKAGE}._checks" in modules[REFERENCE].imports
     assert REFERENCE in modules[f"{PACKAGE}.capture"].imports
-    assert f"{KERNELS}.attention_qk" in modules[f"{OPS}.attention_qk"].imports
+    assert f"{KERNELS}.attention_mse_qk" in modules[f"{OPS}.attention_mse_qk"].imports
     assert CONSTANTS in modules[f"{KERNELS}.attention_mse"].imports
     # the constants module is import-free: nothing at all, not even torch
     tree = ast.parse(modules[CONSTANTS].path.read_text(encoding="utf-8"))

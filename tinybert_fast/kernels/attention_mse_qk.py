@@ -27,7 +27,7 @@ Two ways to get there:
         side and group, [BLOCK_L, d] x [d, d] products in fp32.
         Numerics: the three traces of <G_Q, G_K> cancel when student ~ teacher, so the relative
         error grows like eps_fp32 * ||S||^2 / ||D||^2 (measured figures in
-        tinybert_fast/ops/attention_qk.py).
+        tinybert_fast/ops/attention_mse_qk.py).
 "tiled" O(L^2 d) work and O(L d) memory: flash-attention style, one program per (head, query
         tile) looping over key tiles, D formed tile by tile in registers (two products with fp32
         accumulation, then the difference), never written.  Backward recomputes the tiles: one
@@ -40,7 +40,7 @@ Launches: gram forward 2 per group + 1, backward 2 per group; tiled forward 1 pe
 partial-sum reduction, backward 2 per group (1 when only the Q or only the K gradients are needed).
 
 The tile pieces (head indexing, masked row loads and stores, the fp32 product) are shared with
-kernels.attention_kl through kernels._utils.
+kernels.attention_kl_qk through kernels._utils.
 """
 
 from __future__ import annotations

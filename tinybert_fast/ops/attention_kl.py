@@ -1,6 +1,6 @@
 """MiniLM's attention-distribution KL from captured score maps: public function -> registered ops
 `tinybert_fast::attention_kl_scores(_backward)` -> kernels
-`tinybert_fast.kernels.attention_kl_scores`.
+`tinybert_fast.kernels.attention_kl`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, reference
-from ..kernels import attention_kl_scores as kernels
+from ..kernels import attention_kl as kernels
 from ..kernels._utils import split_grad_scale
 from ._autograd import check_computed, needs_grad, register_autograd, scaled_gradients
 from ._reduction import row_kl_scale

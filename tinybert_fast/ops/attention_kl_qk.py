@@ -1,6 +1,6 @@
 """MiniLM's attention-distribution KL from Q and K, without the attention maps: public function ->
 registered ops `tinybert_fast::attention_kl(_backward)` -> kernels
-`tinybert_fast.kernels.attention_kl`.
+`tinybert_fast.kernels.attention_kl_qk`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, reference
-from ..kernels import attention_kl as kernels
+from ..kernels import attention_kl_qk as kernels
 from ._qk import empty_grads, first_layer, qk_inputs, register_qk_autograd
 from ._reduction import row_kl_scale
 

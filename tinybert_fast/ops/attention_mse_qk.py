@@ -1,5 +1,5 @@
 """Attention-score MSE from Q and K, without the score maps: public function -> registered ops
-`tinybert_fast::attention_mse_qk(_backward)` -> kernels `tinybert_fast.kernels.attention_qk`.
+`tinybert_fast::attention_mse_qk(_backward)` -> kernels `tinybert_fast.kernels.attention_mse_qk`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, reference
-from ..kernels import attention_qk as kernels
+from ..kernels import attention_mse_qk as kernels
 from ._qk import empty_grads, first_layer, qk_inputs, register_qk_autograd
 
 METHODS = ("auto", "gram", "tiled")

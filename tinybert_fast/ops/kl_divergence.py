@@ -1,5 +1,5 @@
 """Knowledge-distillation KL divergence (Hinton et al., DistilBERT): public function -> registered
-op `tinybert_fast::kl_divergence` -> kernel `tinybert_fast.kernels.kl_div`.
+op `tinybert_fast::kl_divergence` -> kernel `tinybert_fast.kernels.kl_divergence`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, reference
-from ..kernels import kl_div as kernels
+from ..kernels import kl_divergence as kernels
 from ..kernels._utils import split_grad_scale
 from ._autograd import fused_logits_loss, logits_grad_autograd
 
@@ -57,7 +57,7 @@ def _kl_div_op(student: Tensor, teacher: Tensor, temperature: float, scale: floa
 
 def _log_softmax(z: Tensor, temperature: float) -> Tensor:
     """log softmax(z/T) of [N, C] logits in fp32, the maximum subtracted before the scaling (as
-    the kernel does: see kernels/kl_div.py)."""
+    the kernel does: see kernels/kl_divergence.py)."""
     z = z.float()
     x = (z - z.amax(1, keepdim=True)) / temperature
     return x - torch.logsumexp(x, dim=1, keepdim=True)

@@ -1,5 +1,5 @@
 """Temperature-scaled soft cross-entropy: public function -> registered op
-`tinybert_fast::soft_cross_entropy` -> kernel `tinybert_fast.kernels.soft_ce`.
+`tinybert_fast::soft_cross_entropy` -> kernel `tinybert_fast.kernels.soft_cross_entropy`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, reference
-from ..kernels import soft_ce as kernels
+from ..kernels import soft_cross_entropy as kernels
 from ..kernels._utils import split_grad_scale
 from ._autograd import fused_logits_loss, logits_grad_autograd
 

@@ -13,7 +13,7 @@ import tinybert_fast as tbf
 from conftest import (DEVICE, DTYPES, LOSS_SCALE, ON_CUDA, Tol, assert_fused, assert_rel,
                       check_against_reference, dtype_params, needs_triton, opcheck_backends,
                       random_scale, rel_err, upcast)
-from tinybert_fast.ops.attention_qk import AUTO_GRAM_MIN_L, resolve_method
+from tinybert_fast.ops.attention_mse_qk import AUTO_GRAM_MIN_L, resolve_method
 
 ops = torch.ops.tinybert_fast
 ref = tbf.reference.attention_mse_qk
