@@ -1,4 +1,4 @@
-"""MiniLM's attention-distribution KL from Q and K (tbf.attention_kl) against the eager reference.
+"""MiniLM's attention-distribution KL from Q and K (tbf.attention_kl_qk) against the eager reference.
 
 Shapes: those of benchmarks.bench_attention_qk, one mapped layer of TinyBERT4 <- BERT-base heads:
 H = 12, d_s = 26 (312 / 12), d_t = 64, bfloat16, B*L = 8192 tokens fixed (so the Q/K inputs are
@@ -7,10 +7,10 @@ padded.  Student Q, K require grad, the teacher's do not (as in training).  More
 scale every figure linearly.
 
 Providers:
-    eager    tinybert_fast.reference.attention_kl: torch.matmul scores, masked log_softmax,
+    eager    tinybert_fast.reference.attention_kl_qk: torch.matmul scores, masked log_softmax,
              F.kl_div (6 [B, H, L, L] maps at its peak: analytic_peak_bytes)
     compile  torch.compile of the same
-    fused    tbf.attention_kl: an online softmax over key tiles for both models, nothing of size
+    fused    tbf.attention_kl_qk: an online softmax over key tiles for both models, nothing of size
              L^2 written; backward recomputes P from 3 fp32 statistics per query row
 
 GB/s counts the bytes a loss that writes no L x L map must move (bench_attention_qk.qk_traffic):
@@ -81,7 +81,7 @@ def case(L: int, tokens: int = TOKENS, H: int = HEADS, d_s: int = D_S, d_t: int 
 
     def make(device):
         inputs = make_qk_inputs(B, L, H, d_s, d_t, dtype, device)
-        fns = providers(tbf.reference.attention_kl, tbf.attention_kl, call_qk)
+        fns = providers(tbf.reference.attention_kl_qk, tbf.attention_kl_qk, call_qk)
         if device == "cuda":
             need = analytic_peak_bytes("eager", B, L, H, d_s, inputs["q_s"].element_size())
             free = torch.cuda.mem_get_info()[0]

@@ -271,7 +271,7 @@ def _cases(dtype=torch.bfloat16) -> list[Case]:
              score_shape, 32, dtype),
         Case("attention_mse_qk", qk(tbf.attention_mse_qk, ref.attention_mse_qk), qk_shape, 32,
              dtype),
-        Case("attention_kl", qk(tbf.attention_kl, ref.attention_kl), qk_shape, 32, dtype),
+        Case("attention_kl_qk", qk(tbf.attention_kl_qk, ref.attention_kl_qk), qk_shape, 32, dtype),
         Case("hidden_mse", hidden(tbf.hidden_mse, ref.hidden_mse), hid_shape, 32, dtype),
         Case("hidden_cosine", hidden(tbf.hidden_cosine, ref.hidden_cosine), hid_shape, 32, dtype),
         Case("soft_cross_entropy", logits(tbf.soft_cross_entropy, ref.soft_cross_entropy),

@@ -2,7 +2,7 @@
 
 The reference is the eager path (tinybert_fast.reference.attention_kl_scores: masked log_softmax
 of the given scores, KL(P_t || P_s) per valid query row) in float64 on the same (rounded) inputs;
-tbf.attention_kl on the Q and K the scores are formed from is the second reference.
+tbf.attention_kl_qk on the Q and K the scores are formed from is the second reference.
 """
 
 from __future__ import annotations
@@ -252,14 +252,14 @@ def test_student_equals_teacher(backend, device):
             assert g.abs().max().item() < 1e-6 / (H * tokens(mask))
 
 
-# --- the same loss as attention_kl from Q and K ---------------------------------------------------
+# --- the same loss as attention_kl_qk from Q and K ---------------------------------------------------
 
 @pytest.mark.parametrize("mask_kind,reduction", [("mask", "mean"), ("mask", "sum"),
                                                   ("none", "mean")])
 @pytest.mark.parametrize("layers", [None, 2], ids=["4-D", "stacked"])
-def test_equals_attention_kl(fused, mask_kind, reduction, layers, device):
+def test_equals_attention_kl_qk(fused, mask_kind, reduction, layers, device):
     """attention_kl_scores(Q_s K_s^T / sqrt(d_s) + bias, Q_t K_t^T / sqrt(d_t) + bias, m) equals
-    attention_kl(q_s, k_s, q_t, k_t, m), the loss and the four gradients (through the scores)."""
+    attention_kl_qk(q_s, k_s, q_t, k_t, m), the loss and the four gradients (through the scores)."""
     B, H, L, d_s, d_t = 3, 2, 37, 26, 64
     mask = key_mask(B, L) if mask_kind == "mask" else None  # batch row 1 fully padded
     x = qk(B, H, L, d_s, d_t, grad="all", layers=layers)
@@ -268,7 +268,7 @@ def test_equals_attention_kl(fused, mask_kind, reduction, layers, device):
     s_s = tbf.reference.attention_scores(y[0], y[1], bias, scaling=d_s ** -0.5)
     s_t = tbf.reference.attention_scores(y[2], y[3], bias, scaling=d_t ** -0.5)
     got = tbf.attention_kl_scores(s_s, s_t, mask, reduction)
-    want = tbf.attention_kl(*x, mask, reduction)
+    want = tbf.attention_kl_qk(*x, mask, reduction)
     assert_fused(got)
     assert_rel("loss", got, want, 1e-5)
     g = torch.tensor(random_scale(), device=device)

@@ -1,6 +1,6 @@
-"""tinybert_fast.attention_kl and the ops tinybert_fast::attention_kl(_backward).
+"""tinybert_fast.attention_kl_qk and the ops tinybert_fast::attention_kl_qk(_backward).
 
-The reference is the eager path (tinybert_fast.reference.attention_kl: Q K^T / sqrt(d), log_softmax
+The reference is the eager path (tinybert_fast.reference.attention_kl_qk: Q K^T / sqrt(d), log_softmax
 over the tokens, KL(P_t || P_s) per valid query row) in float64 on the same (rounded) inputs.
 """
 
@@ -20,7 +20,7 @@ from test_attention_mse_qk import _args, _x, key_mask, qk
 from test_attention_mse_qk import _op_inputs as qk_op_inputs
 
 ops = torch.ops.tinybert_fast
-ref = tbf.reference.attention_kl
+ref = tbf.reference.attention_kl_qk
 
 # (B, H, L, d_s, d_t): L=37 odd, L=1 (one key: both distributions are 1, KL 0), L=130 spills past
 # a 64-row tile, head dims 26 vs 64 (TinyBERT4 <- BERT-base), equal and below the 16-wide dot
@@ -34,7 +34,7 @@ REAL_SHAPE = (32 if ON_CUDA else 4, 12, 128, 26, 64)
 
 
 def fused_kl(mask=None, reduction="mean"):
-    return lambda *x: tbf.attention_kl(*x, attention_mask=mask, reduction=reduction)
+    return lambda *x: tbf.attention_kl_qk(*x, attention_mask=mask, reduction=reduction)
 
 
 def ref_kl(mask=None, reduction="mean"):
@@ -213,12 +213,12 @@ def test_student_equals_teacher(backend, device):
 
 
 def test_value_relation(fused, device):
-    """MiniLM's value relation: attention_kl(v_s, v_s, v_t, v_t), V standing for Q and K (the
+    """MiniLM's value relation: attention_kl_qk(v_s, v_s, v_t, v_t), V standing for Q and K (the
     gradient of v_s sums both roles)."""
     B, H, L = 2, 3, 37
     v_s, _, v_t, _ = qk(B, H, L, 26, 64, grad="all")
     mask = key_mask(B, L)
-    check_against_reference(lambda s, t: tbf.attention_kl(s, s, t, t, mask),
+    check_against_reference(lambda s, t: tbf.attention_kl_qk(s, s, t, t, mask),
                             lambda s, t: ref(s, s, t, t, mask), [v_s, v_t], DTYPES[torch.float32])
 
 
@@ -246,7 +246,7 @@ def test_layer_forms_agree(fused, n, device):
     mask = key_mask(2, 37)
     x = qk(2, 2, 37, 26, 64, layers=n, grad="all")
     g = torch.tensor(random_scale(), device=device)
-    want = tbf.attention_kl(*x, mask)
+    want = tbf.attention_kl_qk(*x, mask)
     want_g = torch.autograd.grad(want, x, g)
     per_layer = sum(ref(*[t[i] for t in upcast(x)], mask) for i in range(n))
     assert_rel("sum over layers", want, per_layer, DTYPES[torch.float32].loss)
@@ -254,7 +254,7 @@ def test_layer_forms_agree(fused, n, device):
     for name, forms in variants.items():
         y = [t.detach().clone().requires_grad_() for t in x]
         args = [t if form is None else form(t.unbind(0)) for form, t in zip(forms, y)]
-        loss = tbf.attention_kl(*args, mask)
+        loss = tbf.attention_kl_qk(*args, mask)
         assert_rel(f"{name} loss", loss, want, 1e-6)
         for i, (a, b) in enumerate(zip(torch.autograd.grad(loss, y, g), want_g)):
             assert_rel(f"{name} grad {i}", a, b, 1e-6)
@@ -316,7 +316,7 @@ BAD_INPUTS.update({
 def test_bad_inputs(backend, case):
     tbf.set_backend(backend)
     make_args, exc, match = BAD_INPUTS[case]
-    for fn in (tbf.attention_kl, ref):  # the public function and the reference check alike
+    for fn in (tbf.attention_kl_qk, ref):  # the public function and the reference check alike
         with pytest.raises(exc, match=match):
             fn(**make_args())
 
@@ -334,7 +334,7 @@ def test_fused_only_limits(fused, case):
     """float64 and heads wider than 128: refused by the fused path, taken by the reference."""
     make_args, exc, match = FUSED_ONLY_BAD_INPUTS[case]
     with pytest.raises(exc, match=match):
-        tbf.attention_kl(**make_args())
+        tbf.attention_kl_qk(**make_args())
     assert torch.isfinite(ref(**make_args()))
 
 
@@ -353,7 +353,7 @@ def _op_inputs(requires_grad=True, with_mask=True):
 def test_opcheck_forward(backend, reduction, with_mask):
     tbf.set_backend(backend)
     groups, mask = _op_inputs(with_mask=with_mask)
-    torch.library.opcheck(ops.attention_kl.default, (*groups, mask, reduction))
+    torch.library.opcheck(ops.attention_kl_qk.default, (*groups, mask, reduction))
 
 
 @pytest.mark.parametrize("backend", opcheck_backends())
@@ -362,9 +362,9 @@ def test_opcheck_forward(backend, reduction, with_mask):
 def test_opcheck_backward(backend, need):
     tbf.set_backend(backend)
     groups, mask = _op_inputs(requires_grad=False)
-    _, stats = ops.attention_kl(*groups, mask, "mean")
+    _, stats = ops.attention_kl_qk(*groups, mask, "mean")
     grad = torch.tensor(random_scale(), device=DEVICE)
-    torch.library.opcheck(ops.attention_kl_backward.default,
+    torch.library.opcheck(ops.attention_kl_qk_backward.default,
                           (grad, stats, *groups, mask, "mean", *need))
 
 
@@ -374,7 +374,7 @@ def test_op_values(backend):
     the saved statistics against their definitions."""
     tbf.set_backend(backend)
     groups, mask = _op_inputs()
-    loss, stats = ops.attention_kl(*groups, mask, "mean")
+    loss, stats = ops.attention_kl_qk(*groups, mask, "mean")
     assert stats.shape == (3, (2 + 1) * 2 * 2, 7) and stats.dtype == torch.float32
     flat = [list(t for g in grp for t in g.unbind(0)) for grp in groups]
     flat64 = [[t.detach().double().requires_grad_() for t in lst] for lst in flat]
@@ -419,7 +419,7 @@ def test_compile_fullgraph(as_list, with_mask, device):
         x = [q_s, k_s, q_t, k_t]
         if as_list:
             x = [list(t.unbind(0)) for t in x]
-        return tbf.attention_kl(*x, mask) * 0.5 + 1.0
+        return tbf.attention_kl_qk(*x, mask) * 0.5 + 1.0
 
     x = qk(3, 2, 37, 26, 64, layers=2, grad="all")
     compiled = torch.compile(fn, fullgraph=True)
@@ -431,3 +431,17 @@ def test_compile_fullgraph(as_list, with_mask, device):
     g = torch.tensor(random_scale(), device=device)
     for a, b in zip(torch.autograd.grad(got, y, g), torch.autograd.grad(want, x, g)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_deprecated_name_warns_and_is_the_same_loss():
+    """attention_kl (0.1.0's name of this loss; it takes score maps in the next release) and its
+    reference warn FutureWarning, naming attention_kl_qk, and return attention_kl_qk's value."""
+    torch.manual_seed(0)
+    x = [torch.randn(2, 3, 9, d) for d in (8, 8, 16, 16)]
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    for old, new in ((tbf.attention_kl, tbf.attention_kl_qk),
+                     (tbf.reference.attention_kl, tbf.reference.attention_kl_qk)):
+        with pytest.warns(FutureWarning, match="attention_kl_qk"):
+            got = old(*x, mask, "sum")
+        torch.testing.assert_close(got, new(*x, mask, "sum"), rtol=0, atol=0)

@@ -436,4 +436,4 @@ def test_distillation_terms_attention_kl_from_qk():
     q_t, k_t = (make((N_LAYERS, B, H, L, 16), requires_grad=False) for _ in range(2))
     terms = tbf.distillation_terms(student_query=q_s, student_key=k_s, teacher_query=q_t,
                                    teacher_key=k_t, attention_mask=mask, attention_loss="kl")
-    torch.testing.assert_close(terms["attention"], tbf.attention_kl(q_s, k_s, q_t, k_t, mask))
+    torch.testing.assert_close(terms["attention"], tbf.attention_kl_qk(q_s, k_s, q_t, k_t, mask))

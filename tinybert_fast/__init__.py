@@ -6,7 +6,7 @@
 Public losses: attention_mse, hidden_mse, soft_cross_entropy, distillation_loss, distillation_terms
 (every term of a stage's objective, the training loop's; and the modules
 AttentionMSELoss, HiddenMSELoss, SoftCrossEntropyLoss, TinyBertLoss); from queries and keys,
-attention_mse_qk (TinyBERT's loss) and attention_kl (MiniLM's); attention_kl_scores (MiniLM's
+attention_mse_qk (TinyBERT's loss) and attention_kl_qk (MiniLM's); attention_kl_scores (MiniLM's
 from captured score maps, attention_mse's inputs).  tbf.reference holds the
 eager implementations; tbf.set_backend picks "auto" | "triton" | "torch".
 kl_divergence: the T^2-scaled logit KL of Hinton et al. and DistilBERT (beside soft_cross_entropy).
@@ -22,15 +22,15 @@ from . import reference
 from ._backend import get_backend, set_backend
 from .losses import (AttentionMSELoss, DistillLoss, HiddenMSELoss, SoftCrossEntropyLoss,
                      TinyBertLoss, distillation_loss, distillation_terms)
-from .ops import (attention_kl, attention_kl_scores, attention_mse, attention_mse_qk, hidden_cosine,
-                  hidden_mse, kl_divergence, soft_cross_entropy)
+from .ops import (attention_kl, attention_kl_qk, attention_kl_scores, attention_mse, attention_mse_qk,
+                  hidden_cosine, hidden_mse, kl_divergence, soft_cross_entropy)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention_mse", "hidden_mse", "soft_cross_entropy", "distillation_loss", "distillation_terms",
     "DistillLoss",
-    "attention_mse_qk", "attention_kl",
+    "attention_mse_qk", "attention_kl_qk", "attention_kl",
     "kl_divergence",
     "attention_kl_scores",
     "hidden_cosine",

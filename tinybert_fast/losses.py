@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import (attention_kl, attention_kl_scores, attention_mse, attention_mse_qk,
+from .ops import (attention_kl_qk, attention_kl_scores, attention_mse, attention_mse_qk,
                   hidden_cosine, hidden_mse, kl_divergence, soft_cross_entropy)
 
 ATTENTION_LOSSES = ("mse", "kl", "none")
@@ -65,7 +65,7 @@ def distillation_terms(*, student_attention=None, teacher_attention=None, studen
     The loss of each term can be another than TinyBERT's (the study's variants):
         attention_loss "kl": MiniLM's KL(softmax(S_t) || softmax(S_s)) per query row over the
             unpadded keys, padded rows excluded (attention_kl_scores; from Q and K,
-            attention_kl); "none": no attention term.
+            attention_kl_qk); "none": no attention term.
         hidden_loss "cosine": 1 - cos(X W^T + b, Y) per token (hidden_cosine), for the
             embedding and hidden terms; "none": neither term.
         prediction_loss "kl": T^2 KL(p_t || p_s) / N (kl_divergence); "mse": mean((z_s -
@@ -109,7 +109,7 @@ def distillation_terms(*, student_attention=None, teacher_attention=None, studen
         terms["attention"] = attention_mse(student_attention, teacher_attention, attention_mask,
                                            mask_queries=mask_padding)
     elif given and attention_loss == "kl":
-        terms["attention"] = attention_kl(student_query, student_key, teacher_query,
+        terms["attention"] = attention_kl_qk(student_query, student_key, teacher_query,
                                           teacher_key, attention_mask)
     elif given:
         q_s, q_t = student_query, teacher_query

@@ -14,6 +14,7 @@ and the checks of inputs from Q and K), never the other way round.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ def qk_layers(name: str, x) -> tuple[list[torch.Tensor], torch.Tensor | None]:
 
 def qk_inputs(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None, fused: bool,
               max_head_dim: int | None = None):
-    """Check the inputs of the losses from Q and K, attention_mse_qk and attention_kl (shapes,
+    """Check the inputs of the losses from Q and K, attention_mse_qk and attention_kl_qk (shapes,
     dtypes, devices; never values), for this module and the fused ops alike.
 
     fused: the dtypes the fused path takes (_checks.check_float); max_head_dim: the widest head
@@ -197,9 +198,9 @@ def attention_mse_qk(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = N
                          [scores(q, k) for q, k in zip(qt, kt)], attention_mask, reduction)
 
 
-def attention_kl(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = None,
-                 reduction: str = "mean") -> torch.Tensor:
-    """The eager form of tinybert_fast.attention_kl (MiniLM's attention-distribution KL): form
+def attention_kl_qk(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = None,
+                    reduction: str = "mean") -> torch.Tensor:
+    """The eager form of tinybert_fast.attention_kl_qk (MiniLM's attention-distribution KL): form
     each model's scores, log_softmax over the tokens, KL(P_t || P_s) per query row.
 
     S_x = Q_x K_x^T / sqrt(d_x); padded keys of attention_mask [B, L] (1 = token) are -inf before
@@ -273,6 +274,17 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     elif reduction == "batchmean":
         total = total / z_s.shape[0]
     return total.float()
+def attention_kl(q_s, k_s, q_t, k_t, attention_mask: torch.Tensor | None = None,
+                 reduction: str = "mean") -> torch.Tensor:
+    """Deprecated name of attention_kl_qk (warns FutureWarning; in the next release it takes
+    score maps, as attention_kl_scores does now)."""
+    warnings.warn("tinybert_fast.reference.attention_kl(q_s, k_s, q_t, k_t, ...) is deprecated: "
+                  "call reference.attention_kl_qk (the same loss); in the next release "
+                  "attention_kl takes score maps, as attention_kl_scores does now", FutureWarning,
+                  stacklevel=2)
+    return attention_kl_qk(q_s, k_s, q_t, k_t, attention_mask, reduction)
+
+
 def attention_kl_scores(student, teacher, attention_mask: torch.Tensor | None = None,
                         reduction: str = "mean") -> torch.Tensor:
     """The eager form of tinybert_fast.attention_kl_scores: MiniLM's attention-distribution KL

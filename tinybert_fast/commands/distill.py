@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default="mse",
                    help="mse: TinyBERT's score MSE; kl: MiniLM's KL(softmax(S_t) || "
                         "softmax(S_s)) per query row over the unpadded keys (padded rows "
-                        "excluded; tbf.attention_kl_scores, or tbf.attention_kl with "
+                        "excluded; tbf.attention_kl_scores, or tbf.attention_kl_qk with "
                         "--attention-form qk); none: no attention term")
     g.add_argument("--hidden-loss", choices=config.LOSS_CHOICES["hidden_loss"], default="mse",
                    help="mse: TinyBERT's projected MSE; cosine: 1 - cos(X W^T + b, Y) per token "

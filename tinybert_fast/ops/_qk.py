@@ -1,4 +1,4 @@
-"""What the two ops from Q and K (attention_mse_qk, attention_kl) share: their input checks on the
+"""What the two ops from Q and K (attention_mse_qk, attention_kl_qk) share: their input checks on the
 fused path, their fake gradients and their autograd registration.
 
 Kept apart so that neither op's module imports the other's.
@@ -35,7 +35,7 @@ def empty_grads(inputs, needs) -> tuple[list[Tensor], ...]:
 
 
 def register_qk_autograd(op, backward_op) -> None:
-    """Autograd for an op from Q and K (attention_mse_qk, attention_kl):
+    """Autograd for an op from Q and K (attention_mse_qk, attention_kl_qk):
     op(q_s, k_s, q_t, k_t, attention_mask, *options) -> (loss, extra), `extra` non-differentiable
     (Grams, row statistics) and kept for backward with the inputs; backward_op(grad, extra, q_s,
     k_s, q_t, k_t, attention_mask, *options, need_q_s, need_k_s, need_q_t, need_k_t) -> the four

@@ -1,4 +1,4 @@
-"""The reduction of the attention-distribution KL losses (attention_kl from Q and K,
+"""The reduction of the attention-distribution KL losses (attention_kl_qk from Q and K,
 attention_kl_scores from score maps), shared by both op families."""
 
 from __future__ import annotations

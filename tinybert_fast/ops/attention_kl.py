@@ -42,9 +42,9 @@ def attention_kl_scores(student, teacher, attention_mask: Tensor | None = None,
         "mean": sum_layers 1 / (H * T) * sum_{b,h} sum_{i: m[b,i]=1} KL_i
         "sum":  sum_layers sum_{b,h} sum_{i: m[b,i]=1} KL_i
     with T = sum_{b,i} m[b,i] the tokens of the batch (B*L without a mask; counted on the device,
-    a batch without tokens gives 0): tbf.attention_kl's reduction, so that
+    a batch without tokens gives 0): tbf.attention_kl_qk's reduction, so that
     attention_kl_scores(Q_s K_s^T / sqrt(d_s) + bias, Q_t K_t^T / sqrt(d_t) + bias, m) equals
-    attention_kl(q_s, k_s, q_t, k_t, m).
+    attention_kl_qk(q_s, k_s, q_t, k_t, m).
 
     Gradients flow to whichever of student/teacher require them.  With c the reduction scale and
     g the incoming gradient (read on the device: no host synchronisation), on valid rows and keys

@@ -1,10 +1,11 @@
 """MiniLM's attention-distribution KL from Q and K, without the attention maps: public function ->
-registered ops `tinybert_fast::attention_kl(_backward)` -> kernels
+registered ops `tinybert_fast::attention_kl_qk(_backward)` -> kernels
 `tinybert_fast.kernels.attention_kl_qk`.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -16,8 +17,8 @@ from ._qk import empty_grads, first_layer, qk_inputs, register_qk_autograd
 from ._reduction import row_kl_scale
 
 
-def attention_kl(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
-                 reduction: str = "mean") -> Tensor:
+def attention_kl_qk(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
+                    reduction: str = "mean") -> Tensor:
     """MiniLM's attention-distribution loss from the queries and keys, summed over layers (fp32
     scalar): KL(P_t || P_s) per query row, flash-attention style, O(L) memory.
 
@@ -48,7 +49,7 @@ def attention_kl(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
     excluded here on purpose, from the sum and from the count T.
 
     MiniLM's value-relation loss is the same op with V in place of both Q and K,
-    `attention_kl(v_s, v_s, v_t, v_t, attention_mask)`: softmax(V V^T / sqrt(d)) per head.
+    `attention_kl_qk(v_s, v_s, v_t, v_t, attention_mask)`: softmax(V V^T / sqrt(d)) per head.
 
     Gradients flow to whichever of the four inputs require them (the teacher's too).  With c the
     reduction scale, g the incoming gradient (read on the device: no host synchronisation):
@@ -67,10 +68,24 @@ def attention_kl(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
     """
     _checks.check_reduction(reduction, "attention")
     if not _backend.use_fused(first_layer(q_s)):
-        return reference.attention_kl(q_s, k_s, q_t, k_t, attention_mask, reduction)
+        return reference.attention_kl_qk(q_s, k_s, q_t, k_t, attention_mask, reduction)
     _, groups, _ = qk_inputs(q_s, k_s, q_t, k_t, attention_mask)
-    loss, _ = torch.ops.tinybert_fast.attention_kl(*groups, attention_mask, reduction)
+    loss, _ = torch.ops.tinybert_fast.attention_kl_qk(*groups, attention_mask, reduction)
     return loss
+
+
+def attention_kl(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
+                 reduction: str = "mean") -> Tensor:
+    """Deprecated name of attention_kl_qk (the same loss from Q and K; warns FutureWarning).
+
+    In the next release `attention_kl` takes pre-softmax score maps, as attention_kl_scores does
+    now, so that the names follow one pattern: attention_mse / attention_mse_qk and
+    attention_kl / attention_kl_qk (the `_qk` ops take queries and keys).  Call attention_kl_qk.
+    """
+    warnings.warn("tinybert_fast.attention_kl(q_s, k_s, q_t, k_t, ...) is deprecated: call "
+                  "attention_kl_qk (the same loss); in the next release attention_kl takes score "
+                  "maps, as attention_kl_scores does now", FutureWarning, stacklevel=2)
+    return attention_kl_qk(q_s, k_s, q_t, k_t, attention_mask, reduction)
 
 
 # --- registered ops ------------------------------------------------------------------------------
@@ -79,13 +94,13 @@ def attention_kl(q_s, k_s, q_t, k_t, attention_mask: Tensor | None = None,
 # padded query rows) that backward reuses.  The default kernel launches Triton; the CPU kernel
 # computes the same in PyTorch unless backend "triton" runs the kernels in Triton's interpreter.
 
-@torch.library.custom_op("tinybert_fast::attention_kl", mutates_args=())
-def _attention_kl_op(q_s: list[Tensor], k_s: list[Tensor], q_t: list[Tensor], k_t: list[Tensor],
+@torch.library.custom_op("tinybert_fast::attention_kl_qk", mutates_args=())
+def _attention_kl_qk_op(q_s: list[Tensor], k_s: list[Tensor], q_t: list[Tensor], k_t: list[Tensor],
                      attention_mask: Optional[Tensor], reduction: str) -> tuple[Tensor, Tensor]:
     return _triton_forward(q_s, k_s, q_t, k_t, attention_mask, reduction)
 
 
-@_attention_kl_op.register_fake
+@_attention_kl_qk_op.register_fake
 def _(q_s, k_s, q_t, k_t, attention_mask, reduction):
     return (q_s[0].new_empty((), dtype=torch.float32),
             q_s[0].new_empty(kernels.stats_shape(q_s), dtype=torch.float32))
@@ -113,7 +128,7 @@ def _torch_groups(q_s, k_s, q_t, k_t, attention_mask):
         yield z_s, z_t, ok
 
 
-@_attention_kl_op.register_kernel("cpu")
+@_attention_kl_qk_op.register_kernel("cpu")
 def _(q_s, k_s, q_t, k_t, attention_mask, reduction):
     if _backend.cpu_kernel_runs_triton():
         return _triton_forward(q_s, k_s, q_t, k_t, attention_mask, reduction)
@@ -134,8 +149,8 @@ def _(q_s, k_s, q_t, k_t, attention_mask, reduction):
     return stats[2].sum() * scale, stats
 
 
-@torch.library.custom_op("tinybert_fast::attention_kl_backward", mutates_args=())
-def _attention_kl_backward_op(
+@torch.library.custom_op("tinybert_fast::attention_kl_qk_backward", mutates_args=())
+def _attention_kl_qk_backward_op(
         grad: Tensor, stats: Tensor, q_s: list[Tensor], k_s: list[Tensor], q_t: list[Tensor],
         k_t: list[Tensor], attention_mask: Optional[Tensor], reduction: str,
         need_q_s: bool, need_k_s: bool, need_q_t: bool, need_k_t: bool
@@ -155,13 +170,13 @@ def _triton_backward(grad, stats, q_s, k_s, q_t, k_t, attention_mask, reduction,
                                                need))
 
 
-@_attention_kl_backward_op.register_fake
+@_attention_kl_qk_backward_op.register_fake
 def _(grad, stats, q_s, k_s, q_t, k_t, attention_mask, reduction, need_q_s, need_k_s, need_q_t,
       need_k_t):
     return empty_grads((q_s, k_s, q_t, k_t), (need_q_s, need_k_s, need_q_t, need_k_t))
 
 
-@_attention_kl_backward_op.register_kernel("cpu")
+@_attention_kl_qk_backward_op.register_kernel("cpu")
 def _(grad, stats, q_s, k_s, q_t, k_t, attention_mask, reduction, need_q_s, need_k_s, need_q_t,
       need_k_t):
     need = (need_q_s, need_k_s, need_q_t, need_k_t)
@@ -190,4 +205,4 @@ def _(grad, stats, q_s, k_s, q_t, k_t, attention_mask, reduction, need_q_s, need
     return out
 
 
-register_qk_autograd(_attention_kl_op, _attention_kl_backward_op)
+register_qk_autograd(_attention_kl_qk_op, _attention_kl_qk_backward_op)
