@@ -84,16 +84,35 @@ CONFIG_NOTES = {
     "_gram_bwd_kernel": "32 rows per program, [X1 | X2] G as a loop over 16 columns of X at a "
         "time, one gradient's accumulator live at a time. Holding all of X and the [D, D] Gram "
         "in registers spilled 116-276 B at d = 26/64 and 4.6-20 KB at d = 128, with 32 registers "
-        "allocated and 31-166 s compiles (the slowest specialisations of the old table).",
-    "_tiled_fwd_kernel": "qk_tile_meta's 64x64 query/key tiles; with fp32 products 2048 / BLOCK_D "
-        "rows (32 at d <= 64, 16 at d = 128): the FMA path at 64x64 and d = 64/128 got 32 "
-        "registers and 11-18 KB of spills (ptxas keeps the unrolled product's operands live).",
-    "_tiled_bwd_kernel": "as _tiled_fwd_kernel (the spills were the backward's: 11-18 KB).",
-    "_kl_fwd_kernel": "qk_tile_meta's 64x64 tiles; fp32 products 2048 / BLOCK_D rows (64x64 "
-        "spilled 2.8 KB at d = 64, 32x32 188 B at d = 128); 16-bit products on heads wider than "
-        "64: 32x32.",
-    "_kl_bwd_kernel": "as _kl_fwd_kernel: fp32 64x64 spilled 20-34 KB (32 registers), 16-bit "
-        "64x64 with both gradients 40-112 B at d = 128.",
+        "allocated and 31-166 s compiles (the slowest specialisations of the old table). Mixed "
+        "dtypes (16-bit student, fp32 teacher): 16 rows (GRAM_BWD_MIXED_BLOCK_L); at 32 the "
+        "one-gradient specialisation spilled 4 B on sm_100 (72 registers, 7 blocks/SM; at 16: 48 "
+        "registers, 10 blocks/SM). BLOCK_K stays 16, tl.dot's smallest block.",
+    "_tiled_fwd_kernel": "qk_tile_meta's 64x64 query/key tiles (16-bit, unchanged on every "
+        "target); with fp32 products 1024 / BLOCK_D rows (32 at d <= 32, 16 from d = 64 on) and "
+        "2 pipeline stages: the FMA path at 64x64 and d = 64/128 got 32 registers and 11-18 KB "
+        "of spills; 2048 / BLOCK_D (32x32 at d = 64) still spilled 8-152 B (sm_80 152 B at 255 "
+        "registers, sm_90 8-16 B, the fp32-student/fp16-teacher forward 16 B on sm_90); 16x16 "
+        "with 3 stages 4-8 B at 56-128 registers (sm_80, sm_90). Cost: 4x the programs of the "
+        "fp32 path at d = 64, each re-reading its key rows (the FMA path is compute bound).",
+    "_tiled_bwd_kernel": "as _tiled_fwd_kernel; the backward of both models' gradients with "
+        "16-bit products takes 32x32 tiles (qk_bwd_meta): at 64x64 it got 255 registers and "
+        "spilled 64 B on sm_80 (2 blocks/SM), and 8 warps instead of 4 did not help the twin "
+        "_kl_bwd_kernel (255 registers, 8-24 B); at 32x32: 140-146 registers, 3 blocks/SM, no "
+        "spills. The student-only backward (the distillation step, the teacher frozen) keeps "
+        "64x64 on every target (sm_90: 131-190 registers).",
+    "_kl_fwd_kernel": "qk_tile_meta's 64x64 tiles (16-bit, unchanged); fp32 products 1024 / "
+        "BLOCK_D rows (2048 / BLOCK_D = 32x32 at d = 64 spilled 4-32 B on sm_80, 12 B on sm_90, "
+        "12-32 B on sm_100 with a 16-bit student beside an fp32 teacher); 16-bit products on "
+        "heads wider than 64: 32x32. The fp32 16x16 tiles take (num_warps, num_stages) per "
+        "target, FP32_LAUNCH: sm_80 (8, 3), sm_90 (4, 2), sm_100 (8, 2). Every single choice "
+        "tried -- (4, 3), (4, 2), (4, 1), (8, 3), (8, 2), (2, 3) -- left 4-16 B of spills at "
+        "32-96 registers on some specialisation of some target ((2, 3): 312-868 B at d = 128).",
+    "_kl_bwd_kernel": "as _kl_fwd_kernel: fp32 64x64 spilled 20-34 KB (32 registers), 32x32 "
+        "4-32 B; 16-bit products with both gradients take 32x32 tiles (qk_bwd_meta): at 64x64 "
+        "255 registers and 8-40 B spilled on sm_80, 168 registers / 8 B on sm_100 with a mask; 8 "
+        "warps still 255 registers / 8-24 B on sm_80; at 32x32 146-168 registers, 3 blocks/SM. "
+        "The student-only backward keeps 64x64 (sm_90: 144-199 registers, 2-3 blocks/SM).",
 }
 
 

@@ -173,6 +173,21 @@ def qk_dims(q_s: list[torch.Tensor], q_t: list[torch.Tensor]):
     return B, H, L, d_s, d_t, [x.shape[0] * B * H for x in q_s]
 
 
+def device_arch(device: torch.device) -> int | None:
+    """Compute capability (major * 10 + minor) a launch on `device` compiles for: the GPU's, or on
+    "meta" tensors the target of the active Triton driver (benchmarks/static.py's offline
+    driver); None on CPU (Triton's interpreter)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    if device.type == "meta":
+        try:
+            return int(triton.runtime.driver.active.get_current_target().arch)
+        except Exception:  # no driver: no target-specific choice
+            return None
+    return None
+
+
 def qk_num_warps(*blocks: int) -> int:
     """Warps of a program holding [BLOCK, d] tiles: 8 once a block passes 64."""
     return 8 if max(blocks) > 64 else 4
@@ -189,6 +204,24 @@ def qk_tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
                 FP32_T=dot_in_fp32(q_t[0].dtype, k_t[0].dtype, device),
                 BLOCK_M=block, BLOCK_N=block, BLOCK_DS=bds, BLOCK_DT=bdt,
                 num_warps=qk_num_warps(bds, bdt))
+
+
+# Query/key tiles of a tiled backward launch that computes both models' gradients with 16-bit
+# tensor-core products (two accumulators live beside the [BLOCK, BLOCK] score tiles).
+QK_BWD_BOTH_TILE = 32
+
+
+def qk_bwd_meta(meta: dict, need_s: bool, need_t: bool) -> dict:
+    """The tile meta of one tiled backward launch (`_kl_bwd_kernel`, `_tiled_bwd_kernel`): `meta`,
+    with QK_BWD_BOTH_TILE query/key tiles where both models' gradients are computed with 16-bit
+    products on larger tiles.  At 64 x 64 that specialisation got 255 registers and spilled 8-64
+    bytes on sm_80 (40 with a mask) and 168 registers / 8 bytes on sm_100; 8 warps instead of 4
+    still got 255 registers and 8-24 bytes on sm_80 (ptxas, benchmarks/static.py).  The
+    student-only backward (the distillation step's: the teacher is frozen) keeps its tiles."""
+    if (need_s and need_t and not (meta["FP32_S"] or meta["FP32_T"])
+            and meta["BLOCK_M"] > QK_BWD_BOTH_TILE and meta["BLOCK_N"] > QK_BWD_BOTH_TILE):
+        return dict(meta, BLOCK_M=QK_BWD_BOTH_TILE, BLOCK_N=QK_BWD_BOTH_TILE)
+    return meta
 
 
 # --- the streaming loss families (attention_mse, attention_kl_scores, soft_ce, kl_div) -----------
