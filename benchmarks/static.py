@@ -71,9 +71,13 @@ CONFIG_NOTES = {
         "marks multiples of 16 only): at K = 312 (TinyBERT4) the loads were scalar and unpipelined "
         "(0 cp.async, 255 registers); with K_DIV = 8 they are 16-byte cp.async. 128x128 then "
         "spilled 64-248 B (the epilogue's teacher tile and residual beside the accumulator). fp32: "
-        "64x64x32, 4 warps (FMA products).",
+        "64x64x32, 4 warps (FMA products). K_DIV = 1 (the tests' K = 7, 9: 2-byte loads, no "
+        "cp.async): 64 rows (NARROW_BLOCK_M); 16-bit 128x64 with the residual got 255 registers "
+        "and spilled 40 B on sm_80 (64x64: 201-203 registers, 1 block/SM as before).",
     "_hidden_cosine_sums_kernel": "16-bit: 128x64x64 tiles, 8 warps, 3 stages, K_DIV as for "
-        "hidden_mse; 128x128 spilled 204 B where K's loads are narrow (the tests' K = 7..100).",
+        "hidden_mse; 128x128 spilled 204 B where K's loads are narrow (the tests' K = 7..100). "
+        "K_DIV = 1: 64 rows as hidden_mse (128x64 spilled 44 B at 255 registers on sm_80; 64x64: "
+        "200 registers).",
     "_hidden_cosine_bwd_kernel": "16-bit: 128x64x64 (one output) / 64x64x64 (G and dY), 8 warps, "
         "K_DIV as for hidden_mse: 128x128 spilled 214-432 B, the two-output epilogue 64-88 B at "
         "128x64 and 52-60 B at 64x64 with 4 warps; fp32 (FMA) 64x64x32, 32x64x32 for G and dY "
@@ -96,11 +100,12 @@ CONFIG_NOTES = {
         "with 3 stages 4-8 B at 56-128 registers (sm_80, sm_90). Cost: 4x the programs of the "
         "fp32 path at d = 64, each re-reading its key rows (the FMA path is compute bound).",
     "_tiled_bwd_kernel": "as _tiled_fwd_kernel; the backward of both models' gradients with "
-        "16-bit products takes 32x32 tiles (qk_bwd_meta): at 64x64 it got 255 registers and "
-        "spilled 64 B on sm_80 (2 blocks/SM), and 8 warps instead of 4 did not help the twin "
-        "_kl_bwd_kernel (255 registers, 8-24 B); at 32x32: 140-146 registers, 3 blocks/SM, no "
-        "spills. The student-only backward (the distillation step, the teacher frozen) keeps "
-        "64x64 on every target (sm_90: 131-190 registers).",
+        "16-bit products takes 32x32 tiles, 16x16 on heads wider than 64 (qk_bwd_meta): at 64x64 "
+        "it got 255 registers and spilled 64 B on sm_80 (2 blocks/SM), and 8 warps instead of 4 "
+        "did not help the twin _kl_bwd_kernel (255 registers, 8-24 B); at 32x32: 140-146 "
+        "registers, 3 blocks/SM, no spills; at d = 128, 32x32 with 4 warps spilled 8 B on sm_80 "
+        "(16x16, 8 warps: 88-106 registers). The student-only backward (the distillation step, "
+        "the teacher frozen) keeps 64x64 on every target (sm_90: 131-190 registers).",
     "_kl_fwd_kernel": "qk_tile_meta's 64x64 tiles (16-bit, unchanged); fp32 products 1024 / "
         "BLOCK_D rows (2048 / BLOCK_D = 32x32 at d = 64 spilled 4-32 B on sm_80, 12 B on sm_90, "
         "12-32 B on sm_100 with a 16-bit student beside an fp32 teacher); 16-bit products on "
@@ -109,10 +114,16 @@ CONFIG_NOTES = {
         "tried -- (4, 3), (4, 2), (4, 1), (8, 3), (8, 2), (2, 3) -- left 4-16 B of spills at "
         "32-96 registers on some specialisation of some target ((2, 3): 312-868 B at d = 128).",
     "_kl_bwd_kernel": "as _kl_fwd_kernel: fp32 64x64 spilled 20-34 KB (32 registers), 32x32 "
-        "4-32 B; 16-bit products with both gradients take 32x32 tiles (qk_bwd_meta): at 64x64 "
-        "255 registers and 8-40 B spilled on sm_80, 168 registers / 8 B on sm_100 with a mask; 8 "
-        "warps still 255 registers / 8-24 B on sm_80; at 32x32 146-168 registers, 3 blocks/SM. "
-        "The student-only backward keeps 64x64 (sm_90: 144-199 registers, 2-3 blocks/SM).",
+        "4-32 B; 16-bit products with both gradients take 32x32 tiles, 16x16 on heads wider than "
+        "64 (qk_bwd_meta): at 64x64 255 registers and 8-40 B spilled on sm_80, 168 registers / 8 "
+        "B on sm_100 with a mask; 8 warps still 255 registers / 8-24 B on sm_80; at 32x32 146-168 "
+        "registers, 3 blocks/SM; at d = 128 32x32 (8 warps) spilled 16 B at 128 registers on "
+        "sm_80 (16x16: 102-128). The student-only backward keeps 64x64 (sm_90: 144-199 "
+        "registers, 2-3 blocks/SM).",
+    "_logits_loss_kernel": "soft_ce / kl_div: stream_launch's tiles (a row up to 4096 classes "
+        "read once); with both gradients of fp32 logits twice the warps: 1x4096 with 8 warps got "
+        "80 registers and spilled 8 B on sm_80 (16 warps: 64 registers, 2 blocks = 32 warps per "
+        "SM instead of 3 = 24).",
 }
 
 

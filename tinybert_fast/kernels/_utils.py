@@ -207,20 +207,27 @@ def qk_tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
 
 
 # Query/key tiles of a tiled backward launch that computes both models' gradients with 16-bit
-# tensor-core products (two accumulators live beside the [BLOCK, BLOCK] score tiles).
+# tensor-core products (two accumulators live beside the [BLOCK, BLOCK] score tiles): heads up to
+# 64 wide, and wider ones.
 QK_BWD_BOTH_TILE = 32
+QK_BWD_BOTH_WIDE_TILE = 16
 
 
 def qk_bwd_meta(meta: dict, need_s: bool, need_t: bool) -> dict:
     """The tile meta of one tiled backward launch (`_kl_bwd_kernel`, `_tiled_bwd_kernel`): `meta`,
-    with QK_BWD_BOTH_TILE query/key tiles where both models' gradients are computed with 16-bit
-    products on larger tiles.  At 64 x 64 that specialisation got 255 registers and spilled 8-64
-    bytes on sm_80 (40 with a mask) and 168 registers / 8 bytes on sm_100; 8 warps instead of 4
-    still got 255 registers and 8-24 bytes on sm_80 (ptxas, benchmarks/static.py).  The
-    student-only backward (the distillation step's: the teacher is frozen) keeps its tiles."""
-    if (need_s and need_t and not (meta["FP32_S"] or meta["FP32_T"])
-            and meta["BLOCK_M"] > QK_BWD_BOTH_TILE and meta["BLOCK_N"] > QK_BWD_BOTH_TILE):
-        return dict(meta, BLOCK_M=QK_BWD_BOTH_TILE, BLOCK_N=QK_BWD_BOTH_TILE)
+    with QK_BWD_BOTH_TILE query/key tiles (QK_BWD_BOTH_WIDE_TILE on heads wider than 64) where
+    both models' gradients are computed with 16-bit products.  At 64 x 64 that specialisation got
+    255 registers and spilled 8-64 bytes on sm_80 (40 with a mask) and 168 registers / 8 bytes on
+    sm_100; 8 warps instead of 4 still got 255 registers and 8-24 bytes on sm_80.  On heads wider
+    than 64 (HALF_WIDE_TILE 32 x 32, 8 warps) the KL backward spilled 16 bytes at 128 registers on
+    sm_80, and 4 warps there left the MSE one 8 bytes; at 16 x 16: 88-128 registers, no spills
+    (ptxas, benchmarks/static.py).  The student-only backward (the distillation step's: the
+    teacher is frozen) keeps its tiles."""
+    if need_s and need_t and not (meta["FP32_S"] or meta["FP32_T"]):
+        both = (QK_BWD_BOTH_TILE if max(meta["BLOCK_DS"], meta["BLOCK_DT"]) <= 64
+                else QK_BWD_BOTH_WIDE_TILE)
+        tile = min(meta["BLOCK_M"], meta["BLOCK_N"], both)
+        return dict(meta, BLOCK_M=tile, BLOCK_N=tile)
     return meta
 
 
@@ -411,6 +418,10 @@ def logits_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     asked for.  One program per BLOCK_N rows; a row up to max_block_c classes is read once."""
     N, C = student.shape
     block_n, block_c, num_warps = stream_launch(C, max_block_c)
+    if need_student and need_teacher and torch.float32 in (student.dtype, teacher.dtype):
+        # both gradients of fp32 logits: twice the warps (at 4096 columns 8 warps got 80
+        # registers and spilled 8 bytes on sm_80; 16 warps: 64 registers, no spills)
+        num_warps = min(2 * num_warps, 32)
     grid = triton.cdiv(N, block_n)
     partials = torch.empty(grid, dtype=torch.float32, device=student.device)
     ds = student.new_empty((N, C) if need_student else (0,))
@@ -470,3 +481,11 @@ def k_div(K: int, x: torch.Tensor, weight: torch.Tensor) -> int:
     while div > 1 and any(v % div for v in (K, x.stride(0), x.stride(1), weight.stride(0))):
         div //= 2
     return div
+
+
+# Rows of a hidden_mse / hidden_cosine GEMM tile when K_DIV = 1 (K or a row stride odd: 2-byte
+# loads, no cp.async): at 128 x 64 the 16-bit hidden_mse forward with the residual got 255
+# registers and spilled 40 bytes on sm_80, the hidden_cosine sums 44 (ptxas,
+# benchmarks/static.py); at 64 x 64, 200-203 registers, no spills.  Only the tests' odd K (7, 9)
+# take it; K = 312 (TinyBERT4) has K_DIV = 8.
+NARROW_BLOCK_M = 64
