@@ -73,7 +73,8 @@ CONFIG_NOTES = {
         "spilled 64-248 B (the epilogue's teacher tile and residual beside the accumulator). fp32: "
         "64x64x32, 4 warps (FMA products). K_DIV = 1 (the tests' K = 7, 9: 2-byte loads, no "
         "cp.async): 64 rows (NARROW_BLOCK_M); 16-bit 128x64 with the residual got 255 registers "
-        "and spilled 40 B on sm_80 (64x64: 201-203 registers, 1 block/SM as before).",
+        "and spilled 40 B on sm_80 (64x64: 201-203 registers, 1 block/SM as before); fp32 at K_DIV "
+        "= 1 on sm_100: 2 stages (3 spilled 28 B at 255 registers; 2 spilled 12 B on sm_90).",
     "_hidden_cosine_sums_kernel": "16-bit: 128x64x64 tiles, 8 warps, 3 stages, K_DIV as for "
         "hidden_mse; 128x128 spilled 204 B where K's loads are narrow (the tests' K = 7..100). "
         "K_DIV = 1: 64 rows as hidden_mse (128x64 spilled 44 B at 255 registers on sm_80; 64x64: "
@@ -84,7 +85,9 @@ CONFIG_NOTES = {
         "(4-84 B at 64x64).",
     "_gram_fwd_kernel": "BLOCK_L 64 rows per step with 16-bit tensor-core products; 16 when any "
         "product runs in fp32 (FMA: each thread holds its operand rows over the whole BLOCK_L "
-        "reduction; 28-80 B spilled at 64 and 32 for d = 128).",
+        "reduction; 28-80 B spilled at 64 and 32 for d = 128); with fp32 products on sm_100 2 "
+        "pipeline stages (3 spilled 20-36 B at 128-168 registers at d = 64/26 and 64/128; 2 "
+        "stages spilled 4 B on sm_90, where 3 do not).",
     "_gram_bwd_kernel": "32 rows per program, [X1 | X2] G as a loop over 16 columns of X at a "
         "time, one gradient's accumulator live at a time. Holding all of X and the [D, D] Gram "
         "in registers spilled 116-276 B at d = 26/64 and 4.6-20 KB at d = 128, with 32 registers "
@@ -103,22 +106,25 @@ CONFIG_NOTES = {
         "16-bit products takes 32x32 tiles, 16x16 on heads wider than 64 (qk_bwd_meta): at 64x64 "
         "it got 255 registers and spilled 64 B on sm_80 (2 blocks/SM), and 8 warps instead of 4 "
         "did not help the twin _kl_bwd_kernel (255 registers, 8-24 B); at 32x32: 140-146 "
-        "registers, 3 blocks/SM, no spills; at d = 128, 32x32 with 4 warps spilled 8 B on sm_80 "
-        "(16x16, 8 warps: 88-106 registers). The student-only backward (the distillation step, "
+        "registers, 3 blocks/SM, no spills; on heads wider than 64 on sm_80 16x16 (32x32 with 4 "
+        "warps spilled 8 B there; 16x16, 8 warps: 88-106 registers); sm_90 and sm_100 keep "
+        "HALF_WIDE_TILE 32x32 with 8 warps there (16x16 spilled 16 B in _kl_bwd_kernel on sm_90). The student-only backward (the distillation step, "
         "the teacher frozen) keeps 64x64 on every target (sm_90: 131-190 registers).",
     "_kl_fwd_kernel": "qk_tile_meta's 64x64 tiles (16-bit, unchanged); fp32 products 1024 / "
         "BLOCK_D rows (2048 / BLOCK_D = 32x32 at d = 64 spilled 4-32 B on sm_80, 12 B on sm_90, "
         "12-32 B on sm_100 with a 16-bit student beside an fp32 teacher); 16-bit products on "
-        "heads wider than 64: 32x32. The fp32 16x16 tiles take (num_warps, num_stages) per "
-        "target, FP32_LAUNCH: sm_80 (8, 3), sm_90 (4, 2), sm_100 (8, 2). Every single choice "
+        "heads wider than 64: 32x32 (16x16 on sm_100, HALF_WIDE_FWD_TILE: 32x32 spilled 12 B at 128 "
+        "registers there with a mask). The fp32 16x16 tiles take (num_warps, num_stages) per "
+        "target, FP32_LAUNCH: sm_80 (8, 3), sm_90 (4, 1), sm_100 (8, 2). Every single choice "
         "tried -- (4, 3), (4, 2), (4, 1), (8, 3), (8, 2), (2, 3) -- left 4-16 B of spills at "
         "32-96 registers on some specialisation of some target ((2, 3): 312-868 B at d = 128).",
     "_kl_bwd_kernel": "as _kl_fwd_kernel: fp32 64x64 spilled 20-34 KB (32 registers), 32x32 "
         "4-32 B; 16-bit products with both gradients take 32x32 tiles, 16x16 on heads wider than "
         "64 (qk_bwd_meta): at 64x64 255 registers and 8-40 B spilled on sm_80, 168 registers / 8 "
         "B on sm_100 with a mask; 8 warps still 255 registers / 8-24 B on sm_80; at 32x32 146-168 "
-        "registers, 3 blocks/SM; at d = 128 32x32 (8 warps) spilled 16 B at 128 registers on "
-        "sm_80 (16x16: 102-128). The student-only backward keeps 64x64 (sm_90: 144-199 "
+        "registers, 3 blocks/SM; on heads wider than 64, 32x32 (8 warps) spilled 16 B at 128 "
+        "registers on sm_80 (16x16 there: 102-128), 16x16 spilled 16 B on sm_90 (32x32 kept on "
+        "sm_90 and sm_100). The student-only backward keeps 64x64 (sm_90: 144-199 "
         "registers, 2-3 blocks/SM).",
     "_logits_loss_kernel": "soft_ce / kl_div: stream_launch's tiles (a row up to 4096 classes "
         "read once); with both gradients of fp32 logits twice the warps: 1x4096 with 8 warps got "

@@ -69,12 +69,15 @@ M_FLOOR = tl.constexpr(-1.0e30)
 # than 64 with both gradients spilled 40-112 bytes at 64: HALF_WIDE_TILE.
 FP32_TILE_ELEMENTS = 1024
 HALF_WIDE_TILE = 32
+HALF_WIDE_FWD_TILE = 16  # the forward's on sm_100 (see attention_kl_forward)
 # (num_warps, num_stages) of the fp32 16 x 16 tiles per target (sm_80, sm_90, sm_100 and up).
 # ptxas left 4-16 bytes of spills at 56-96 registers on some of them in every single choice
 # tried for all three targets -- (4, 3), (4, 2), (4, 1), (8, 3), (8, 2), (2, 3) -- each on a
 # different specialisation (d = 64 or 128, mask, X_IS_Q), so each target takes one without:
-# sm_80 (8, 3), sm_90 (4, 2), sm_100 (8, 2) (benchmarks/static.py, the full tables).
-FP32_LAUNCH = {80: (8, 3), 90: (4, 2), 100: (8, 2)}
+# sm_80 (8, 3), sm_90 (4, 1), sm_100 (8, 2) (benchmarks/static.py, the full tables; on sm_90
+# (4, 2) spilled 12 bytes at d = 64 / 26, (4, 3) 8 at d = 128, (8, 2) 4 and (8, 3) 8 at
+# d = 26 / 64).
+FP32_LAUNCH = {80: (8, 3), 90: (4, 1), 100: (8, 2)}
 
 
 def _fp32_launch(arch: int | None) -> tuple[int, int]:
@@ -279,6 +282,11 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, mask) -> tuple[torch.Tensor, torch.
     lse_s, lse_t, KL per row, 0 on padded query rows).  See the module docstring."""
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
     meta = _tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    if ((device_arch(q_s[0].device) or 0) >= 100 and not (meta["FP32_S"] or meta["FP32_T"])
+            and max(meta["BLOCK_DS"], meta["BLOCK_DT"]) > 64):
+        # sm_100, 16-bit products on heads wider than 64: HALF_WIDE_FWD_TILE (HALF_WIDE_TILE
+        # spilled 12 bytes at 128 registers there with a mask; not on sm_80 or sm_90)
+        meta = dict(meta, BLOCK_M=HALF_WIDE_FWD_TILE, BLOCK_N=HALF_WIDE_FWD_TILE)
     n_m = triton.cdiv(L, meta["BLOCK_M"])
     device = q_s[0].device
     partials = torch.empty(sum(heads) * n_m, dtype=torch.float32, device=device)
@@ -311,7 +319,7 @@ def attention_kl_backward(coef, stats, q_s, k_s, q_t, k_t, mask, need: tuple):
         xy = (slot, slot + 2, 1 - slot, 3 - slot)
         if not (need[slot] or need[slot + 2]):
             continue
-        launch_meta = qk_bwd_meta(meta, need[slot], need[slot + 2])
+        launch_meta = qk_bwd_meta(meta, need[slot], need[slot + 2], q_s[0].device)
         n_tiles = triton.cdiv(L, launch_meta["BLOCK_M"])
         start = 0
         for group, n_heads in zip(zip(q_s, k_s, q_t, k_t), heads):

@@ -49,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (MAX_HEAD_DIM, dot_block, dot_in_fp32, head_base, head_index, keep_rows,
-                     load_rows, mask_args, mm, next_power_of_2, qk_bwd_meta, qk_dims,
+from ._utils import (MAX_HEAD_DIM, device_arch, dot_block, dot_in_fp32, head_base, head_index,
+                     keep_rows, load_rows, mask_args, mm, next_power_of_2, qk_bwd_meta, qk_dims,
                      qk_num_warps, qk_tile_meta, store_rows)
 
 # Rows of one head a Gram program reduces.  Splitting L keeps the grid large when B*H is small
@@ -61,6 +61,10 @@ GRAM_BLOCK_L = 64
 # rows over the whole BLOCK_L reduction, which spilled at 64 and 32 rows for d = 128 (ptxas, sm_90:
 # 28-80 bytes).
 GRAM_FP32_BLOCK_L = 16
+# ... with 2 pipeline stages on sm_100: with 3, the fp32 forward spilled 20-36 bytes at 128-168
+# registers there (d = 64 beside 26 and 128; ptxas, benchmarks/static.py); 2 stages spilled 4
+# bytes on sm_90, where 3 do not.
+GRAM_FP32_NUM_STAGES = 2
 # Backward: rows per program and the columns of [X1 | X2] (rows of the Gram) per step of its
 # fp32 products (on the FMA units: "ieee"), sized so that nothing spills (benchmarks/static.py).
 GRAM_BWD_BLOCK_L = 32
@@ -394,6 +398,7 @@ def gram_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> tuple[torch.Tensor, 
     # (on CPU, Triton's interpreter, nothing spills: the 16-bit rows then)
     fp32 = device.type != "cpu" and any(dot_in_fp32(a, b, device) for a in dtypes for b in dtypes)
     block_l = dot_block(L, GRAM_FP32_BLOCK_L if fp32 else GRAM_BLOCK_L)
+    stages = GRAM_FP32_NUM_STAGES if fp32 and (device_arch(device) or 0) >= 100 else 3
     bd1, bd2 = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
     partial = torch.empty(gram_workspace_shape(N, L, d_s, d_t), dtype=torch.float32, device=device)
     n_splits = partial.shape[2]
@@ -412,6 +417,7 @@ def gram_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> tuple[torch.Tensor, 
                 FP32_12=dot_in_fp32(x1.dtype, x2.dtype, device),
                 FP32_22=dot_in_fp32(x2.dtype, x2.dtype, device),
                 BLOCK_L=block_l, BLOCK_D1=bd1, BLOCK_D2=bd2, num_warps=qk_num_warps(bd1, bd2),
+                num_stages=stages,
             )
             start += n_heads
     # one chunk per head: the partial buffer already holds the Grams
@@ -501,7 +507,7 @@ def tiled_backward(grad_out, q_s, k_s, q_t, k_t, mask, scale: float, need: tuple
         need_s, need_t = need[slot], need[slot + 2]
         if not (need_s or need_t):
             continue
-        launch_meta = qk_bwd_meta(meta, need_s, need_t)
+        launch_meta = qk_bwd_meta(meta, need_s, need_t, q_s[0].device)
         block_x, block_y = ((launch_meta["BLOCK_M"], launch_meta["BLOCK_N"]) if slot == 0
                             else (launch_meta["BLOCK_N"], launch_meta["BLOCK_M"]))
         tile_meta = dict(launch_meta, BLOCK_M=block_x, BLOCK_N=block_y)
