@@ -107,8 +107,8 @@ CONFIG_NOTES = {
         "it got 255 registers and spilled 64 B on sm_80 (2 blocks/SM), and 8 warps instead of 4 "
         "did not help the twin _kl_bwd_kernel (255 registers, 8-24 B); at 32x32: 140-146 "
         "registers, 3 blocks/SM, no spills; on heads wider than 64 on sm_80 16x16 (32x32 with 4 "
-        "warps spilled 8 B there; 16x16, 8 warps: 88-106 registers); sm_90 and sm_100 keep "
-        "HALF_WIDE_TILE 32x32 with 8 warps there (16x16 spilled 16 B in _kl_bwd_kernel on sm_90). The student-only backward (the distillation step, "
+        "warps spilled 8 B there; 16x16, 8 warps: 88-106 registers), and on sm_90 (32x32 with 8 "
+        "warps spilled 8 B at 128 registers); sm_100 keeps HALF_WIDE_TILE 32x32 with 8 warps. The student-only backward (the distillation step, "
         "the teacher frozen) keeps 64x64 on every target (sm_90: 131-190 registers).",
     "_kl_fwd_kernel": "qk_tile_meta's 64x64 tiles (16-bit, unchanged); fp32 products 1024 / "
         "BLOCK_D rows (2048 / BLOCK_D = 32x32 at d = 64 spilled 4-32 B on sm_80, 12 B on sm_90, "

@@ -319,7 +319,8 @@ def attention_kl_backward(coef, stats, q_s, k_s, q_t, k_t, mask, need: tuple):
         xy = (slot, slot + 2, 1 - slot, 3 - slot)
         if not (need[slot] or need[slot + 2]):
             continue
-        launch_meta = qk_bwd_meta(meta, need[slot], need[slot + 2], q_s[0].device)
+        launch_meta = qk_bwd_meta(meta, need[slot], need[slot + 2], q_s[0].device,
+                                  wide_below=90)
         n_tiles = triton.cdiv(L, launch_meta["BLOCK_M"])
         start = 0
         for group, n_heads in zip(zip(q_s, k_s, q_t, k_t), heads):

@@ -507,7 +507,7 @@ def tiled_backward(grad_out, q_s, k_s, q_t, k_t, mask, scale: float, need: tuple
         need_s, need_t = need[slot], need[slot + 2]
         if not (need_s or need_t):
             continue
-        launch_meta = qk_bwd_meta(meta, need_s, need_t, q_s[0].device)
+        launch_meta = qk_bwd_meta(meta, need_s, need_t, q_s[0].device, wide_below=100)
         block_x, block_y = ((launch_meta["BLOCK_M"], launch_meta["BLOCK_N"]) if slot == 0
                             else (launch_meta["BLOCK_N"], launch_meta["BLOCK_M"]))
         tile_meta = dict(launch_meta, BLOCK_M=block_x, BLOCK_N=block_y)
