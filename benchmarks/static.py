@@ -71,29 +71,65 @@ CONFIG_NOTES = {
         "marks multiples of 16 only): at K = 312 (TinyBERT4) the loads were scalar and unpipelined "
         "(0 cp.async, 255 registers); with K_DIV = 8 they are 16-byte cp.async. 128x128 then "
         "spilled 64-248 B (the epilogue's teacher tile and residual beside the accumulator). fp32: "
-        "64x64x32, 4 warps (FMA products).",
+        "64x64x32, 4 warps (FMA products). K_DIV = 1 (the tests' K = 7, 9: 2-byte loads, no "
+        "cp.async): 64 rows (NARROW_BLOCK_M); 16-bit 128x64 with the residual got 255 registers "
+        "and spilled 40 B on sm_80 (64x64: 201-203 registers, 1 block/SM as before); fp32 at K_DIV "
+        "= 1 on sm_100: 2 stages (3 spilled 28 B at 255 registers; 2 spilled 12 B on sm_90).",
     "_hidden_cosine_sums_kernel": "16-bit: 128x64x64 tiles, 8 warps, 3 stages, K_DIV as for "
-        "hidden_mse; 128x128 spilled 204 B where K's loads are narrow (the tests' K = 7..100).",
+        "hidden_mse; 128x128 spilled 204 B where K's loads are narrow (the tests' K = 7..100). "
+        "K_DIV = 1: 64 rows as hidden_mse (128x64 spilled 44 B at 255 registers on sm_80; 64x64: "
+        "200 registers).",
     "_hidden_cosine_bwd_kernel": "16-bit: 128x64x64 (one output) / 64x64x64 (G and dY), 8 warps, "
         "K_DIV as for hidden_mse: 128x128 spilled 214-432 B, the two-output epilogue 64-88 B at "
         "128x64 and 52-60 B at 64x64 with 4 warps; fp32 (FMA) 64x64x32, 32x64x32 for G and dY "
         "(4-84 B at 64x64).",
     "_gram_fwd_kernel": "BLOCK_L 64 rows per step with 16-bit tensor-core products; 16 when any "
         "product runs in fp32 (FMA: each thread holds its operand rows over the whole BLOCK_L "
-        "reduction; 28-80 B spilled at 64 and 32 for d = 128).",
+        "reduction; 28-80 B spilled at 64 and 32 for d = 128); with fp32 products on sm_100 2 "
+        "pipeline stages (3 spilled 20-36 B at 128-168 registers at d = 64/26 and 64/128; 2 "
+        "stages spilled 4 B on sm_90, where 3 do not).",
     "_gram_bwd_kernel": "32 rows per program, [X1 | X2] G as a loop over 16 columns of X at a "
         "time, one gradient's accumulator live at a time. Holding all of X and the [D, D] Gram "
         "in registers spilled 116-276 B at d = 26/64 and 4.6-20 KB at d = 128, with 32 registers "
-        "allocated and 31-166 s compiles (the slowest specialisations of the old table).",
-    "_tiled_fwd_kernel": "qk_tile_meta's 64x64 query/key tiles; with fp32 products 2048 / BLOCK_D "
-        "rows (32 at d <= 64, 16 at d = 128): the FMA path at 64x64 and d = 64/128 got 32 "
-        "registers and 11-18 KB of spills (ptxas keeps the unrolled product's operands live).",
-    "_tiled_bwd_kernel": "as _tiled_fwd_kernel (the spills were the backward's: 11-18 KB).",
-    "_kl_fwd_kernel": "qk_tile_meta's 64x64 tiles; fp32 products 2048 / BLOCK_D rows (64x64 "
-        "spilled 2.8 KB at d = 64, 32x32 188 B at d = 128); 16-bit products on heads wider than "
-        "64: 32x32.",
-    "_kl_bwd_kernel": "as _kl_fwd_kernel: fp32 64x64 spilled 20-34 KB (32 registers), 16-bit "
-        "64x64 with both gradients 40-112 B at d = 128.",
+        "allocated and 31-166 s compiles (the slowest specialisations of the old table). Mixed "
+        "dtypes (16-bit student, fp32 teacher): 16 rows (GRAM_BWD_MIXED_BLOCK_L); at 32 the "
+        "one-gradient specialisation spilled 4 B on sm_100 (72 registers, 7 blocks/SM; at 16: 48 "
+        "registers, 10 blocks/SM). BLOCK_K stays 16, tl.dot's smallest block.",
+    "_tiled_fwd_kernel": "qk_tile_meta's 64x64 query/key tiles (16-bit, unchanged on every "
+        "target); with fp32 products 1024 / BLOCK_D rows (32 at d <= 32, 16 from d = 64 on) and "
+        "2 pipeline stages: the FMA path at 64x64 and d = 64/128 got 32 registers and 11-18 KB "
+        "of spills; 2048 / BLOCK_D (32x32 at d = 64) still spilled 8-152 B (sm_80 152 B at 255 "
+        "registers, sm_90 8-16 B, the fp32-student/fp16-teacher forward 16 B on sm_90); 16x16 "
+        "with 3 stages 4-8 B at 56-128 registers (sm_80, sm_90). Cost: 4x the programs of the "
+        "fp32 path at d = 64, each re-reading its key rows (the FMA path is compute bound).",
+    "_tiled_bwd_kernel": "as _tiled_fwd_kernel; the backward of both models' gradients with "
+        "16-bit products takes 32x32 tiles, 16x16 on heads wider than 64 (qk_bwd_meta): at 64x64 "
+        "it got 255 registers and spilled 64 B on sm_80 (2 blocks/SM), and 8 warps instead of 4 "
+        "did not help the twin _kl_bwd_kernel (255 registers, 8-24 B); at 32x32: 140-146 "
+        "registers, 3 blocks/SM, no spills; on heads wider than 64 on sm_80 16x16 (32x32 with 4 "
+        "warps spilled 8 B there; 16x16, 8 warps: 88-106 registers), and on sm_90 (32x32 with 8 "
+        "warps spilled 8 B at 128 registers); sm_100 keeps HALF_WIDE_TILE 32x32 with 8 warps. The student-only backward (the distillation step, "
+        "the teacher frozen) keeps 64x64 on every target (sm_90: 131-190 registers).",
+    "_kl_fwd_kernel": "qk_tile_meta's 64x64 tiles (16-bit, unchanged); fp32 products 1024 / "
+        "BLOCK_D rows (2048 / BLOCK_D = 32x32 at d = 64 spilled 4-32 B on sm_80, 12 B on sm_90, "
+        "12-32 B on sm_100 with a 16-bit student beside an fp32 teacher); 16-bit products on "
+        "heads wider than 64: 32x32 (16x16 on sm_100, HALF_WIDE_FWD_TILE: 32x32 spilled 12 B at 128 "
+        "registers there with a mask). The fp32 16x16 tiles take (num_warps, num_stages) per "
+        "target, FP32_LAUNCH: sm_80 (8, 3), sm_90 (4, 1), sm_100 (8, 2). Every single choice "
+        "tried -- (4, 3), (4, 2), (4, 1), (8, 3), (8, 2), (2, 3) -- left 4-16 B of spills at "
+        "32-96 registers on some specialisation of some target ((2, 3): 312-868 B at d = 128).",
+    "_kl_bwd_kernel": "as _kl_fwd_kernel: fp32 64x64 spilled 20-34 KB (32 registers), 32x32 "
+        "4-32 B; 16-bit products with both gradients take 32x32 tiles, 16x16 on heads wider than "
+        "64 (qk_bwd_meta): at 64x64 255 registers and 8-40 B spilled on sm_80, 168 registers / 8 "
+        "B on sm_100 with a mask; 8 warps still 255 registers / 8-24 B on sm_80; at 32x32 146-168 "
+        "registers, 3 blocks/SM; on heads wider than 64, 32x32 (8 warps) spilled 16 B at 128 "
+        "registers on sm_80 (16x16 there: 102-128), 16x16 spilled 16 B on sm_90 (32x32 kept on "
+        "sm_90 and sm_100). The student-only backward keeps 64x64 (sm_90: 144-199 "
+        "registers, 2-3 blocks/SM).",
+    "_logits_loss_kernel": "soft_ce / kl_div: stream_launch's tiles (a row up to 4096 classes "
+        "read once); with both gradients of fp32 logits twice the warps: 1x4096 with 8 warps got "
+        "80 registers and spilled 8 B on sm_80 (16 warps: 64 registers, 2 blocks = 32 warps per "
+        "SM instead of 3 = 24).",
 }
 
 

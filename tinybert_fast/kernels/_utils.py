@@ -173,6 +173,21 @@ def qk_dims(q_s: list[torch.Tensor], q_t: list[torch.Tensor]):
     return B, H, L, d_s, d_t, [x.shape[0] * B * H for x in q_s]
 
 
+def device_arch(device: torch.device) -> int | None:
+    """Compute capability (major * 10 + minor) a launch on `device` compiles for: the GPU's, or on
+    "meta" tensors the target of the active Triton driver (benchmarks/static.py's offline
+    driver); None on CPU (Triton's interpreter)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    if device.type == "meta":
+        try:
+            return int(triton.runtime.driver.active.get_current_target().arch)
+        except Exception:  # no driver: no target-specific choice
+            return None
+    return None
+
+
 def qk_num_warps(*blocks: int) -> int:
     """Warps of a program holding [BLOCK, d] tiles: 8 once a block passes 64."""
     return 8 if max(blocks) > 64 else 4
@@ -189,6 +204,36 @@ def qk_tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
                 FP32_T=dot_in_fp32(q_t[0].dtype, k_t[0].dtype, device),
                 BLOCK_M=block, BLOCK_N=block, BLOCK_DS=bds, BLOCK_DT=bdt,
                 num_warps=qk_num_warps(bds, bdt))
+
+
+# Query/key tiles of a tiled backward launch that computes both models' gradients with 16-bit
+# tensor-core products (two accumulators live beside the [BLOCK, BLOCK] score tiles): heads up to
+# 64 wide, and wider ones.
+QK_BWD_BOTH_TILE = 32
+QK_BWD_BOTH_WIDE_TILE = 16
+
+
+def qk_bwd_meta(meta: dict, need_s: bool, need_t: bool, device: torch.device,
+                wide_below: int) -> dict:
+    """The tile meta of one tiled backward launch (`_kl_bwd_kernel`, `_tiled_bwd_kernel`): `meta`,
+    with QK_BWD_BOTH_TILE query/key tiles (QK_BWD_BOTH_WIDE_TILE on heads wider than 64) where
+    both models' gradients are computed with 16-bit products.  At 64 x 64 that specialisation got
+    255 registers and spilled 8-64 bytes on sm_80 (40 with a mask) and 168 registers / 8 bytes on
+    sm_100; 8 warps instead of 4 still got 255 registers and 8-24 bytes on sm_80.  On heads wider
+    than 64 (HALF_WIDE_TILE 32 x 32, 8 warps) the KL backward spilled 16 bytes at 128 registers on
+    sm_80, and 4 warps there left the MSE one 8 bytes; at 16 x 16: 88-128 registers, no spills
+    -- on targets below `wide_below` (the launcher's: sm_80 for the KL backward, which spilled 16
+    bytes at 16 x 16 on sm_90 and none at 32 x 32; sm_80 and sm_90 for the MSE one, which spilled
+    8 bytes at 32 x 32 on sm_90 and none at 16 x 16) (ptxas, benchmarks/static.py).  The student-only backward (the distillation step's: the
+    teacher is frozen) keeps its tiles."""
+    if need_s and need_t and not (meta["FP32_S"] or meta["FP32_T"]):
+        wide = max(meta["BLOCK_DS"], meta["BLOCK_DT"]) > 64
+        arch = device_arch(device)
+        small = wide and arch is not None and arch < wide_below
+        both = QK_BWD_BOTH_WIDE_TILE if small else QK_BWD_BOTH_TILE
+        tile = min(meta["BLOCK_M"], meta["BLOCK_N"], both)
+        return dict(meta, BLOCK_M=tile, BLOCK_N=tile)
+    return meta
 
 
 # --- the streaming loss families (attention_mse, attention_kl_scores, soft_ce, kl_div) -----------
@@ -378,6 +423,10 @@ def logits_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     asked for.  One program per BLOCK_N rows; a row up to max_block_c classes is read once."""
     N, C = student.shape
     block_n, block_c, num_warps = stream_launch(C, max_block_c)
+    if need_student and need_teacher and torch.float32 in (student.dtype, teacher.dtype):
+        # both gradients of fp32 logits: twice the warps (at 4096 columns 8 warps got 80
+        # registers and spilled 8 bytes on sm_80; 16 warps: 64 registers, no spills)
+        num_warps = min(2 * num_warps, 32)
     grid = triton.cdiv(N, block_n)
     partials = torch.empty(grid, dtype=torch.float32, device=student.device)
     ds = student.new_empty((N, C) if need_student else (0,))
@@ -437,3 +486,11 @@ def k_div(K: int, x: torch.Tensor, weight: torch.Tensor) -> int:
     while div > 1 and any(v % div for v in (K, x.stride(0), x.stride(1), weight.stride(0))):
         div //= 2
     return div
+
+
+# Rows of a hidden_mse / hidden_cosine GEMM tile when K_DIV = 1 (K or a row stride odd: 2-byte
+# loads, no cp.async): at 128 x 64 the 16-bit hidden_mse forward with the residual got 255
+# registers and spilled 40 bytes on sm_80, the hidden_cosine sums 44 (ptxas,
+# benchmarks/static.py); at 64 x 64, 200-203 registers, no spills.  Only the tests' odd K (7, 9)
+# take it; K = 312 (TinyBERT4) has K_DIV = 8.
+NARROW_BLOCK_M = 64

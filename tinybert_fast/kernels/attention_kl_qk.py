@@ -52,8 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (LN2, LOG2E, head_base, head_index, keep_rows, load_rows, mask_args, mm,
-                     qk_dims, qk_tile_meta, store_rows)
+from ._utils import (LN2, LOG2E, device_arch, head_base, head_index, keep_rows, load_rows,
+                     mask_args, mm, qk_bwd_meta, qk_dims, qk_tile_meta, store_rows)
 
 # Start of the running maxima (base-2 units).  Finite, so that a key tile with no token leaves the
 # rescaling factors at exp2(0) = 1 instead of exp2(-inf + inf) = NaN; far below any real score.
@@ -63,10 +63,28 @@ M_FLOOR = tl.constexpr(-1.0e30)
 # Query/key tiles where qk_tile_meta's 64 x 64 spilled (ptxas, sm_90, benchmarks/static.py).
 # Full fp32 products (the FMA units, "ieee") hold each thread's operand rows over the whole
 # reduction in registers: 32 registers and 20-34 KB of spills at d = 64 and 128, so their tile
-# shrinks with the head width, FP32_TILE_ELEMENTS / BLOCK_D rows; 16-bit products on heads
-# wider than 64 with both gradients spilled 40-112 bytes at 64: HALF_WIDE_TILE.
-FP32_TILE_ELEMENTS = 2048
+# shrinks with the head width, FP32_TILE_ELEMENTS / BLOCK_D rows (16 x 16 from d = 64 on); at
+# 2048 / BLOCK_D (32 x 32 at d = 64) they still spilled 4-32 bytes on sm_80, 12 on sm_90 and
+# 12-32 on sm_100 (a 16-bit student beside an fp32 teacher).  16-bit products on heads wider
+# than 64 with both gradients spilled 40-112 bytes at 64: HALF_WIDE_TILE.
+FP32_TILE_ELEMENTS = 1024
 HALF_WIDE_TILE = 32
+HALF_WIDE_FWD_TILE = 16  # the forward's on sm_100 (see attention_kl_forward)
+# (num_warps, num_stages) of the fp32 16 x 16 tiles per target (sm_80, sm_90, sm_100 and up).
+# ptxas left 4-16 bytes of spills at 56-96 registers on some of them in every single choice
+# tried for all three targets -- (4, 3), (4, 2), (4, 1), (8, 3), (8, 2), (2, 3) -- each on a
+# different specialisation (d = 64 or 128, mask, X_IS_Q), so each target takes one without:
+# sm_80 (8, 3), sm_90 (4, 1), sm_100 (8, 2) (benchmarks/static.py, the full tables; on sm_90
+# (4, 2) spilled 12 bytes at d = 64 / 26, (4, 3) 8 at d = 128, (8, 2) 4 and (8, 3) 8 at
+# d = 26 / 64).
+FP32_LAUNCH = {80: (8, 3), 90: (4, 1), 100: (8, 2)}
+
+
+def _fp32_launch(arch: int | None) -> tuple[int, int]:
+    """FP32_LAUNCH's (num_warps, num_stages) for a compute capability (sm_90's when unknown)."""
+    if arch is None:
+        return FP32_LAUNCH[90]
+    return FP32_LAUNCH[100 if arch >= 100 else 90 if arch >= 90 else 80]
 
 
 def _tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
@@ -81,6 +99,9 @@ def _tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
         tile = HALF_WIDE_TILE if block_d > 64 else meta["BLOCK_M"]
     tile = max(16, min(meta["BLOCK_M"], tile))  # tl.dot's smallest block
     meta.update(BLOCK_M=tile, BLOCK_N=tile)
+    if meta["FP32_S"] or meta["FP32_T"]:
+        warps, stages = _fp32_launch(device_arch(q_s[0].device))
+        meta.update(num_warps=warps, num_stages=stages)
     return meta
 
 
@@ -261,6 +282,11 @@ def attention_kl_forward(q_s, k_s, q_t, k_t, mask) -> tuple[torch.Tensor, torch.
     lse_s, lse_t, KL per row, 0 on padded query rows).  See the module docstring."""
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
     meta = _tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
+    if ((device_arch(q_s[0].device) or 0) >= 100 and not (meta["FP32_S"] or meta["FP32_T"])
+            and max(meta["BLOCK_DS"], meta["BLOCK_DT"]) > 64):
+        # sm_100, 16-bit products on heads wider than 64: HALF_WIDE_FWD_TILE (HALF_WIDE_TILE
+        # spilled 12 bytes at 128 registers there with a mask; not on sm_80 or sm_90)
+        meta = dict(meta, BLOCK_M=HALF_WIDE_FWD_TILE, BLOCK_N=HALF_WIDE_FWD_TILE)
     n_m = triton.cdiv(L, meta["BLOCK_M"])
     device = q_s[0].device
     partials = torch.empty(sum(heads) * n_m, dtype=torch.float32, device=device)
@@ -285,7 +311,6 @@ def attention_kl_backward(coef, stats, q_s, k_s, q_t, k_t, mask, need: tuple):
     flags."""
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
     meta = _tile_meta(q_s, k_s, q_t, k_t, L, d_s, d_t)
-    n_tiles = triton.cdiv(L, meta["BLOCK_M"])
     mask_t, msb, msl, has_mask = mask_args(mask, coef)
     out = [[], [], [], []]
     # dQ then dK: X = (q_s, k_s, q_t, k_t)[slot] (student) and [slot + 2] (teacher), Y = the other
@@ -294,6 +319,9 @@ def attention_kl_backward(coef, stats, q_s, k_s, q_t, k_t, mask, need: tuple):
         xy = (slot, slot + 2, 1 - slot, 3 - slot)
         if not (need[slot] or need[slot + 2]):
             continue
+        launch_meta = qk_bwd_meta(meta, need[slot], need[slot + 2], q_s[0].device,
+                                  wide_below=90)
+        n_tiles = triton.cdiv(L, launch_meta["BLOCK_M"])
         start = 0
         for group, n_heads in zip(zip(q_s, k_s, q_t, k_t), heads):
             grads = {i: torch.empty(group[i].shape, dtype=group[i].dtype, device=group[i].device)
@@ -305,7 +333,7 @@ def attention_kl_backward(coef, stats, q_s, k_s, q_t, k_t, mask, need: tuple):
                 *(group[i].stride() for i in xy), (msb, msl),
                 d_s ** -0.5, d_t ** -0.5,
                 HAS_MASK=has_mask, X_IS_Q=slot == 0, NEED_S=need[slot], NEED_T=need[slot + 2],
-                **meta,
+                **launch_meta,
             )
             start += n_heads
             for i, g in grads.items():

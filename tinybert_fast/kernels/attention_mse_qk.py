@@ -49,9 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (MAX_HEAD_DIM, dot_block, dot_in_fp32, head_base, head_index, keep_rows,
-                     load_rows, mask_args, mm, next_power_of_2, qk_dims, qk_num_warps,
-                     qk_tile_meta, store_rows)
+from ._utils import (MAX_HEAD_DIM, device_arch, dot_block, dot_in_fp32, head_base, head_index,
+                     keep_rows, load_rows, mask_args, mm, next_power_of_2, qk_bwd_meta, qk_dims,
+                     qk_num_warps, qk_tile_meta, store_rows)
 
 # Rows of one head a Gram program reduces.  Splitting L keeps the grid large when B*H is small
 # (B*L fixed, long L); the partial Grams cost n*B*H*ceil(L/512)*(d_s+d_t)^2 fp32.
@@ -61,18 +61,31 @@ GRAM_BLOCK_L = 64
 # rows over the whole BLOCK_L reduction, which spilled at 64 and 32 rows for d = 128 (ptxas, sm_90:
 # 28-80 bytes).
 GRAM_FP32_BLOCK_L = 16
+# ... with 2 pipeline stages on sm_100: with 3, the fp32 forward spilled 20-36 bytes at 128-168
+# registers there (d = 64 beside 26 and 128; ptxas, benchmarks/static.py); 2 stages spilled 4
+# bytes on sm_90, where 3 do not.
+GRAM_FP32_NUM_STAGES = 2
 # Backward: rows per program and the columns of [X1 | X2] (rows of the Gram) per step of its
 # fp32 products (on the FMA units: "ieee"), sized so that nothing spills (benchmarks/static.py).
 GRAM_BWD_BLOCK_L = 32
 GRAM_BWD_BLOCK_K = 16
+# ... and when the inputs mix dtypes (a 16-bit student beside an fp32 teacher: each X column
+# converted to fp32 in registers before its product): at 32 rows the one-gradient specialisation
+# got 72 registers and spilled 4 bytes on sm_100 (ptxas); 16 rows: 48 registers, no spills, 10
+# blocks/SM instead of 7.  (BLOCK_K cannot shrink instead: tl.dot's smallest block is 16.)
+GRAM_BWD_MIXED_BLOCK_L = 16
 
 
 # Query/key tiles when a product runs in full fp32 (the FMA units, "ieee"): the FMA path holds
 # each thread's operand rows over the whole reduction in registers, and at qk_tile_meta's 64 x 64
-# ptxas (sm_90) gave these kernels 32 registers and 11-18 KB of spills at d = 64/128, 48 bytes at
-# 32 x 32 (benchmarks/static.py), so the tile shrinks with the head width:
-# FP32_TILE_ELEMENTS / BLOCK_D rows.
-FP32_TILE_ELEMENTS = 2048
+# ptxas (sm_90) gave these kernels 32 registers and 11-18 KB of spills at d = 64/128, so the tile
+# shrinks with the head width: FP32_TILE_ELEMENTS / BLOCK_D rows (16 x 16 from d = 64 on).  At
+# 2048 / BLOCK_D (32 x 32 at d = 64) the backward still spilled 152 bytes on sm_80 and 8-16 on
+# sm_90 with a mask, the forward 16 on sm_90 (fp32 student, fp16 teacher).
+FP32_TILE_ELEMENTS = 1024
+# ... with 2 pipeline stages instead of 3: at 16 x 16 with 3, ptxas left 4-8 bytes of spills at
+# 56-128 registers (sm_80: both gradients with a mask; sm_90: the dQ-only backward with a mask).
+FP32_NUM_STAGES = 2
 
 
 def _tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
@@ -83,7 +96,7 @@ def _tile_meta(q_s, k_s, q_t, k_t, L: int, d_s: int, d_t: int) -> dict:
     if meta["FP32_S"] or meta["FP32_T"]:
         tile = FP32_TILE_ELEMENTS // max(meta["BLOCK_DS"], meta["BLOCK_DT"])
         tile = max(16, min(meta["BLOCK_M"], tile))  # tl.dot's smallest block
-        meta.update(BLOCK_M=tile, BLOCK_N=tile)
+        meta.update(BLOCK_M=tile, BLOCK_N=tile, num_stages=FP32_NUM_STAGES)
     return meta
 
 
@@ -385,6 +398,7 @@ def gram_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> tuple[torch.Tensor, 
     # (on CPU, Triton's interpreter, nothing spills: the 16-bit rows then)
     fp32 = device.type != "cpu" and any(dot_in_fp32(a, b, device) for a in dtypes for b in dtypes)
     block_l = dot_block(L, GRAM_FP32_BLOCK_L if fp32 else GRAM_BLOCK_L)
+    stages = GRAM_FP32_NUM_STAGES if fp32 and (device_arch(device) or 0) >= 100 else 3
     bd1, bd2 = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
     partial = torch.empty(gram_workspace_shape(N, L, d_s, d_t), dtype=torch.float32, device=device)
     n_splits = partial.shape[2]
@@ -403,6 +417,7 @@ def gram_forward(q_s, k_s, q_t, k_t, mask, scale: float) -> tuple[torch.Tensor, 
                 FP32_12=dot_in_fp32(x1.dtype, x2.dtype, device),
                 FP32_22=dot_in_fp32(x2.dtype, x2.dtype, device),
                 BLOCK_L=block_l, BLOCK_D1=bd1, BLOCK_D2=bd2, num_warps=qk_num_warps(bd1, bd2),
+                num_stages=stages,
             )
             start += n_heads
     # one chunk per head: the partial buffer already holds the Grams
@@ -422,7 +437,10 @@ def gram_backward(grad_out, grams, q_s, k_s, q_t, k_t, mask, scale: float, need:
     """Gradients (contiguous, input dtypes) [dq_s, dk_s, dq_t, dk_t], each a list over groups
     (empty where not needed).  need: (q_s, k_s, q_t, k_t) flags."""
     B, H, L, d_s, d_t, heads = qk_dims(q_s, q_t)
-    block_l = dot_block(L, GRAM_BWD_BLOCK_L)
+    # (on CPU, Triton's interpreter, nothing spills: the same rows for every dtype)
+    mixed = (q_s[0].device.type != "cpu"
+             and len({x[0].dtype for x in (q_s, k_s, q_t, k_t)}) > 1)
+    block_l = dot_block(L, GRAM_BWD_MIXED_BLOCK_L if mixed else GRAM_BWD_BLOCK_L)
     bd1, bd2 = dot_block(d_s, MAX_HEAD_DIM), dot_block(d_t, MAX_HEAD_DIM)
     mask_t, msb, msl, has_mask = mask_args(mask, grad_out)
     a_s, a_t = d_s ** -0.5, d_t ** -0.5
@@ -489,9 +507,10 @@ def tiled_backward(grad_out, q_s, k_s, q_t, k_t, mask, scale: float, need: tuple
         need_s, need_t = need[slot], need[slot + 2]
         if not (need_s or need_t):
             continue
-        block_x, block_y = ((meta["BLOCK_M"], meta["BLOCK_N"]) if slot == 0
-                            else (meta["BLOCK_N"], meta["BLOCK_M"]))
-        tile_meta = dict(meta, BLOCK_M=block_x, BLOCK_N=block_y)
+        launch_meta = qk_bwd_meta(meta, need_s, need_t, q_s[0].device, wide_below=100)
+        block_x, block_y = ((launch_meta["BLOCK_M"], launch_meta["BLOCK_N"]) if slot == 0
+                            else (launch_meta["BLOCK_N"], launch_meta["BLOCK_M"]))
+        tile_meta = dict(launch_meta, BLOCK_M=block_x, BLOCK_N=block_y)
         for group, n_heads in zip(zip(q_s, k_s, q_t, k_t), heads):
             x_s, x_t = group[slot], group[slot + 2]
             ds = torch.empty(x_s.shape, dtype=x_s.dtype, device=x_s.device) if need_s \

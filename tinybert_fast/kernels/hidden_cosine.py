@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_loadable_mask, dot_in_fp32, dot_precision, k_div, next_power_of_2
+from ._utils import (NARROW_BLOCK_M, as_loadable_mask, dot_in_fp32, dot_precision, k_div,
+                     next_power_of_2)
 
 # Row sums kept per token: <p, y>, |p|^2, |y|^2 (the sums buffer), and the per-token coefficients
 # alpha, beta_p, beta_y (the saved coefficients).
@@ -232,7 +233,10 @@ def _gemm_setup(student, weight, two_outputs: bool = False):
     N, K = weight.shape
     dot_fp32 = dot_in_fp32(student[0].dtype, weight.dtype, student[0].device)
     dot_dtype = torch.float32 if dot_fp32 else student[0].dtype
-    return (M, N, K, dot_fp32, gemm_config(dot_dtype, two_outputs), dot_precision(dot_dtype),
+    cfg = gemm_config(dot_dtype, two_outputs)
+    if min(k_div(K, x, weight) for x in student) == 1:  # as hidden_mse: 2-byte loads
+        cfg = dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], NARROW_BLOCK_M))
+    return (M, N, K, dot_fp32, cfg, dot_precision(dot_dtype),
             [s.shape[0] * M for s in student])
 
 

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_loadable_mask, dot_in_fp32, dot_precision, k_div
+from ._utils import (NARROW_BLOCK_M, as_loadable_mask, device_arch, dot_in_fp32, dot_precision,
+                     k_div)
 
 
 @triton.jit
@@ -122,6 +123,12 @@ def hidden_mse_forward(student: list[torch.Tensor], teacher: list[torch.Tensor],
     dot_fp32 = dot_in_fp32(residual_dtype, weight.dtype, device)
     rows_per_group = [s.shape[0] * M for s in student]
     cfg = gemm_config(sum(rows_per_group), N, K, torch.float32 if dot_fp32 else residual_dtype)
+    if min(k_div(K, x, weight) for x in student) == 1:
+        cfg = dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], NARROW_BLOCK_M))
+        if dot_fp32 and (device_arch(device) or 0) >= 100:
+            # sm_100, FMA products: 3 stages spilled 28 bytes at 255 registers (2 stages spilled
+            # 12 bytes on sm_90, where 3 do not)
+            cfg = dict(cfg, num_stages=2)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_blocks = [triton.cdiv(r, bm) for r in rows_per_group]
     num_n = triton.cdiv(N, bn)
