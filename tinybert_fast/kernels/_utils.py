@@ -216,16 +216,17 @@ QK_BWD_BOTH_WIDE_TILE = 16
 def qk_bwd_meta(meta: dict, need_s: bool, need_t: bool, device: torch.device,
                 wide_below: int) -> dict:
     """The tile meta of one tiled backward launch (`_kl_bwd_kernel`, `_tiled_bwd_kernel`): `meta`,
-    with QK_BWD_BOTH_TILE query/key tiles (QK_BWD_BOTH_WIDE_TILE on heads wider than 64) where
-    both models' gradients are computed with 16-bit products.  At 64 x 64 that specialisation got
-    255 registers and spilled 8-64 bytes on sm_80 (40 with a mask) and 168 registers / 8 bytes on
-    sm_100; 8 warps instead of 4 still got 255 registers and 8-24 bytes on sm_80.  On heads wider
-    than 64 (HALF_WIDE_TILE 32 x 32, 8 warps) the KL backward spilled 16 bytes at 128 registers on
-    sm_80, and 4 warps there left the MSE one 8 bytes; at 16 x 16: 88-128 registers, no spills
-    -- on targets below `wide_below` (the launcher's: sm_80 for the KL backward, which spilled 16
-    bytes at 16 x 16 on sm_90 and none at 32 x 32; sm_80 and sm_90 for the MSE one, which spilled
-    8 bytes at 32 x 32 on sm_90 and none at 16 x 16) (ptxas, benchmarks/static.py).  The student-only backward (the distillation step's: the
-    teacher is frozen) keeps its tiles."""
+    with QK_BWD_BOTH_TILE query/key tiles where both models' gradients are computed with 16-bit
+    products, and QK_BWD_BOTH_WIDE_TILE on heads wider than 64 on targets below `wide_below`
+    (compute capability; the launcher's).  The student-only backward (the distillation step's: the
+    teacher is frozen) keeps its tiles.
+
+    Why (ptxas, benchmarks/static.py): at 64 x 64 the both-gradients specialisation got 255
+    registers and spilled 8-64 bytes on sm_80 (8 warps: still 255 and 8-24 bytes), 168 registers
+    and 8 bytes on sm_100.  On heads wider than 64, 32 x 32 still spilled on sm_80 (the KL
+    backward 16 bytes) and sm_90 (the MSE one 8 bytes) and 16 x 16 did not (88-128 registers);
+    on sm_90 the KL backward spilled 16 bytes at 16 x 16 and none at 32 x 32, hence `wide_below`
+    per launcher: sm_80 for the KL backward, sm_80 and sm_90 for the MSE one."""
     if need_s and need_t and not (meta["FP32_S"] or meta["FP32_T"]):
         wide = max(meta["BLOCK_DS"], meta["BLOCK_DT"]) > 64
         arch = device_arch(device)

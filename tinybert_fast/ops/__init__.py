@@ -9,5 +9,5 @@ from .hidden_mse import hidden_mse
 from .kl_divergence import kl_divergence
 from .soft_cross_entropy import soft_cross_entropy
 
-__all__ = ["attention_kl", "attention_kl_qk", "attention_kl_scores", "attention_mse", "attention_mse_qk",
-           "hidden_cosine", "hidden_mse", "kl_divergence", "soft_cross_entropy"]
+__all__ = ["attention_kl", "attention_kl_qk", "attention_kl_scores", "attention_mse",
+           "attention_mse_qk", "hidden_cosine", "hidden_mse", "kl_divergence", "soft_cross_entropy"]

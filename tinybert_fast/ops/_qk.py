@@ -1,5 +1,5 @@
-"""What the two ops from Q and K (attention_mse_qk, attention_kl_qk) share: their input checks on the
-fused path, their fake gradients and their autograd registration.
+"""What the two ops from Q and K (attention_mse_qk, attention_kl_qk) share: their input checks on
+the fused path, their fake gradients and their autograd registration.
 
 Kept apart so that neither op's module imports the other's.
 """
