@@ -111,14 +111,15 @@ def _args(out, **kw):
     return TrainingArguments(**base)
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["live-teacher", "teacher-cache"])
-def test_trainer_losses_equal_the_loops(models, tmp_path, cached):
+@pytest.mark.parametrize("cached,balance", [(False, "none"), (True, "none"), (True, "initial")],
+                         ids=["live-teacher", "teacher-cache", "teacher-cache-balanced"])
+def test_trainer_losses_equal_the_loops(models, tmp_path, cached, balance):
     if cached:
         from conftest import require_cache_extension
         require_cache_extension()
     cache_path = str(tmp_path / "cache")
     loop_cfg = _loop_config(models, tmp_path / "loop", teacher_cache=cache_path if cached
-                            else None)
+                            else None, loss_balance=balance)
     summary = distill.distill(loop_cfg)
     with open(tmp_path / "loop" / "log.jsonl", encoding="utf-8") as f:
         loop_steps = [r for r in map(json.loads, f) if r["event"] == "train"]
@@ -142,6 +143,45 @@ def test_trainer_losses_equal_the_loops(models, tmp_path, cached):
         for term in ("attention", "embedding", "hidden", "total"):
             assert got[term] == pytest.approx(want[term], rel=1e-4), (step, term)
     assert trainer.steps[-1]["total"] != trainer.steps[0]["total"]  # it trained
+    if balance != "none":
+        got, want = trainer.objective.loss_scales, summary["loss_scales"]
+        assert got["initial"] == pytest.approx(want["initial"], rel=1e-5)
+        assert {k: v for k, v in got.items() if k != "initial"} == pytest.approx(
+            {k: v for k, v in want.items() if k != "initial"}, rel=1e-5)
+
+
+def test_a_resumed_trainer_keeps_the_loss_balance(models, tmp_path):
+    """Each checkpoint holds the scales measured on the first batch (LOSS_SCALES_FILE); a
+    Trainer resumed from one sets them back instead of measuring them on a later batch."""
+    from tinybert_fast.hf import LOSS_SCALES_FILE
+    tokenizer, train_set = _train_set(models)
+    cfg = _loop_config(models, tmp_path / "unused", loss_balance="initial")
+
+    def make(**kw):
+        return DistillationTrainer(
+            model=_load(models["student"]), teacher=_load(models["teacher"]),
+            distill_config=cfg, args=_args(tmp_path / "hf", save_strategy="steps",
+                                           save_steps=1, **kw),
+            projection=_projection(models), train_dataset=train_set,
+            data_collator=lambda items: data.collate(items, tokenizer.pad_token_id, None,
+                                                     False))
+
+    first = make(max_steps=2)
+    first.train()
+    measured = first.objective.loss_scales
+    assert set(measured["initial"]) == {"attention", "embedding", "hidden"}
+    for step in (1, 2):
+        with open(tmp_path / "hf" / f"checkpoint-{step}" / LOSS_SCALES_FILE,
+                  encoding="utf-8") as f:
+            assert json.load(f) == measured
+    # (measured afresh on the third batch, after two steps at lr 1e-3, they would differ)
+    resumed = make(max_steps=3)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3
+    assert resumed.objective.loss_scales == measured
+    (tmp_path / "hf" / "checkpoint-3" / LOSS_SCALES_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=f"{LOSS_SCALES_FILE}:1:2: not valid JSON"):
+        make(max_steps=4).train(resume_from_checkpoint=True)
 
 
 def _projection(models):

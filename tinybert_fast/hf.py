@@ -29,6 +29,7 @@ and the teacher does not run in training; evaluation runs it live.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 
 import torch
@@ -41,10 +42,26 @@ from .distill.objective import Objective, StudentWithProjection
 from .distill.targets import TeacherTargets
 
 try:
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 except ImportError as exc:  # pragma: no cover - transformers is a dependency
     raise ImportError("tinybert_fast.hf needs transformers (and accelerate for its Trainer)") \
         from exc
+
+LOSS_SCALES_FILE = "loss_scales.json"   # in a Trainer checkpoint: Objective.loss_scales
+
+
+class _KeepLossScales(TrainerCallback):
+    """Writes the objective's loss-balance scales into each checkpoint the Trainer saves."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            train.write_json_atomic(os.path.join(folder, LOSS_SCALES_FILE),
+                                    self.objective.loss_scales)
+
 
 class DistillationTrainer(Trainer):
     """A Trainer whose loss is a TinyBERT stage's objective.
@@ -101,6 +118,27 @@ class DistillationTrainer(Trainer):
         self.targets = targets
         self.objective = Objective(cfg, task, targets, self.teacher)
         self.teacher_cache = teacher_cache
+        if cfg.loss_balance != "none":
+            self.add_callback(_KeepLossScales(self.objective))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train; on resume, the loss balance's scales come back from the checkpoint
+        (LOSS_SCALES_FILE) instead of being measured again on a later batch."""
+        if resume_from_checkpoint and self.distill_config.loss_balance != "none":
+            path = resume_from_checkpoint
+            if path is True:
+                from transformers.trainer_utils import get_last_checkpoint
+                path = get_last_checkpoint(self.args.output_dir)
+            saved = os.path.join(path, LOSS_SCALES_FILE) if path else None
+            if saved and os.path.isfile(saved):
+                with open(saved, encoding="utf-8") as f:
+                    try:
+                        scales = json.load(f)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{saved}:{exc.lineno}:{exc.colno}: not valid JSON "
+                                         f"({exc.msg})") from None
+                self.objective.restore_loss_scales(scales, saved)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -231,7 +231,14 @@ def predict(model, dataset: data.TokenizedDataset, task: data.Task, batch_size: 
 def evaluate(model, dataset: data.TokenizedDataset, task: data.Task, batch_size: int,
              device: torch.device, pad_id: int, bf16: bool = False) -> dict[str, float]:
     """GLUE metrics of a model on a labeled dataset."""
+    return evaluate_with_predictions(model, dataset, task, batch_size, device, pad_id, bf16)[0]
+
+
+def evaluate_with_predictions(model, dataset: data.TokenizedDataset, task: data.Task,
+                              batch_size: int, device: torch.device, pad_id: int,
+                              bf16: bool = False) -> tuple[dict[str, float], np.ndarray]:
+    """(GLUE metrics, the predictions they come from: predict's [n]) on a labeled dataset."""
     if any(label is None for label in dataset.labels):
         raise ValueError("evaluation needs labels: this split has none (a GLUE test split?)")
     preds = predict(model, dataset, task, batch_size, device, pad_id, bf16)
-    return data.compute_metrics(task, preds, dataset.labels)
+    return data.compute_metrics(task, preds, dataset.labels), preds

@@ -54,6 +54,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=1.0,
                    help="softmax temperature of step 2's soft cross-entropy (no effect on a "
                         "regression task)")
+    g.add_argument("--loss-balance", choices=config.LOSS_BALANCES, default="none",
+                   help="initial (task1): scale each intermediate term on the first batch to the "
+                        "size of the prediction loss of the student's logits against the "
+                        "teacher's (--prediction-loss at --temperature), times its weight; "
+                        "measured once and kept in the checkpoint")
     g.add_argument("--attention-loss", choices=config.LOSS_CHOICES["attention_loss"],
                    default="mse",
                    help="mse: TinyBERT's score MSE; kl: MiniLM's KL(softmax(S_t) || "

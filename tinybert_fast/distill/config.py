@@ -37,6 +37,9 @@ PRESETS = {
 STUDENT_FAMILIES = ("teacher", "bert")
 PROJECTION_FILE = "projection.pt"
 TRAINING_FILE = "tinybert_fast.json"   # in an exported model: {"stage", "task", "head_trained"}
+# in a run folder whose head was trained: {split: [the last evaluation's prediction of each dev
+# example, in the dev file's order]} (class indices; scores on a regression task)
+PREDICTIONS_FILE = "predictions.json"
 
 
 def head_trained(cfg: "DistillConfig", task) -> bool:
@@ -56,6 +59,11 @@ def default_max_length(task: str | None) -> int:
 # the loss variants (tinybert_fast.distillation_terms); the first of each is TinyBERT's
 LOSS_CHOICES = {"attention_loss": ("mse", "kl", "none"), "hidden_loss": ("mse", "cosine", "none"),
                 "prediction_loss": ("soft_ce", "kl", "mse")}
+# how the intermediate terms' weights are set: as given, or "initial": each term's weight times
+# P0 / T0 (T0: the term on the first training batch, P0: the prediction loss of the student's
+# logits against the teacher's on that batch), so that every term starts at the prediction loss's
+# size; measured once, kept in the checkpoint (distill.objective.Objective.loss_scales)
+LOSS_BALANCES = ("none", "initial")
 
 
 @dataclasses.dataclass
@@ -84,6 +92,7 @@ class DistillConfig:
     attention_loss: str = "mse"        # mse (TinyBERT) | kl (MiniLM's distribution KL) | none
     hidden_loss: str = "mse"           # mse (TinyBERT) | cosine | none
     prediction_loss: str = "soft_ce"   # soft_ce (TinyBERT) | kl (Hinton, T^2) | mse (logits)
+    loss_balance: str = "none"         # none | initial (LOSS_BALANCES; task step 1)
     losses: str = "fused"              # fused | eager (= tbf.set_backend("torch") for the run)
     teacher_cache: str | None = None   # teacher outputs cached here (built on first use)
     cache_dtype: str = "bf16"          # fp32 | bf16 | fp16 | int8
@@ -136,6 +145,14 @@ class DistillConfig:
         for name, choices in LOSS_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}; got {getattr(self, name)!r}")
+        if self.loss_balance not in LOSS_BALANCES:
+            raise ValueError(f"loss_balance must be one of {LOSS_BALANCES}; got "
+                             f"{self.loss_balance!r}")
+        if self.loss_balance == "initial" and self.stage == "general":
+            raise ValueError("loss_balance 'initial' scales each intermediate term to the "
+                             "prediction loss at the start, which needs a task teacher's logits: "
+                             "use it in stage task1 (general distillation has no prediction "
+                             "loss)")
         attention_off = self.attention_loss == "none" or self.attention_weight == 0
         hidden_off = self.hidden_loss == "none" or (self.hidden_weight == 0
                                                     and self.embedding_weight == 0)
@@ -182,13 +199,19 @@ def ineffective_settings(cfg: DistillConfig, task: glue.Task | None) -> list[str
         if not intermediate:
             note(name, f"in stage {cfg.stage!r} (it applies to the intermediate-layer losses of "
                        f"stages general and task1)")
+    if cfg.stage != "task1":
+        note("loss_balance", f"in stage {cfg.stage!r} (it scales task step 1's intermediate "
+                             f"terms)")
+    # step 1's loss balance measures the prediction loss (with its loss and temperature)
+    measures_prediction = cfg.stage == "task1" and cfg.loss_balance == "initial"
     for name in ("prediction_weight", "temperature", "hard_label_weight", "prediction_loss"):
-        if cfg.stage != "task2":
+        if cfg.stage != "task2" and not (measures_prediction and
+                                         name in ("temperature", "prediction_loss")):
             note(name, f"in stage {cfg.stage!r} (it applies to task step 2's prediction loss)")
-    if cfg.stage == "task2" and task is not None and task.is_regression:
+    if (cfg.stage == "task2" or measures_prediction) and task is not None and task.is_regression:
         for name in ("temperature", "prediction_loss"):
-            note(name, f"on the regression task {task.name!r}: step 2 is the mean squared "
-                       f"error of the teacher's outputs there, not a softmax")
+            note(name, f"on the regression task {task.name!r}: the prediction loss is the mean "
+                       f"squared error of the teacher's outputs there, not a softmax")
     if cfg.stage == "task2" and cfg.prediction_loss == "mse":
         note("temperature", "with --prediction-loss mse (the logits are compared as they are)")
     if cfg.teacher_cache is None:

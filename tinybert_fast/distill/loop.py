@@ -18,8 +18,8 @@ from torch import nn
 from .. import data, mapping, train
 from .._device import resolve_device
 from .cache_glue import teacher_cache
-from .config import PROJECTION_FILE, TRAINING_FILE, DistillConfig, head_trained, \
-    ineffective_settings, is_intermediate
+from .config import (PREDICTIONS_FILE, PROJECTION_FILE, TRAINING_FILE, DistillConfig,
+                     head_trained, ineffective_settings, is_intermediate)
 from .models import (STUDENT_ARG, _is_checkpoint, _is_pretrained, build_student, check_pair,
                      load_teacher, pretrained, student_config)
 from .objective import Objective, StudentWithProjection
@@ -150,6 +150,7 @@ class _Run:
         examples = load_training_examples(cfg, self.task)
         self.train_set = data.TokenizedDataset(examples, self.tokenizer, cfg.max_length)
         self.dev_sets = {}
+        self.dev_predictions = {}   # {split: predictions [n]} of the last evaluation
         if cfg.eval and self.task is not None:
             for split in self.task.dev_splits:
                 dev = data.load_examples(self.task, split, cfg.data_dir)
@@ -218,7 +219,8 @@ class _Run:
             state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "step": self.step,
                      "examples_seen": self.examples_seen, "train_seconds": self.train_seconds,
-                     "rng": train.rng_state(), "config": dataclasses.asdict(self.cfg)}
+                     "rng": train.rng_state(), "config": dataclasses.asdict(self.cfg),
+                     "loss_scales": self.objective.loss_scales}
             train.atomic_save_dir(self.checkpoint_dir,
                                   lambda d: torch.save(state, os.path.join(d, "trainer_state.pt")))
         self.dist.barrier()
@@ -237,6 +239,7 @@ class _Run:
         self.step, self.examples_seen = state["step"], state["examples_seen"]
         self.train_seconds = state["train_seconds"]
         train.set_rng_state(state["rng"])
+        self.objective.restore_loss_scales(state.get("loss_scales"), path)
         log.info("resumed from %s at step %d", path, self.step)
 
     def export(self) -> str:
@@ -265,9 +268,12 @@ class _Run:
             return {}
         if self.objective.intermediate:
             return {split: self._dev_losses(ds) for split, ds in self.dev_sets.items()}
-        return {split: train.evaluate(self.student, ds, self.task, self.cfg.eval_batch_size,
-                                      self.device, self.tokenizer.pad_token_id, self.bf16)
-                for split, ds in self.dev_sets.items()}
+        metrics = {}
+        for split, ds in self.dev_sets.items():
+            metrics[split], self.dev_predictions[split] = train.evaluate_with_predictions(
+                self.student, ds, self.task, self.cfg.eval_batch_size, self.device,
+                self.tokenizer.pad_token_id, self.bf16)
+        return metrics
 
     @torch.no_grad()
     def _dev_losses(self, dataset) -> dict:
@@ -313,7 +319,12 @@ class _Run:
             for batch in data.iterate_batches(self.train_set, todo,
                                               self.tokenizer.pad_token_id, pad_to, regression):
                 t_step = time.perf_counter()
+                measured = self.objective.loss_scales is not None
                 terms = self._train_step(batch, next(cached) if cached is not None else None)
+                if not measured and self.objective.loss_scales is not None:
+                    self.log.write(event="loss_balance", stage=cfg.stage, step=self.step + 1,
+                                   **self.objective.loss_scales)
+                    log.info("loss balance: scales %s", self.objective.loss_scales)
                 self.step += 1
                 n_ex = int(batch["input_ids"].shape[0]) * self.dist.world_size
                 self.examples_seen += n_ex
@@ -353,8 +364,12 @@ class _Run:
                    "dev_examples": {split: len(ds) for split, ds in self.dev_sets.items()},
                    "model_dir": model_dir,
                    "losses": cfg.losses, "device": str(self.device),
-                   "world_size": self.dist.world_size, "teacher_cache": self.cache_info}
+                   "world_size": self.dist.world_size, "teacher_cache": self.cache_info,
+                   "loss_scales": self.objective.loss_scales}
         if self.dist.is_main:
+            if self.dev_predictions:  # the last evaluation's, for paired comparisons of runs
+                train.write_json_atomic(os.path.join(cfg.output_dir, PREDICTIONS_FILE), {
+                    split: p.tolist() for split, p in self.dev_predictions.items()})
             train.write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), summary)
             self.log.write(event="summary", **summary)
             if not cfg.keep_checkpoint:  # the model is exported: the resume state has done its job

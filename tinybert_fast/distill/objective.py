@@ -4,6 +4,7 @@ teacher's (run live, or read from the teacher cache)."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -47,16 +48,32 @@ def _mapped(stacked, order, groups):
     return torch.stack([_mean([stacked[position[g]] for g in group]) for group in groups])
 
 
+BALANCED_TERMS = ("attention", "embedding", "hidden")
+
+
 class Objective:
     """The stage's loss: tinybert_fast.distillation_terms on the student's outputs and the
     teacher's (run live, or read from the teacher cache), the mapped layers stacked so that each
     term launches once.  What is read from the teacher, and in which form, is `targets` (a
-    TeacherTargets).  cfg.losses "eager" runs it on backend "torch" (the eager reference)."""
+    TeacherTargets).  cfg.losses "eager" runs it on backend "torch" (the eager reference).
+
+    Loss balance (cfg.loss_balance "initial", task step 1): on the first training batch each
+    intermediate term T (attention, embedding, hidden) and the prediction loss P of the student's
+    logits against the teacher's (cfg.prediction_loss at cfg.temperature; it is not trained in
+    step 1) are measured, and from then on
+
+        total = sum over T of  weight_T * (P0 / T0) * T
+
+    so every term starts at P0 times its configured weight.  `loss_scales` ({term: P0 / T0,
+    "reference": P0, "initial": {term: T0}}) is measured once (averaged over DDP ranks); the
+    loop and the Trainer keep it in their checkpoints and set it back on resume.  Before it is
+    measured, evaluation (no grad, or the model in eval mode) uses the configured weights."""
 
     def __init__(self, cfg: DistillConfig, task: glue.Task | None, targets: TeacherTargets,
                  teacher):
         self.cfg, self.task, self.targets, self.teacher = cfg, task, targets, teacher
         self.backend = "torch" if cfg.losses == "eager" else None
+        self.loss_scales: dict | None = None
 
     @property
     def intermediate(self) -> bool:
@@ -77,11 +94,12 @@ class Objective:
 
     def _teacher_intermediates(self, inputs, cached):
         """The teacher's mapped targets: attention as stacked scores [n, B, H, L, L] or as
-        stacked (Q, K) [n, B, H, L, d] each, and states [n + 1, B, L, d] (state 0 = the
-        embeddings); None where not needed."""
+        stacked (Q, K) [n, B, H, L, d] each, states [n + 1, B, L, d] (state 0 = the
+        embeddings) and logits [B, C] (the loss balance's reference); None where not needed."""
         t = self.targets
         order, qk = t.attention_layers, t.attention_form == "qk"
         attention = states = None
+        logits = cached.logits if cached is not None and t.logits else None
         if cached is not None:
             if qk:  # a cache of Q and K
                 attention = (_mapped(cached.query, order, t.attention_groups),
@@ -90,7 +108,7 @@ class Objective:
                 attention = _mapped(cached.attention, order, t.attention_groups)
             if t.hidden:
                 states = _mapped(cached.hidden, t.hidden_states, t.hidden_groups)
-            return attention, states
+            return attention, states, logits
         with torch.no_grad(), self._record(order) as t_rec:
             t_out = self.teacher(**self._teacher_inputs(inputs), output_hidden_states=t.hidden)
             if qk:
@@ -103,7 +121,9 @@ class Objective:
                 used = t.hidden_states
                 states = _mapped(torch.stack([t_out.hidden_states[i] for i in used]), used,
                                  t.hidden_groups)
-        return attention, states
+            if t.logits:
+                logits = t_out.logits
+        return attention, states, logits
 
     def _record(self, layers):
         """Record the attention of these layers in the targets' form during the next forward
@@ -114,7 +134,7 @@ class Objective:
 
     def _intermediate(self, model, inputs, cached):
         cfg, t = self.cfg, self.targets
-        t_attention, t_states = self._teacher_intermediates(inputs, cached)
+        t_attention, t_states, t_logits = self._teacher_intermediates(inputs, cached)
         with self._record(t.student_layers) as s_rec:
             s_out, w, b = model(**inputs, output_hidden_states=t.hidden)
         given = {}
@@ -129,13 +149,68 @@ class Objective:
             given.update(student_embedding=s_states[0], teacher_embedding=t_states[0],
                          student_hidden=torch.stack(s_states[1:]), teacher_hidden=t_states[1:],
                          weight=w, bias=b)
+        weights = {"attention": cfg.attention_weight, "embedding": cfg.embedding_weight,
+                   "hidden": cfg.hidden_weight}
+        if self.loss_scales is not None:
+            weights = {k: w * self.loss_scales.get(k, 1.0) for k, w in weights.items()}
         # padded positions: excluded when asked, and always with a cache (it stores none)
-        return distillation_terms(
+        terms = distillation_terms(
             **given, attention_mask=inputs["attention_mask"],
             mask_padding=cfg.mask_padding or cached is not None,
-            attention_weight=cfg.attention_weight, embedding_weight=cfg.embedding_weight,
-            hidden_weight=cfg.hidden_weight, attention_loss=cfg.attention_loss,
-            hidden_loss=cfg.hidden_loss)
+            **{f"{k}_weight": w for k, w in weights.items()},
+            attention_loss=cfg.attention_loss, hidden_loss=cfg.hidden_loss)
+        if (cfg.loss_balance == "initial" and self.loss_scales is None and model.training
+                and torch.is_grad_enabled()):  # a training batch, not an evaluation's
+            self.loss_scales = self._measure_scales(terms, s_out.logits, t_logits)
+            terms["total"] = sum(w * self.loss_scales[k] * terms[k]
+                                 for k, w in weights.items() if k in terms)
+        return terms
+
+    def restore_loss_scales(self, scales, source: str) -> None:
+        """Set loss_scales from a checkpoint (None: the run had not measured them yet).
+        ValueError naming `source` when they are not what _measure_scales gives, or when the run
+        has no loss balance to apply them to."""
+        if scales is None:
+            self.loss_scales = None
+            return
+        if self.cfg.loss_balance == "none":
+            raise ValueError(f"{source} holds loss-balance scales, but this run has loss_balance "
+                             f"'none': resume it with the loss balance it was started with")
+        ok = (isinstance(scales, dict) and isinstance(scales.get("initial"), dict)
+              and set(scales) - {"reference", "initial"} == set(scales["initial"]) and all(
+                  isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                  for v in [scales.get("reference"), *scales["initial"].values()]
+                  + [scales[k] for k in scales["initial"]]))
+        if not ok:
+            raise ValueError(f"{source}: the loss-balance scales are not {{term: scale, "
+                             f"'reference': P0, 'initial': {{term: T0}}}} with finite, positive "
+                             f"numbers; got {scales!r}")
+        self.loss_scales = scales
+
+    def _measure_scales(self, terms: dict, student_logits, teacher_logits) -> dict:
+        """The loss balance's scales from the first batch's terms (see the class docstring); one
+        host sync, once per run."""
+        if teacher_logits is None:
+            raise ValueError("loss_balance 'initial' needs the teacher's logits (a task teacher "
+                             "with a classification head, or a teacher cache that stores them)")
+        with torch.no_grad():
+            reference = distillation_terms(
+                student_logits=student_logits.detach(), teacher_logits=teacher_logits,
+                temperature=self.cfg.temperature, regression=self.task.is_regression,
+                prediction_loss=self.cfg.prediction_loss)["prediction"]
+            names = [k for k in BALANCED_TERMS if k in terms]
+            values = torch.stack([terms[k].detach().float() for k in names]
+                                 + [reference.float()])
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(values)
+                values /= torch.distributed.get_world_size()
+        *initial, p0 = values.tolist()
+        for name, value in [("prediction (the reference)", p0), *zip(names, initial)]:
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"loss_balance 'initial': the {name} loss on the first batch is "
+                                 f"{value}; a scale needs a finite, positive size")
+        return {**{k: p0 / v for k, v in zip(names, initial)}, "reference": p0,
+                "initial": dict(zip(names, initial))}
 
     def _prediction(self, model, inputs, labels, cached):
         cfg, task = self.cfg, self.task

@@ -29,7 +29,8 @@ class TeacherTargets:
         teacher layers its target is the mean of (one each under the usual mappings).
     hidden_states: the teacher hidden states read (0 = the embeddings' output); hidden_groups:
         per student state (embeddings first), the teacher states its target is the mean of.
-    logits: the prediction term reads the teacher's logits (task step 2).
+    logits: the teacher's logits are read: by the prediction term (task step 2), and in step 1
+        by the loss balance "initial" (its reference, the prediction loss on the first batch).
     position_bias: the teacher's scores carry a position bias shared by its layers (MPNet): it
         is in every recorded and cached score map, and the Q/K form is refused.
     student_layers: the student layers whose attention is recorded (0-based).
@@ -70,6 +71,7 @@ class TeacherTargets:
                              f"with it")
         return cls(
             stage=cfg.stage, attention_form=form, position_bias=bias,
+            logits=cfg.stage == "task1" and cfg.loss_balance == "initial",
             attention_layers=tuple(layer_map.teacher_attention_layers) if attention else (),
             attention_groups=tuple(map(tuple, layer_map.attention)) if attention else (),
             hidden_states=tuple(layer_map.teacher_hidden_states) if hidden else (),
