@@ -91,9 +91,11 @@ def test_every_stage_runs_and_writes_a_model(models, tmp_path):
     # the last evaluation's predictions, in the dev file's order (step 1's head is untrained)
     assert not os.path.exists(tmp_path / "all" / "task1" / distill.PREDICTIONS_FILE)
     with open(tmp_path / "all" / "task2" / distill.PREDICTIONS_FILE, encoding="utf-8") as f:
-        predictions = json.load(f)["dev"]
+        saved = json.load(f)["dev"]
+    predictions = saved["predictions"]
     labels = [int(line.split("\t")[1]) for line in
               open(os.path.join(SST2, "dev.tsv"), encoding="utf-8").read().splitlines()[1:33]]
+    assert saved["labels"] == labels
     assert len(predictions) == 32 and set(predictions) <= {0, 1}
     assert sum(p == y for p, y in zip(predictions, labels)) / 32 == pytest.approx(
         both["task2"]["dev"]["dev"]["accuracy"])

@@ -41,6 +41,18 @@ def test_grid_flags_and_cells():
         study.parse_grid_flags(["lr=1", "lr=2"])
 
 
+def test_one_at_a_time_varies_one_key_around_the_baseline():
+    grid = {"mapping": ["uniform", "top", "bottom"], "attention_weight": ["1", "0.5"],
+            "hidden_loss": ["mse"]}
+    got = study.cells(grid, "one-at-a-time")
+    base = {"attention_weight": "1", "hidden_loss": "mse", "mapping": "uniform"}
+    assert got == [base, {**base, "attention_weight": "0.5"}, {**base, "mapping": "top"},
+                   {**base, "mapping": "bottom"}]
+    assert study.cells(grid)[0] == base  # the product's first cell is the same baseline
+    with pytest.raises(ValueError, match="--design"):
+        study.cells(grid, "latin-square")
+
+
 def test_grid_file(tmp_path):
     toml = tmp_path / "grid.toml"
     toml.write_text('mapping = ["uniform", "mean"]\nmapping_layers = [[2, 4, 6], [1, 3, 5]]\n'
@@ -265,8 +277,19 @@ def test_study_end_to_end_killed_and_finished(tiny, tmp_path):
     assert all(0.0 <= float(r["dev_accuracy"]) <= 1.0 and r["dev_examples"] == "16"
                for r in rows)
     table = (out / "results.md").read_text().splitlines()
-    body = [line for line in table[2:] if line.startswith("| ")]
+    first_table = table[:table.index("")]
+    body = [line for line in first_table[2:] if line.startswith("| ")]
     assert len(body) == 4 and all(" ± " in line for line in body)
+    # every cell against the baseline (every key's first value), paired on the dev examples
+    with open(out / "paired.json", encoding="utf-8") as f:
+        comparisons = json.load(f)
+    baseline = "prediction_weight=0.5__temperature=1"
+    assert {r["baseline"] for r in comparisons} == {baseline}
+    assert sorted(r["cell"] for r in comparisons) == [
+        "prediction_weight=0.5__temperature=2", "prediction_weight=1__temperature=1",
+        "prediction_weight=1__temperature=2"]
+    assert all(r["seeds"] == [1, 2] and r["dev_examples"] == 16 for r in comparisons)
+    assert any(line.startswith("Paired with the baseline") for line in table)
     assert (out / "score.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
     if use_cache:
         assert len(list((out / "caches").iterdir())) == 1

@@ -56,11 +56,11 @@ from collections.abc import Callable
 
 from ._io import atomic_write
 from .cache.format import MANIFEST
-from .distill.config import is_intermediate
+from .distill.config import PREDICTIONS_FILE, is_intermediate
 from .errors import InputError
 # the grid's names, reachable as study.<name> as before the grid had a module of its own
-from .study_grid import (RESERVED, _default, cell_argv, cell_id, cell_value, cells,  # noqa: F401
-                         flag, grid_fields, load_grid_file, parse_grid_flags)
+from .study_grid import (DESIGNS, RESERVED, _default, cell_argv, cell_id,  # noqa: F401
+                         cell_value, cells, flag, grid_fields, load_grid_file, parse_grid_flags)
 
 if typing.TYPE_CHECKING:
     from .distill.config import DistillConfig
@@ -127,8 +127,8 @@ def _cache_key(cfg) -> str:
 
 def plan(output_dir: str, grid: dict[str, list[str]], seeds: list[int], base_argv: list[str],
          *, parse_argv: Callable[[list[str]], DistillConfig],
-         teacher_cache: bool = True) -> list[Run]:
-    """Every run of the study, each checked (its distill command line parses, its config
+         teacher_cache: bool = True, design: str = "product") -> list[Run]:
+    """Every run of the study (the cells of `design`, study_grid.cells), each checked (its distill command line parses, its config
     resolves, its layer mapping and student/teacher pair are valid, its input paths exist)
     before any runs: InputError naming the cell otherwise.
 
@@ -144,7 +144,7 @@ def plan(output_dir: str, grid: dict[str, list[str]], seeds: list[int], base_arg
             raise InputError(f"{option} is set by the study for each run; leave it out of the "
                              f"distill flags")
     runs = []
-    for cell in cells(grid):
+    for cell in cells(grid, design):
         name = cell_id(cell)
         try:
             argv = [*base_argv, *cell_argv(cell)]
@@ -480,30 +480,73 @@ def plot(output_dir: str, runs: list[Run], rows: list[dict]) -> list[str]:
     return written
 
 
+def _run_predictions(run: Run) -> tuple[str, dict] | None:
+    """(task, {split: (predictions, labels)}) of a finished run's last evaluation
+    (PREDICTIONS_FILE; a `--stage all` run's is step 2's), None where it left none."""
+    summary = _read_record(os.path.join(run.directory, "summary.json"))
+    folder = run.directory
+    if summary.get("stage") == "all":
+        summary, folder = summary.get("task2") or {}, os.path.join(run.directory, "task2")
+    path = os.path.join(folder, PREDICTIONS_FILE)
+    if not os.path.isfile(path) or not summary.get("task"):
+        return None
+    record = _read_record(path)
+    splits = {}
+    for split, saved in record.items():
+        if not (isinstance(saved, dict) and isinstance(saved.get("predictions"), list)
+                and isinstance(saved.get("labels"), list)
+                and len(saved["predictions"]) == len(saved["labels"])):
+            raise InputError(f"split {split!r} is not {{predictions: [...], labels: [...]}} of "
+                             f"equal lengths", path=path, expected="the file a run writes")
+        splits[split] = (saved["predictions"], saved["labels"])
+    return summary["task"], splits
+
+
+def paired(runs: list[Run]) -> list[dict]:
+    """Every cell against the baseline, the first cell (every grid key at its first value), on
+    the same dev examples (study_stats.paired_with_baseline), from the finished runs'
+    predictions."""
+    from .study_stats import paired_with_baseline
+    by_cell: dict[str, dict[int, dict]] = {}
+    task = None
+    for run in runs:
+        got = _run_predictions(run) if run.finished else None
+        if got is not None:
+            task, splits = got
+            by_cell.setdefault(cell_id(run.cell), {})[run.seed] = splits
+    if not runs or task is None:
+        return []
+    return paired_with_baseline(task, by_cell, cell_id(runs[0].cell))
+
+
 def report(output_dir: str, grid: dict[str, list[str]], runs: list[Run]) -> dict:
-    """Write results.csv, results.md and the plots from the finished runs; returns their paths
-    and the row counts."""
+    """Write results.csv, results.md (with the paired comparisons), paired.json and the plots
+    from the finished runs; returns their paths and the row counts."""
     keys = sorted(grid)
     rows = collect(runs)
     all_cells = list(dict.fromkeys(cell_id(r.cell) for r in runs))
+    from .study_stats import paired_markdown
+    comparisons = paired(runs)
     atomic_write(os.path.join(output_dir, "results.csv"), _csv(rows, keys))
-    atomic_write(os.path.join(output_dir, "results.md"), _markdown(rows, keys, all_cells))
+    atomic_write(os.path.join(output_dir, "results.md"),
+                 _markdown(rows, keys, all_cells) + paired_markdown(comparisons))
+    atomic_write(os.path.join(output_dir, "paired.json"), json.dumps(comparisons, indent=1))
     plots = plot(output_dir, runs, rows)
     return {"runs": len(rows), "cells": len({r["cell"] for r in rows}), "plots": plots,
             "csv": os.path.join(output_dir, "results.csv"),
-            "md": os.path.join(output_dir, "results.md")}
+            "md": os.path.join(output_dir, "results.md"), "paired": len(comparisons)}
 
 
 def run_study(output_dir: str, grid: dict[str, list[str]], seeds: list[int],
               base_argv: list[str], *, parse_argv: Callable[[list[str]], DistillConfig],
-              parallel: int = 1, teacher_cache: bool = True) -> dict:
+              parallel: int = 1, teacher_cache: bool = True, design: str = "product") -> dict:
     """Plan (and check) every run, run the unfinished ones, write the tables and plots
-    (parse_argv: see plan)."""
+    (parse_argv: see plan; design: study_grid.cells)."""
     runs = plan(output_dir, grid, seeds, base_argv, parse_argv=parse_argv,
-                teacher_cache=teacher_cache)
+                teacher_cache=teacher_cache, design=design)
     os.makedirs(output_dir, exist_ok=True)
-    log.info("study: %d cells x %d seeds = %d runs in %s", len(cells(grid)), len(seeds),
-             len(runs), output_dir)
+    log.info("study: %d cells x %d seeds = %d runs in %s", len(cells(grid, design)),
+             len(seeds), len(runs), output_dir)
     # the tables are rewritten as each run finishes, so a study stopped half-way has them so far
     failed = execute(runs, parallel, on_finished=lambda: report(output_dir, grid, runs))
     result = report(output_dir, grid, runs)

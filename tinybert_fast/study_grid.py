@@ -99,10 +99,24 @@ def load_grid_file(path: str) -> dict[str, list[str]]:
     return grid
 
 
-def cells(grid: dict[str, list[str]]) -> list[dict[str, str]]:
-    """Every combination of the grid's values, keys sorted (one empty cell for an empty grid)."""
+DESIGNS = ("product", "one-at-a-time")
+
+
+def cells(grid: dict[str, list[str]], design: str = "product") -> list[dict[str, str]]:
+    """The grid's cells, keys sorted (one empty cell for an empty grid).  The first is always the
+    baseline: every key at its first value.
+
+    product: every combination of the values.  one-at-a-time: the baseline, then for each key
+    (sorted) each of its other values with every other key at its first value (1 + sum of
+    (values - 1) cells instead of their product)."""
     keys = sorted(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    if design == "product":
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    if design != "one-at-a-time":
+        raise InputError("unknown design", argument="--design", found=repr(design),
+                         expected=" or ".join(DESIGNS))
+    baseline = {k: grid[k][0] for k in keys}
+    return [baseline] + [{**baseline, k: v} for k in keys for v in grid[k][1:]]
 
 
 def cell_id(cell: dict[str, str]) -> str:

@@ -29,9 +29,11 @@ itself.
 
 Run the same command again to finish a killed study: finished runs are kept, an unfinished one
 resumes from its checkpoint.  Output: results.csv (one row per run), results.md (one row per
-cell: mean ± sd over seeds, the dev metric's standard error), score.png and loss.png
+cell: mean ± sd over seeds, the dev metric's standard error; then each cell against the
+baseline, the cell of every key's first value, paired on the same dev examples: the score's
+difference, its bootstrap 95% interval and p), paired.json, score.png and loss.png
 (matplotlib), rewritten as each run finishes; runs/<cell>/seed<k>/ (each run), caches/ (the
-shared teacher caches).
+shared teacher caches).  --design one-at-a-time varies one key at a time around the baseline.
 """
 
 
@@ -43,6 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="options to vary and their values (every combination is a cell)")
     p.add_argument("--grid-file", default=None,
                    help="a JSON or TOML table of key = [values], merged with --grid")
+    p.add_argument("--design", choices=("product", "one-at-a-time"), default="product",
+                   help="product: every combination of the values; one-at-a-time: the baseline "
+                        "(each key's first value), then each other value of one key at a time "
+                        "with the rest at the baseline")
     p.add_argument("--seeds", default="1",
                    help="comma-separated seeds; every cell runs once per seed")
     p.add_argument("--parallel", type=int, default=1,
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(args.output_dir, "--output-dir")
     result = study.run_study(args.output_dir, grid, _seeds(args.seeds), base,
                              parse_argv=parse_distill_argv, parallel=args.parallel,
-                             teacher_cache=args.teacher_cache)
+                             teacher_cache=args.teacher_cache, design=args.design)
     log.info("study: %s", json.dumps(result))
     if result["failed"]:
         log.error("study: %d runs failed: %s", len(result["failed"]),

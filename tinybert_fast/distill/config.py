@@ -37,8 +37,9 @@ PRESETS = {
 STUDENT_FAMILIES = ("teacher", "bert")
 PROJECTION_FILE = "projection.pt"
 TRAINING_FILE = "tinybert_fast.json"   # in an exported model: {"stage", "task", "head_trained"}
-# in a run folder whose head was trained: {split: [the last evaluation's prediction of each dev
-# example, in the dev file's order]} (class indices; scores on a regression task)
+# in a run folder whose head was trained: {split: {"predictions": [the last evaluation's
+# prediction of each dev example, in the dev file's order], "labels": [their labels]}} (class
+# indices; scores on a regression task)
 PREDICTIONS_FILE = "predictions.json"
 
 

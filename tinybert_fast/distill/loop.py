@@ -369,7 +369,9 @@ class _Run:
         if self.dist.is_main:
             if self.dev_predictions:  # the last evaluation's, for paired comparisons of runs
                 train.write_json_atomic(os.path.join(cfg.output_dir, PREDICTIONS_FILE), {
-                    split: p.tolist() for split, p in self.dev_predictions.items()})
+                    split: {"predictions": p.tolist(),
+                            "labels": list(self.dev_sets[split].labels)}
+                    for split, p in self.dev_predictions.items()})
             train.write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), summary)
             self.log.write(event="summary", **summary)
             if not cfg.keep_checkpoint:  # the model is exported: the resume state has done its job
