@@ -106,6 +106,22 @@ def test_every_stage_runs_and_writes_a_model(models, tmp_path):
         assert json.load(f)["steps"] == 2
 
 
+def test_stage_all_takes_step_2s_epochs_and_lr_apart(models, tmp_path):
+    both = distill.distill(_cfg(models, tmp_path / "all", stage="all", max_length=32, epochs=1,
+                                lr=1e-4, task2_epochs=2, task2_lr=2e-5, warmup_ratio=0.0,
+                                schedule="constant", eval=False))
+    assert both["task1"]["steps"] == 4 and both["task2"]["steps"] == 8
+    assert {r["lr"] for r in _log(tmp_path / "all" / "task1")} == {1e-4}
+    assert {r["lr"] for r in _log(tmp_path / "all" / "task2")} == {2e-5}
+    with pytest.raises(ValueError, match="epochs must be > 0"):  # before step 1 runs
+        distill.distill(_cfg(models, tmp_path / "bad", stage="all", task2_epochs=0))
+    assert not os.path.exists(tmp_path / "bad" / "task1")
+    notes = distill.ineffective_settings(
+        _cfg(models, "o", task2_epochs=2).resolved(), distill.data.get_task("sst2"))
+    assert notes == ["--task2-epochs has no effect in stage 'task1' (it sets step 2's --epochs "
+                     "of --stage all)"]
+
+
 def test_weights_and_mappings_change_the_objective(models, tmp_path):
     distill.distill(_cfg(models, tmp_path / "a", max_steps=1))
     distill.distill(_cfg(models, tmp_path / "b", max_steps=1, embedding_weight=0.5,

@@ -20,6 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", required=True, choices=["general", "task1", "task2", "all"],
                    help="general: intermediate losses on a corpus; task1: the same on task data; "
                         "task2: the prediction loss; all: task1 then task2")
+    p.add_argument("--task2-epochs", type=float,
+                   help="with --stage all: step 2's --epochs (default: --epochs if given, else "
+                        "the task2 default)")
+    p.add_argument("--task2-lr", type=float,
+                   help="with --stage all: step 2's --lr (default: --lr if given, else the task2 "
+                        "default)")
     p.add_argument("--teacher", required=True, help="teacher checkpoint dir or hub name")
     p.add_argument("--student", required=True,
                    help=f"preset {sorted(config.PRESETS)}, a config.json, a checkpoint dir or a "

@@ -103,6 +103,8 @@ class DistillConfig:
     epochs: float | None = None
     batch_size: int | None = None
     lr: float | None = None
+    task2_epochs: float | None = None  # stage "all": step 2's epochs and lr (default: epochs,
+    task2_lr: float | None = None      # lr, as step 1's; else the task2 stage defaults)
     warmup_ratio: float | None = None
     schedule: str | None = None
     weight_decay: float = 0.01
@@ -174,7 +176,10 @@ class DistillConfig:
             out.epochs = TASK1_EPOCHS[self.task]
         if out.max_length is None:
             out.max_length = default_max_length(self.task)
-        for name in ("epochs", "batch_size", "lr", "max_length", "save_steps", "log_steps"):
+        for name in ("epochs", "batch_size", "lr", "max_length", "save_steps", "log_steps",
+                     "task2_epochs", "task2_lr"):
+            if getattr(out, name) is None:  # task2_*: not given
+                continue
             if not getattr(out, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(out, name)}")
         return out
@@ -215,6 +220,8 @@ def ineffective_settings(cfg: DistillConfig, task: glue.Task | None) -> list[str
                        f"squared error of the teacher's outputs there, not a softmax")
     if cfg.stage == "task2" and cfg.prediction_loss == "mse":
         note("temperature", "with --prediction-loss mse (the logits are compared as they are)")
+    for name in ("task2_epochs", "task2_lr"):  # stage all hands them to step 2 as epochs, lr
+        note(name, f"in stage {cfg.stage!r} (it sets step 2's --{name[6:]} of --stage all)")
     if cfg.teacher_cache is None:
         note("cache_dtype", "without --teacher-cache")
         note("rebuild_cache", "without --teacher-cache")

@@ -77,11 +77,16 @@ def distill(cfg: DistillConfig) -> dict:
     """Run one stage (or "all": task1 then task2); returns the summary written to
     <output_dir>/summary.json."""
     if cfg.stage == "all":
-        step1 = dataclasses.replace(cfg, stage="task1",
+        step1 = dataclasses.replace(cfg, stage="task1", task2_epochs=None, task2_lr=None,
                                     output_dir=os.path.join(cfg.output_dir, "task1"))
+        step2 = dataclasses.replace(
+            cfg, stage="task2", init="auto", output_dir=os.path.join(cfg.output_dir, "task2"),
+            epochs=cfg.epochs if cfg.task2_epochs is None else cfg.task2_epochs,
+            lr=cfg.lr if cfg.task2_lr is None else cfg.task2_lr, task2_epochs=None,
+            task2_lr=None)
+        step2.resolved()  # a bad step-2 setting fails now, not after step 1
         s1 = distill(step1)
-        step2 = dataclasses.replace(cfg, stage="task2", student=s1["model_dir"], init="auto",
-                                    output_dir=os.path.join(cfg.output_dir, "task2"),
+        step2 = dataclasses.replace(step2, student=s1["model_dir"],
                                     rebuild_cache=False)  # step 1 rebuilt it
         s2 = distill(step2)
         summary = {"stage": "all", "task1": s1, "task2": s2, "model_dir": s2["model_dir"]}
