@@ -6,17 +6,22 @@ For each task folder under RUNS that has a teacher: the teacher's, the distilled
 (task2), the hard-label student's (hard) and the task-distillation-only student's (task_only2)
 last dev score, as fractions (MRPC: the mean of accuracy and F1, its GLUE "score"), the dev-set
 size, each run's command (from its log) and training seconds.  A run that has not finished is
-null.  Writes the JSON atomically and prints the table with % of the teacher and the dev SE.
+null.  "student_vs_hard_label": the distilled student against the hard-label one on the same dev
+examples (score difference, paired-bootstrap 95% interval and p), once both runs left their
+predictions.  Writes the JSON atomically and prints the table with % of the teacher and the dev
+SE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
+from tinybert_fast import glue, study
+from tinybert_fast.distill.config import PREDICTIONS_FILE
+from tinybert_fast.study_stats import paired_comparison
 from tinybert_fast._io import atomic_write
 
 TASKS = {"sst2": "accuracy", "cola": "mcc", "mrpc": "acc_f1", "rte": "accuracy"}
@@ -44,13 +49,31 @@ def dev_score(summary: dict | None) -> tuple[float | None, int | None]:
 
 
 def standard_error(metric: str, score: float | None, n: int | None) -> float | None:
-    """The dev-set SE of a score: sqrt(p(1-p)/n) for accuracy (and MRPC's mean, an
-    approximation), (1 - r^2)/sqrt(n - 1) for MCC."""
-    if score is None or not n or n < 2:
+    """The dev-set SE of a score (tinybert_fast.study.standard_error): sqrt(p(1-p)/n) for
+    accuracy (and MRPC's mean, an approximation), (1 - r^2)/sqrt(n - 1) for MCC."""
+    if score is None:
         return None
-    if metric == "mcc":
-        return (1 - score * score) / math.sqrt(n - 1)
-    return math.sqrt(max(score * (1 - score), 0.0) / n)
+    return study.standard_error("mcc" if metric == "mcc" else "accuracy", score, n)
+
+
+def _predictions(folder: str) -> dict | None:
+    path = os.path.join(folder, PREDICTIONS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return {split: (v["predictions"], v["labels"]) for split, v in saved.items()}
+
+
+def paired_vs(task: str, folder: str, baseline: str) -> dict | None:
+    """The run in `folder` against the run in `baseline` on the same dev examples: score
+    difference, paired-bootstrap 95% interval and p (tinybert_fast.study_stats); None until both
+    left predictions (PREDICTIONS_FILE)."""
+    a, b = _predictions(folder), _predictions(baseline)
+    if a is None or b is None:
+        return None
+    split = next(iter(b))
+    return paired_comparison(glue.get_task(task), {0: a[split]}, {0: b[split]})
 
 
 def gather(runs: str, teacher: str = "all-mpnet-base-v2",
@@ -75,20 +98,28 @@ def gather(runs: str, teacher: str = "all-mpnet-base-v2",
                     with open(config, encoding="utf-8") as f:
                         row["commands"].append(f.read().strip())
         row["dev_se"] = standard_error(metric, row["teacher"], row["dev_examples"])
+        row["student_vs_hard_label"] = paired_vs(task, os.path.join(folder, RUNS["student"]),
+                                                 os.path.join(folder, RUNS["hard_label_student"]))
         tasks[task] = row
     return {"teacher": teacher, "student": student, "tasks": tasks}
 
 
+def paired_text(p: dict | None) -> str:
+    if p is None:
+        return "—"
+    return f"{p['delta']:+.4f} ({p['ci_low']:+.4f}, {p['ci_high']:+.4f}; p {p['p']:.3f})"
+
+
 def table(result: dict) -> str:
-    lines = ["| task | teacher | TinyBERT4 | % of teacher | hard-label | task-only | dev SE |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | teacher | TinyBERT4 | % of teacher | hard-label | task-only | dev SE | "
+             "TinyBERT4 − hard-label, paired (95% interval) |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "—" if x is None else f"{x:.4f}"  # noqa: E731
     for task, r in result["tasks"].items():
         share = (f"{100 * r['student'] / r['teacher']:.1f}%" if r["student"] is not None
                  and r["teacher"] else "—")
         lines.append(f"| {task} ({r['metric']}) | {fmt(r['teacher'])} | {fmt(r['student'])} | "
                      f"{share} | {fmt(r['hard_label_student'])} | {fmt(r['task_only_student'])} "
-                     f"| {fmt(r['dev_se'])} |")
+                     f"| {fmt(r['dev_se'])} | {paired_text(r.get('student_vs_hard_label'))} |")
     return "\n".join(lines)
 
 

@@ -289,6 +289,8 @@ def test_study_end_to_end_killed_and_finished(tiny, tmp_path):
         "prediction_weight=0.5__temperature=2", "prediction_weight=1__temperature=1",
         "prediction_weight=1__temperature=2"]
     assert all(r["seeds"] == [1, 2] and r["dev_examples"] == 16 for r in comparisons)
+    assert sorted(r["change"] for r in comparisons) == [
+        "prediction_weight=1", "prediction_weight=1, temperature=2", "temperature=2"]
     assert any(line.startswith("Paired with the baseline") for line in table)
     assert (out / "score.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
     if use_cache:

@@ -516,7 +516,11 @@ def paired(runs: list[Run]) -> list[dict]:
             by_cell.setdefault(cell_id(run.cell), {})[run.seed] = splits
     if not runs or task is None:
         return []
-    return paired_with_baseline(task, by_cell, cell_id(runs[0].cell))
+    baseline = runs[0].cell
+    rows = paired_with_baseline(task, by_cell, cell_id(baseline))
+    changes = {cell_id(r.cell): ", ".join(f"{k}={v}" for k, v in sorted(r.cell.items())
+                                          if baseline.get(k) != v) for r in runs}
+    return [{**row, "change": changes[row["cell"]]} for row in rows]
 
 
 def report(output_dir: str, grid: dict[str, list[str]], runs: list[Run]) -> dict:

@@ -106,14 +106,16 @@ def paired_with_baseline(task: str, by_cell: dict[str, dict[int, dict]],
 
 
 def paired_markdown(rows: list[dict]) -> str:
-    """The paired comparisons as a markdown table with its caption ("" without any)."""
+    """The paired comparisons as a markdown table with its caption ("" without any); a row's
+    "change" (the keys that differ from the baseline) names it, else its cell id."""
     if not rows:
         return ""
     lines = ["", f"Paired with the baseline `{rows[0]['baseline']}` (cell minus baseline on the "
              f"same dev examples, mean over the seeds both have; paired bootstrap over dev "
              f"examples, {rows[0]['replicates']} replicates; p two-sided):", "",
-             "| cell | split | seeds | Δ score | 95% interval | p |", "|---|---|---|---|---|---|"]
+             "| change from the baseline | split | seeds | Δ score | 95% interval | p |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['split']} | {len(r['seeds'])} | {r['delta']:+.4f} | "
+        lines.append(f"| {r.get('change') or r['cell']} | {r['split']} | {len(r['seeds'])} | {r['delta']:+.4f} | "
                      f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p']:.3f} |")
     return "\n".join(lines) + "\n"
