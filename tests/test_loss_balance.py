@@ -67,7 +67,7 @@ def test_each_term_starts_at_the_prediction_loss(models, temperature):
     # a second objective in evaluation mode measures nothing: the configured weights
     evaluating = Objective(cfg, task, targets, teacher)
     model.eval()
-    plain = evaluating(model, inputs, None)
+    plain = {k: v.detach() for k, v in evaluating(model, inputs, None).items()}
     assert evaluating.loss_scales is None
     assert float(plain["total"]) == pytest.approx(
         2.0 * float(plain["attention"]) + float(plain["embedding"]) + 0.5 * float(plain["hidden"]),
