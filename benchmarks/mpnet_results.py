@@ -112,7 +112,8 @@ def paired_text(p: dict | None) -> str:
 
 def table(result: dict) -> str:
     lines = ["| task | teacher | TinyBERT4 | % of teacher | hard-label | task-only | dev SE | "
-             "TinyBERT4 − hard-label, paired (95% interval) |", "|---|---|---|---|---|---|---|---|"]
+             "TinyBERT4 − hard-label, paired (95% interval) |",
+             "|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "—" if x is None else f"{x:.4f}"  # noqa: E731
     for task, r in result["tasks"].items():
         share = (f"{100 * r['student'] / r['teacher']:.1f}%" if r["student"] is not None
