@@ -246,6 +246,16 @@ def test_teacher_cache_gives_the_live_teachers_losses(models, tmp_path):
     for a, b in zip(_log(tmp_path / "live"), _log(tmp_path / "cached")):
         for key in ("attention", "hidden", "total"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    # the dev losses come from the dev set's cache (the teacher ran over it once), and equal
+    # the live teacher's
+    from tinybert_fast.cache.format import MANIFEST
+    assert os.path.isfile(store / "dev-dev" / MANIFEST)
+    (live_eval,) = _log(tmp_path / "live", "eval")
+    (cached_eval,) = _log(tmp_path / "cached", "eval")
+    assert set(live_eval["metrics"]["dev"]) == {"dev_attention", "dev_embedding", "dev_hidden",
+                                                "dev_total"}
+    for key, value in live_eval["metrics"]["dev"].items():
+        assert cached_eval["metrics"]["dev"][key] == pytest.approx(value, rel=1e-5), key
     # the padded positions matter: TinyBERT's semantics (no masking) give other losses
     plain = distill.distill(_cfg(models, tmp_path / "plain", max_steps=1))
     assert plain["steps"] == 1

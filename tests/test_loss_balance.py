@@ -57,7 +57,8 @@ def test_each_term_starts_at_the_prediction_loss(models, temperature):
     for name, t0 in scales["initial"].items():
         assert t0 == pytest.approx(float(terms[name].detach()), rel=1e-6)
         assert scales[name] == pytest.approx(float(want_p0) / t0, rel=1e-5)
-    assert float(terms["total"].detach()) == pytest.approx((2.0 + 1.0 + 0.5) * float(want_p0), rel=1e-5)
+    assert float(terms["total"].detach()) == pytest.approx((2.0 + 1.0 + 0.5) * float(want_p0),
+                                                          rel=1e-5)
     # the scales are kept: the next batch's total is the scaled sum of its own terms
     again = objective(model, inputs, None)
     assert objective.loss_scales is scales

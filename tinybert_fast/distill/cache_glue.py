@@ -21,11 +21,13 @@ from .targets import TeacherTargets
 log = logging.getLogger("tinybert_fast.distill")
 
 def dataset_fingerprint(train_set: data.TokenizedDataset, *, task: str | None,
-                        train_file: str | None, data_dir: str | None) -> dict:
-    """Where the training data a cache was built from came from: task, training file or corpus,
-    GLUE folder.  What the teacher saw of it, the examples' token ids, is checked on its own
-    (training_tokens, TeacherCache.open(expect_tokens=...))."""
-    return {"task": task, "train_file": train_file, "data_dir": data_dir}
+                        train_file: str | None, data_dir: str | None,
+                        split: str | None = None) -> dict:
+    """Where the data a cache was built from came from: task, training file or corpus, GLUE
+    folder, and for a dev cache its split.  What the teacher saw of it, the examples' token ids,
+    is checked on its own (training_tokens, TeacherCache.open(expect_tokens=...))."""
+    source = {"task": task, "train_file": train_file, "data_dir": data_dir}
+    return source if split is None else {**source, "split": split}
 
 
 def training_tokens(train_set: data.TokenizedDataset):
@@ -54,7 +56,8 @@ class _Sized:
 def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedDataset,
                        targets: TeacherTargets, *, device, dist_state: Distributed,
                        source: dict, max_length: int, dtype: str = "bf16",
-                       batch_size: int = 128, progress: bool = True, rebuild: bool = False):
+                       batch_size: int = 128, progress: bool = True, rebuild: bool = False,
+                       teacher_weights: str | None = None):
     """(cache, info): open the teacher cache at `path`, building it first if there is none (each
     DDP rank builds its shard, in batches of `batch_size` examples of similar lengths).
 
@@ -70,6 +73,8 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
     shrunk training set is refused, saying which.
     rebuild: remove the cache at `path` (complete or interrupted) and build it afresh (in DDP the
     main rank removes it, then every rank builds its shard).
+    teacher_weights: cache.hash_state_dict(teacher), when the caller has it (hashing reads every
+    weight).
     info = {"path", "built" (this call built it), "seconds" (building or opening it, the
     teacher's pass included), "bytes" (on disk)}.
     """
@@ -81,7 +86,7 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
     dataset = dataset_fingerprint(train_set, **source)
     tokens = training_tokens(train_set)
     expect = {"dataset": dataset, "max_length": max_length,
-              "teacher_weights": cache_mod.hash_state_dict(teacher)}
+              "teacher_weights": teacher_weights or cache_mod.hash_state_dict(teacher)}
     if targets.intermediate:
         expect.update(attention_layers=att, hidden_states=hid)
     storage = targets.cache_attention_storage
@@ -126,14 +131,44 @@ def open_teacher_cache(path: str, teacher, tokenizer, train_set: data.TokenizedD
 
 
 def teacher_cache(cfg: DistillConfig, teacher, tokenizer, train_set, targets: TeacherTargets,
-                  device, dist_state: Distributed):
+                  device, dist_state: Distributed, teacher_weights: str | None = None):
     """open_teacher_cache with the arguments a resolved DistillConfig gives (the cache at
     cfg.teacher_cache; the loop calls this)."""
     return open_teacher_cache(
         cfg.teacher_cache, teacher, tokenizer, train_set, targets, device=device,
         dist_state=dist_state, source=training_source(cfg), max_length=cfg.max_length,
         dtype=cfg.cache_dtype, batch_size=cfg.eval_batch_size, progress=cfg.progress,
-        rebuild=cfg.rebuild_cache)
+        rebuild=cfg.rebuild_cache, teacher_weights=teacher_weights)
+
+
+DEV_CACHE = "dev-{split}"   # a dev set's teacher cache, a folder inside the run's teacher cache
+
+
+class _MainRankAlone:
+    """The Distributed state of work the main rank does alone (the dev evaluation)."""
+    rank, world_size, enabled, is_main = 0, 1, False, True
+
+    def barrier(self) -> None:
+        pass
+
+
+def dev_teacher_caches(cfg: DistillConfig, teacher, tokenizer, dev_sets: dict,
+                       targets: TeacherTargets, device,
+                       teacher_weights: str | None = None) -> dict:
+    """{split: TeacherCache} of the dev sets, for the intermediate stages' dev losses: the
+    teacher runs over each dev set once (cfg.teacher_cache/DEV_CACHE), not at every evaluation.
+    Built and read by the main rank alone; checked like the training cache (teacher weights,
+    layers, the dev examples' token ids); removed and rebuilt with cfg.rebuild_cache."""
+    source = {**training_source(cfg), "train_file": None}
+    caches = {}
+    for split, dataset in dev_sets.items():
+        caches[split], _ = open_teacher_cache(
+            os.path.join(cfg.teacher_cache, DEV_CACHE.format(split=split)), teacher, tokenizer,
+            dataset, targets, device=device, dist_state=_MainRankAlone(),
+            source={**source, "split": split}, max_length=cfg.max_length,
+            dtype=cfg.cache_dtype, batch_size=cfg.eval_batch_size, progress=False,
+            rebuild=cfg.rebuild_cache, teacher_weights=teacher_weights)
+    return caches
 
 
 def training_source(cfg: DistillConfig) -> dict:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import data, mapping, train
 from .._device import resolve_device
-from .cache_glue import teacher_cache
+from .cache_glue import dev_teacher_caches, teacher_cache
 from .config import (PREDICTIONS_FILE, PROJECTION_FILE, TRAINING_FILE, DistillConfig,
                      head_trained, ineffective_settings, is_intermediate)
 from .models import (STUDENT_ARG, _is_checkpoint, _is_pretrained, build_student, check_pair,
@@ -186,10 +186,19 @@ class _Run:
         self.model = StudentWithProjection(self.student, projection)
         self.objective = Objective(cfg, self.task, self.targets, self.teacher)
         self.cache, self.cache_info = None, None
+        self.dev_caches = {}   # {split: TeacherCache} for step 1's dev losses (main rank)
         if cfg.teacher_cache:
+            from .. import cache as cache_mod
+            weights = cache_mod.hash_state_dict(self.teacher)  # once: it reads every weight
+            if self.objective.intermediate and self.dist.is_main and self.dev_sets:
+                # before the training cache: a study's runs wait for that one's manifest
+                self.dev_caches = dev_teacher_caches(cfg, self.teacher, self.tokenizer,
+                                                     self.dev_sets, self.targets, self.device,
+                                                     teacher_weights=weights)
             self.cache, self.cache_info = teacher_cache(cfg, self.teacher, self.tokenizer,
                                                         self.train_set, self.targets,
-                                                        self.device, self.dist)
+                                                        self.device, self.dist,
+                                                        teacher_weights=weights)
         self.ddp = self.model
         if self.dist.enabled:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -272,7 +281,8 @@ class _Run:
         if not self.dist.is_main or not self.dev_sets:
             return {}
         if self.objective.intermediate:
-            return {split: self._dev_losses(ds) for split, ds in self.dev_sets.items()}
+            return {split: self._dev_losses(ds, self.dev_caches.get(split))
+                    for split, ds in self.dev_sets.items()}
         metrics = {}
         for split, ds in self.dev_sets.items():
             metrics[split], self.dev_predictions[split] = train.evaluate_with_predictions(
@@ -281,18 +291,22 @@ class _Run:
         return metrics
 
     @torch.no_grad()
-    def _dev_losses(self, dataset) -> dict:
-        """The mean over dev batches of each loss term of the stage's objective."""
+    def _dev_losses(self, dataset, cache=None) -> dict:
+        """The mean over dev batches of each loss term of the stage's objective; the teacher's
+        outputs from `cache` (the split's dev cache: padded positions excluded, as in training
+        from a cache), else from the live teacher."""
         was_training = self.student.training
         self.student.eval()
         sums, n = {}, 0
         batches = data.batch_indices(len(dataset), self.cfg.eval_batch_size, 0, 0, shuffle=False)
-        for batch in data.iterate_batches(dataset, batches, self.tokenizer.pad_token_id, None,
-                                          False):
+        for ids, batch in zip(batches, data.iterate_batches(
+                dataset, batches, self.tokenizer.pad_token_id, None, False)):
             inputs = {k: batch[k].to(self.device)
                       for k in train.model_inputs(self.student, batch)}
+            cached = None if cache is None else cache.fetch(
+                ids, self.device, attention_form=self.targets.attention_form or "scores")
             with train.autocast(self.device, self.bf16):
-                terms = self.objective(self.model, inputs, None)
+                terms = self.objective(self.model, inputs, None, cached)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             n += 1
