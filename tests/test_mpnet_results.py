@@ -2,8 +2,13 @@
 
 import json
 import math
+import os
+
+import pytest
 
 from benchmarks import mpnet_results as mr
+
+GLUE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
 
 
 def _run(folder, score, n, seconds, command=None):
@@ -60,12 +65,10 @@ def test_the_student_is_paired_with_the_hard_label_student(tmp_path):
 
 
 def test_the_study_summary_checks_the_budget_against_the_majority_class(tmp_path):
-    import os
-    import pytest
     from benchmarks import mpnet_study_summary as ss
-    glue = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
-    if not os.path.isdir(os.path.join(glue, "CoLA")):
-        pytest.skip("CoLA not found")
+    glue = GLUE
+    if not os.path.isdir(os.path.join(glue, "CoLA")):  # as every test that reads GLUE data
+        pytest.skip(f"CoLA not found at {os.path.join(glue, 'CoLA')}")
     _run(tmp_path / "runs" / "cola" / "teacher", 0.55, 1043, 10.0)
     study = tmp_path / "study"
     study.mkdir()
