@@ -140,6 +140,12 @@ def test_stage_all_cells_are_checked_for_both_steps(tmp_path):
                       parse_argv=parse_distill_argv)
     assert [r.cell["mapping"] for r in runs] == ["uniform", "top"]
     assert runs[0].cache_key != runs[1].cache_key
+    # seed-major: a study stopped part-way has every cell at the seeds it finished
+    runs = study.plan(str(tmp_path / "s"), {"mapping": ["uniform", "top"]}, [3, 1], base,
+                      parse_argv=parse_distill_argv)
+    assert [(r.seed, r.cell["mapping"]) for r in runs] == [
+        (3, "uniform"), (3, "top"), (1, "uniform"), (1, "top")]
+    assert runs[0].directory.endswith(os.path.join("uniform", "seed3"))
     with pytest.raises(ValueError, match=r"cell lr=-1: lr must be > 0"):
         study.plan(str(tmp_path / "s"), {"lr": ["-1"]}, [1], base, parse_argv=parse_distill_argv)
 

@@ -128,9 +128,11 @@ def _cache_key(cfg) -> str:
 def plan(output_dir: str, grid: dict[str, list[str]], seeds: list[int], base_argv: list[str],
          *, parse_argv: Callable[[list[str]], DistillConfig],
          teacher_cache: bool = True, design: str = "product") -> list[Run]:
-    """Every run of the study (the cells of `design`, study_grid.cells), each checked (its distill command line parses, its config
-    resolves, its layer mapping and student/teacher pair are valid, its input paths exist)
-    before any runs: InputError naming the cell otherwise.
+    """Every run of the study (the cells of `design`, study_grid.cells), each cell checked (its
+    distill command line parses, its config resolves, its layer mapping and student/teacher pair
+    are valid, its input paths exist) before any runs: InputError naming the cell otherwise.
+    Seed-major order: every cell's run with the first seed, then with the second, ..., so a
+    study stopped part-way has all cells measured at the seeds it finished.
 
     parse_argv: a distill command line -> its DistillConfig, raising ValueError for a bad one
     (tinybert_fast.commands.study.parse_distill_argv: the command line knows the flags, this
@@ -143,7 +145,7 @@ def plan(output_dir: str, grid: dict[str, list[str]], seeds: list[int], base_arg
         if any(a == option or a.startswith(option + "=") for a in base_argv):
             raise InputError(f"{option} is set by the study for each run; leave it out of the "
                              f"distill flags")
-    runs = []
+    checked = []  # (cell, argv, cache key) of each cell
     for cell in cells(grid, design):
         name = cell_id(cell)
         try:
@@ -162,8 +164,11 @@ def plan(output_dir: str, grid: dict[str, list[str]], seeds: list[int], base_arg
             key = _cache_key(cfg) if teacher_cache and cfg.stage != "finetune" else None
         except ValueError as exc:
             raise InputError(f"cell {name}: {exc}") from exc
-        for seed in seeds:
-            directory = os.path.join(output_dir, "runs", name, f"seed{seed}")
+        checked.append((cell, argv, key))
+    runs = []
+    for seed in seeds:  # seed-major: one seed of every cell first, then the next seed
+        for cell, argv, key in checked:
+            directory = os.path.join(output_dir, "runs", cell_id(cell), f"seed{seed}")
             run_argv = [*argv, "--output-dir", directory, "--seed", str(seed)]
             if key is not None:
                 run_argv += ["--teacher-cache", os.path.join(output_dir, "caches", key)]
