@@ -35,7 +35,9 @@ import time
 import numpy as np
 import torch
 
-from tinybert_fast import data, glue
+from tinybert_fast import data, glue, train
+
+from .mpnet_study_summary import majority_score
 
 C_VALUES = (0.1, 1.0, 10.0)
 
@@ -65,9 +67,7 @@ def embed(model, tokenizer, texts: list[str], max_length: int, batch: int = 64) 
         idx = order[i:i + batch]
         enc = tokenizer([texts[j] for j in idx], padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
-        if model.config.model_type == "mpnet":  # MPNet takes no token_type_ids
-            enc.pop("token_type_ids", None)
-        hidden = model(**enc).last_hidden_state
+        hidden = model(**{k: enc[k] for k in train.model_inputs(model, enc)}).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
@@ -103,11 +103,11 @@ def hidden_fit(student, projection: torch.nn.Linear, teacher, tokenizer, texts: 
     for i in range(0, len(texts), batch):
         enc = tokenizer(texts[i:i + batch], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
-        if student.config.model_type == "mpnet":
-            enc.pop("token_type_ids", None)
         mask = enc["attention_mask"].bool()
-        s_states = student(**enc, output_hidden_states=True).hidden_states
-        t_states = teacher(**enc, output_hidden_states=True).hidden_states
+        s_states = student(**{k: enc[k] for k in train.model_inputs(student, enc)},
+                           output_hidden_states=True).hidden_states
+        t_states = teacher(**{k: enc[k] for k in train.model_inputs(teacher, enc)},
+                           output_hidden_states=True).hidden_states
         for k, (j, t) in enumerate(pairs):
             want = t_states[t][mask].double()
             got = projection(s_states[j][mask]).double()
@@ -173,13 +173,12 @@ def main(argv: list[str] | None = None) -> dict:
         if name in models:
             raise SystemExit(f"--model: the name {name!r} is given twice")
         models[name] = spec
-    train = data.load_examples(task, "train", args.data_dir)
+    train_set = data.load_examples(task, "train", args.data_dir)
     dev = data.load_examples(task, "dev", args.data_dir)
-    train_y = [e.label for e in train]
+    train_y = [e.label for e in train_set]
     dev_y = [e.label for e in dev]
-    majority = max(set(train_y), key=train_y.count)
-    result = {"task": args.task, "train_examples": len(train), "dev_examples": len(dev),
-              "majority_dev": data.compute_metrics(task, [majority] * len(dev), dev_y),
+    result = {"task": args.task, "train_examples": len(train_set), "dev_examples": len(dev),
+              "majority_dev_score": majority_score(task, args.data_dir)[0],
               "features": "mean-pooled last hidden state, L2-normalised; pairs: [u, v, |u-v|, u*v]",
               "max_length": args.max_length, "threads": args.threads, "teacher": args.teacher,
               "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, spec in models.items():
         start = time.perf_counter()
         model, tokenizer = load_encoder(spec, args.seed)
-        train_x = features(model, tokenizer, train, args.max_length)
+        train_x = features(model, tokenizer, train_set, args.max_length)
         dev_x = features(model, tokenizer, dev, args.max_length)
         entry = {"model": spec, "parameters": sum(p.numel() for p in model.parameters()),
                  **probe(task, train_x, train_y, dev_x, dev_y)}
@@ -204,8 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: dev {entry['best_dev_score']:.4f} (C={entry['best_c_on_dev']}, chosen "
               f"on dev) in {entry['seconds']:.0f} s", flush=True)
     if args.out:
-        from tinybert_fast.train import write_json_atomic
-        write_json_atomic(args.out, result)
+        train.write_json_atomic(args.out, result)
     return result
 
 
